@@ -1,0 +1,3 @@
+"""ppl-switch: switching and latent dynamical systems in NumPyro."""
+
+__version__ = "0.1.0"

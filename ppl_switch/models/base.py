@@ -1,0 +1,108 @@
+"""The interface every model in the zoo implements, so that runners, ArviZ output, the CLI and the
+conformance suite treat all models alike.
+
+A model object holds its configuration (number of states, latent dimension, emission family, ...) and
+exposes its NumPyro program as :meth:`Model.program`. The program takes one :class:`SequenceData`
+(padded trials + mask) and must:
+
+* sample every parameter as a named site (shapes listed by :meth:`site_dims`);
+* marginalise discrete states exactly (forward algorithm) where the model allows;
+* add the data log-likelihood through sites that honour ``data.mask`` (padded steps contribute 0);
+* record the pointwise log-likelihood as ``numpyro.deterministic("log_lik", ...)`` of shape
+  (trials, time) -- marginal over discrete states -- only when ``record_log_lik=True`` (the runners
+  compute it after fitting through :meth:`log_likelihood` instead, to keep the fitting graph small).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Optional
+
+import jax
+import numpy as np
+
+from ppl_switch.data import SequenceData, as_sequence_data
+
+Params = Mapping[str, Any]
+
+
+class Model:
+    """Base class. Subclasses set ``name`` and implement the abstract methods."""
+
+    name: ClassVar[str] = "model"
+    #: number of discrete (or relaxed) states, or 0 for a model without them
+    num_states: int = 0
+    #: latent (continuous) dimension, or 0
+    latent_dim: int = 0
+    #: observation and input dimensions the model was built for (None = taken from the first data)
+    obs_dim: Optional[int] = None
+    input_dim: int = 0
+    #: the emission family, e.g. "gaussian", "poisson", "bernoulli"
+    emission: str = "gaussian"
+
+    # ----- data ---------------------------------------------------------------------------------
+    def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:
+        """Validate data for this model (shapes, dims, count/binary support) before compilation."""
+        return as_sequence_data(
+            y,
+            mask=mask,
+            lengths=lengths,
+            inputs=inputs,
+            input_dim=self.input_dim,
+            obs_dim=self.obs_dim,
+            counts=self.emission == "poisson",
+            binary=self.emission == "bernoulli",
+        )
+
+    # ----- the generative program ---------------------------------------------------------------
+    def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """The NumPyro model. Observes ``data.y`` under ``data.mask``."""
+        raise NotImplementedError
+
+    def default_guide(self):
+        """The documented default SVI guide: a callable with the program's signature."""
+        raise NotImplementedError
+
+    def site_dims(self) -> dict[str, tuple[str, ...]]:
+        """Named dims (beyond chain, draw) of every parameter and latent site, e.g.
+        ``{"transition_matrix": ("state", "state_to"), "x": ("trial", "time", "latent")}``."""
+        raise NotImplementedError
+
+    # ----- quantities computed from one parameter draw (jit/vmap-able) --------------------------
+    def log_likelihood(self, params: Params, data: SequenceData) -> jax.Array:
+        """(trials, time) pointwise log-likelihood, marginal over discrete states, 0 where unobserved."""
+        raise NotImplementedError
+
+    def state_posterior(self, params: Params, data: SequenceData) -> dict[str, jax.Array]:
+        """For models with states: ``{"state_probs": (trials, time, K), "viterbi": (trials, time) int}``."""
+        raise NotImplementedError
+
+    def sample_states(self, key, params: Params, data: SequenceData) -> jax.Array:
+        """For models with states: one posterior sample of the state path, (trials, time) int."""
+        raise NotImplementedError
+
+    def posterior_predictive(self, key, params: Params, data: SequenceData) -> jax.Array:
+        """One draw of replicated observations, shaped like ``data.y``."""
+        raise NotImplementedError
+
+    # ----- simulation ---------------------------------------------------------------------------
+    def simulate(self, key, num_trials: int, num_timesteps: int, *, params: Optional[Params] = None, inputs=None):
+        """Draw data; returns ``(SequenceData, truth)`` where truth holds parameters and latent paths
+        (``states`` (trials, time) and/or ``latents`` (trials, time, latent_dim))."""
+        raise NotImplementedError
+
+    def default_params(self, key) -> dict[str, Any]:
+        """A well-behaved parameter set for simulation and tests."""
+        raise NotImplementedError
+
+    # ----- label switching ----------------------------------------------------------------------
+    def state_features(self, params: Params) -> Optional[np.ndarray]:
+        """(K, F) per-state features matched (Hungarian) across draws to align labels; None = no states."""
+        return None
+
+    def permute_states(self, params: Params, perm: np.ndarray) -> dict[str, Any]:
+        """Params with states relabelled by ``perm`` (new state k = old state perm[k])."""
+        return dict(params)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable constructor arguments (saved beside fits so they can be reloaded)."""
+        raise NotImplementedError
