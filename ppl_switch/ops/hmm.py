@@ -1,0 +1,538 @@
+"""Message passing for discrete hidden Markov models: forward filter, forward-backward smoother,
+Viterbi decoding and forward-filter backward-sampling (FFBS), sequential (``lax.scan``) and
+parallel-in-time (``lax.associative_scan``, O(log T) depth).
+
+Conventions (one trial; batch trials with ``jax.vmap``, never inside these functions):
+
+* ``initial_probs``: (K,) p(z_0 = k).
+* ``transition_matrix``: (K, K) with ``[i, j] = p(z_{t+1} = j | z_t = i)`` (rows sum to one), or
+  time-varying (T-1, K, K) where ``[t]`` maps z_t -> z_{t+1}.
+* ``log_likelihoods``: (T, K) emission log-likelihoods ``log p(y_t | z_t = k)``.
+* ``mask``: optional (T,) bool; False marks a step without an observation. Its log-likelihood row is
+  ignored (treated as 0), so padded and unpadded ragged trials give the same log normaliser.
+
+Numerics. The recursions run in probability space on per-step max-shifted likelihoods
+``exp(ll_t - max_k ll_t)`` (computed once, outside the scan) and renormalise every step; the log
+normaliser is accumulated exactly as ``sum_t log c_t + max_k ll_t``. The scan body is then a
+K-vector product, a K x K matrix-vector product and one division -- no logs or exps. Zeros in the
+transition matrix are fine (values and gradients stay finite). The one regime this cannot represent is
+a step where every state the chain can reach has a likelihood below ``exp(-87)`` (float32) or
+``exp(-708)`` (float64) relative to the best state; that step then underflows and the log normaliser
+is -inf.
+
+Everything is jit-able and vmap-able; the public functions are jitted themselves (``parallel`` and
+``num_samples`` are static), so eager calls compile once per input shape instead of op by op. Shapes are
+checked at trace time with ValueErrors naming the argument.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+#: loop unrolling of the sequential scans (fewer loop iterations amortise XLA's per-step overhead)
+_SCAN_UNROLL = 1
+
+
+class HMMFilterResult(NamedTuple):
+    """Result of :func:`hmm_filter`.
+
+    Attributes:
+        log_normalizer: () log p(y_{0:T-1}).
+        filtered_probs: (T, K) p(z_t | y_{0:t}).
+        predicted_probs: (T, K) p(z_t | y_{0:t-1}) (row 0 is ``initial_probs``).
+    """
+
+    log_normalizer: Array
+    filtered_probs: Array
+    predicted_probs: Array
+
+
+class HMMSmootherResult(NamedTuple):
+    """Result of :func:`hmm_smoother`.
+
+    Attributes:
+        log_normalizer: () log p(y_{0:T-1}).
+        filtered_probs: (T, K) p(z_t | y_{0:t}).
+        smoothed_probs: (T, K) p(z_t | y_{0:T-1}).
+        pairwise_probs: (T-1, K, K) with ``[t, i, j] = p(z_t = i, z_{t+1} = j | y)``; summing over t
+            gives the expected transition counts.
+    """
+
+    log_normalizer: Array
+    filtered_probs: Array
+    smoothed_probs: Array
+    pairwise_probs: Array
+
+
+# ----------------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------------
+
+
+class _Inputs(NamedTuple):
+    initial: Array  # (K,)
+    transition: Array  # (K, K) or (T-1, K, K)
+    log_likelihoods: Array  # (T, K), masked steps set to 0
+    time_varying: bool
+
+
+def _check_inputs(
+    initial,
+    transition,
+    log_likelihoods,
+    mask,
+    initial_name: str = "initial_probs",
+    transition_name: str = "transition_matrix",
+) -> _Inputs:
+    """Validate shapes (trace time) and apply the mask."""
+    initial = jnp.asarray(initial)
+    transition = jnp.asarray(transition)
+    log_likelihoods = jnp.asarray(log_likelihoods)
+    if log_likelihoods.ndim != 2:
+        raise ValueError(
+            f"log_likelihoods must have shape (T, K) for one trial, got shape {log_likelihoods.shape}; "
+            "batch trials with jax.vmap"
+        )
+    T, K = log_likelihoods.shape
+    if T < 1 or K < 1:
+        raise ValueError(f"log_likelihoods must have T >= 1 steps and K >= 1 states, got shape {(T, K)}")
+    if initial.shape != (K,):
+        raise ValueError(
+            f"{initial_name} must have shape (K,) = ({K},) to match log_likelihoods (T, K) = {(T, K)}, "
+            f"got shape {initial.shape}"
+        )
+    if transition.shape == (K, K):
+        time_varying = False
+    elif transition.shape == (T - 1, K, K):
+        time_varying = True
+    else:
+        raise ValueError(
+            f"{transition_name} must have shape (K, K) = {(K, K)} or time-varying (T-1, K, K) = "
+            f"{(T - 1, K, K)} to match log_likelihoods (T, K) = {(T, K)}, got shape {transition.shape}"
+        )
+    for name, x in ((initial_name, initial), (transition_name, transition), ("log_likelihoods", log_likelihoods)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    dtype = jnp.result_type(initial.dtype, transition.dtype, log_likelihoods.dtype)
+    initial, transition, log_likelihoods = (x.astype(dtype) for x in (initial, transition, log_likelihoods))
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.shape != (T,):
+            raise ValueError(f"mask must have shape (T,) = ({T},) to match log_likelihoods, got shape {mask.shape}")
+        if mask.dtype != jnp.bool_:
+            raise ValueError(f"mask must be a boolean array (True = observed), got dtype {mask.dtype}")
+        log_likelihoods = jnp.where(mask[:, None], log_likelihoods, 0.0)
+    return _Inputs(initial, transition, log_likelihoods, time_varying)
+
+
+def _shifted_likelihoods(log_likelihoods: Array) -> tuple[Array, Array]:
+    """(T, K) likelihoods scaled so each step's largest is 1, and the (T,) log shifts.
+
+    The shift cancels in every quantity we return, so it is held constant under differentiation.
+    """
+    shift = lax.stop_gradient(jnp.max(log_likelihoods, axis=-1))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    return jnp.exp(log_likelihoods - shift[:, None]), shift
+
+
+def _safe_divide(x: Array, total: Array) -> Array:
+    """x / total, giving 0 where total == 0 (an impossible step) instead of NaN."""
+    return x / jnp.where(total > 0, total, 1.0)
+
+
+def _transition_steps(inputs: _Inputs) -> Array:
+    """(T-1, K, K) transition matrices, broadcasting a static one."""
+    T, K = inputs.log_likelihoods.shape
+    if inputs.time_varying:
+        return inputs.transition
+    return jnp.broadcast_to(inputs.transition, (T - 1, K, K))
+
+
+# ----------------------------------------------------------------------------------------------
+# sequential recursions
+# ----------------------------------------------------------------------------------------------
+
+
+def _forward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
+    """Forward pass; returns filtered (T, K) and the per-step normalisers c (T,).
+
+    The scan emits only what the recursion produces anyway: also emitting the predicted vectors
+    costs ~2x on CPU, so those are recomputed afterwards with one batched product.
+    """
+    A = inputs.transition
+
+    def step(filtered_prev, xs):
+        lik_t, A_prev = xs if inputs.time_varying else (xs, A)
+        alpha = (filtered_prev @ A_prev) * lik_t
+        c = alpha.sum()
+        filtered = _safe_divide(alpha, c)
+        return filtered, (filtered, c)
+
+    alpha0 = inputs.initial * lik[0]
+    c0 = alpha0.sum()
+    filtered0 = _safe_divide(alpha0, c0)
+    xs = (lik[1:], A) if inputs.time_varying else lik[1:]
+    _, (filtered, c) = lax.scan(step, filtered0, xs, unroll=_SCAN_UNROLL)
+    return jnp.concatenate([filtered0[None], filtered]), jnp.concatenate([c0[None], c])
+
+
+def _predicted(inputs: _Inputs, filtered: Array) -> Array:
+    """(T, K) p(z_t | y_{0:t-1}) from the filtered probabilities."""
+    if inputs.time_varying:
+        rest = jnp.einsum("ti,tij->tj", filtered[:-1], inputs.transition)
+    else:
+        rest = filtered[:-1] @ inputs.transition
+    return jnp.concatenate([inputs.initial[None], rest])
+
+
+def _backward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
+    """Backward messages beta_t ∝ p(y_{t+1:T-1} | z_t), each normalised to sum 1, (T, K), and the
+    (T-1,) sums s_t of A_t @ (lik_{t+1} * beta_{t+1}) they were divided by.
+
+    Normalising (rather than dividing by the forward c_{t+1}) keeps beta bounded in float32 even when
+    a filtered probability is tiny.
+    """
+    A = inputs.transition
+    K = lik.shape[1]
+
+    def step(beta_next, xs):
+        lik_next, A_t = xs if inputs.time_varying else (xs, A)
+        b = A_t @ (lik_next * beta_next)
+        s = b.sum()
+        b = _safe_divide(b, s)
+        return b, (b, s)
+
+    beta_last = jnp.full((K,), 1.0 / K, dtype=lik.dtype)
+    xs = (lik[1:], A) if inputs.time_varying else lik[1:]
+    _, (betas, sums) = lax.scan(step, beta_last, xs, reverse=True, unroll=_SCAN_UNROLL)
+    return jnp.concatenate([betas, beta_last[None]]), sums
+
+
+# ----------------------------------------------------------------------------------------------
+# parallel (associative-scan) recursions
+# ----------------------------------------------------------------------------------------------
+# An element is a K x K non-negative matrix stored as (M, log_scale) with rows of M summing to one
+# (or zero) and true matrix diag(exp(log_scale)) @ M. Per-row scales keep rows of very different
+# magnitude representable. Element 0 has every row equal to initial * lik_0; element t >= 1 is
+# A_{t-1}[i, j] * lik_t[j]. Prefix products give the (unnormalised) forward messages in every row;
+# suffix products give the backward messages as their row sums.
+
+
+def _normalise_rows(M: Array, log_scale: Array) -> tuple[Array, Array]:
+    r = M.sum(-1)
+    ok = r > 0
+    r_safe = jnp.where(ok, r, 1.0)
+    return M / r_safe[..., None], log_scale + jnp.where(ok, jnp.log(r_safe), -jnp.inf)
+
+
+def _sum_product_combine(earlier, later):
+    M1, l1 = earlier
+    M2, l2 = later
+    top = jnp.max(l2, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(l2 - top)
+    M = M1 @ (weights[..., :, None] * M2)
+    return _normalise_rows(M, l1 + top)
+
+
+def _sum_product_elements(inputs: _Inputs, lik: Array, shift: Array):
+    T, K = lik.shape
+    first = jnp.broadcast_to(inputs.initial * lik[0], (1, K, K))
+    rest = _transition_steps(inputs) * lik[1:, None, :]
+    M = jnp.concatenate([first, rest])
+    return _normalise_rows(M, jnp.broadcast_to(shift[:, None], (T, K)))
+
+
+def _forward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
+    """Returns filtered (T, K) and the log normaliser ()."""
+    M, log_scale = lax.associative_scan(_sum_product_combine, _sum_product_elements(inputs, lik, shift))
+    return M[:, 0, :], log_scale[-1, 0]
+
+
+def _backward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
+    """Backward messages (T, K) from suffix products of the elements, normalised to sum 1, and the
+    (T-1,) sums s_t of A_t @ (lik_{t+1} * beta_{t+1}) (same contract as the sequential pass)."""
+    T, K = lik.shape
+    M, log_scale = _sum_product_elements(inputs, lik, shift)
+    # reverse associative_scan calls fn(later, earlier)
+    _, suffix_log = lax.associative_scan(
+        lambda later, earlier: _sum_product_combine(earlier, later), (M[1:], log_scale[1:]), reverse=True
+    )
+    # suffix_log[t-1, i] = log p(y_{t:T-1} | z_{t-1} = i) (+ shifts): beta_{t-1} up to scale
+    top = jnp.max(suffix_log, axis=-1, keepdims=True)
+    betas = jnp.exp(suffix_log - jnp.where(jnp.isfinite(top), top, 0.0))
+    betas = jnp.concatenate([betas, jnp.ones((1, K), lik.dtype)])
+    betas = _safe_divide(betas, betas.sum(-1, keepdims=True))
+    sums = jnp.einsum("tij,tj->t", _transition_steps(inputs), lik[1:] * betas[1:])
+    return betas, sums
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+
+@partial(jax.jit, static_argnames=("parallel",))
+def hmm_filter(
+    initial_probs: Array,
+    transition_matrix: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    parallel: bool = False,
+) -> HMMFilterResult:
+    """Forward filter: log p(y), p(z_t | y_{0:t}) and p(z_t | y_{0:t-1}).
+
+    Args:
+        initial_probs: (K,) initial state distribution.
+        transition_matrix: (K, K) or time-varying (T-1, K, K); ``[.., i, j] = p(z_{t+1}=j | z_t=i)``.
+        log_likelihoods: (T, K) emission log-likelihoods per step and state.
+        mask: optional (T,) bool, False = step carries no observation (its likelihood is ignored).
+        parallel: use ``lax.associative_scan`` (O(log T) depth, O(T K^3) work) instead of ``lax.scan``
+            (O(T K^2) work). Pays off on accelerators for long T.
+
+    Returns:
+        :class:`HMMFilterResult` (log_normalizer (), filtered_probs (T, K), predicted_probs (T, K)).
+    """
+    inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
+    filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
+    return HMMFilterResult(log_normalizer, filtered, _predicted(inputs, filtered))
+
+
+@partial(jax.jit, static_argnames=("parallel",))
+def hmm_log_normalizer_from_logits(
+    initial_logits: Array,
+    transition_logits: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    parallel: bool = False,
+) -> Array:
+    """log p(y) for an HMM parameterised by unnormalised logits -- the entry point for models.
+
+    ``initial_logits`` (K,) and ``transition_logits`` (K, K) or (T-1, K, K) are normalised with a
+    (max-shifted) softmax over the last axis, so any real logits are valid and ``-inf`` encodes a
+    structural zero. The gradient with respect to the logits is the usual "expected counts minus
+    expected probabilities" and stays finite, also where probabilities underflow to 0 (the filter
+    never takes the log of a probability). Other arguments as in :func:`hmm_filter`.
+
+    Returns:
+        () log normaliser.
+    """
+    inputs = _check_inputs(
+        initial_logits, transition_logits, log_likelihoods, mask, "initial_logits", "transition_logits"
+    )
+    initial_probs = jax.nn.softmax(inputs.initial)
+    transition_matrix = jax.nn.softmax(inputs.transition, axis=-1)
+    return hmm_filter(initial_probs, transition_matrix, inputs.log_likelihoods, None, parallel).log_normalizer
+
+
+def _forward(inputs: _Inputs, lik: Array, shift: Array, parallel: bool) -> tuple[Array, Array]:
+    """Filtered probabilities (T, K) and the log normaliser ()."""
+    if parallel:
+        return _forward_parallel(inputs, lik, shift)
+    filtered, c = _forward_sequential(inputs, lik)
+    return filtered, jnp.sum(jnp.log(c)) + jnp.sum(shift)
+
+
+def _smoothed_and_pairwise(inputs: _Inputs, lik: Array, filtered: Array, betas: Array, sums: Array):
+    # smoothed_t ∝ filtered_t * beta_t, with normaliser d_t = filtered_t . beta_t
+    weighted = filtered * betas
+    d = weighted.sum(-1)
+    smoothed = _safe_divide(weighted, d[:, None])
+    # p(z_t=i, z_{t+1}=j | y) ∝ filtered_t[i] A_t[i, j] lik_{t+1}[j] beta_{t+1}[j]; its total is
+    # filtered_t . (s_t beta_t) = s_t d_t, so the (T-1, K, K) array is one fused product, no reduction
+    row = _safe_divide(filtered[:-1], (sums * d[:-1])[:, None])
+    pairwise = row[:, :, None] * _transition_steps(inputs) * (lik[1:] * betas[1:])[:, None, :]
+    return smoothed, pairwise
+
+
+@partial(jax.jit, static_argnames=("parallel",))
+def hmm_smoother(
+    initial_probs: Array,
+    transition_matrix: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    parallel: bool = False,
+) -> HMMSmootherResult:
+    """Forward-backward smoother: posterior marginals p(z_t | y) and pairwise p(z_t, z_{t+1} | y).
+
+    Arguments as in :func:`hmm_filter`; ``parallel=True`` runs both passes with
+    ``lax.associative_scan``.
+
+    Returns:
+        :class:`HMMSmootherResult` (log_normalizer, filtered_probs, smoothed_probs (T, K),
+        pairwise_probs (T-1, K, K)).
+    """
+    inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
+    filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
+    betas, sums = _backward_parallel(inputs, lik, shift) if parallel else _backward_sequential(inputs, lik)
+    smoothed, pairwise = _smoothed_and_pairwise(inputs, lik, filtered, betas, sums)
+    return HMMSmootherResult(log_normalizer, filtered, smoothed, pairwise)
+
+
+# ----------------------------------------------------------------------------------------------
+# Viterbi
+# ----------------------------------------------------------------------------------------------
+
+
+def _max_product_combine(earlier, later):
+    """Max-plus matrix product of (..., K, K) log matrices, looping over the inner index so the
+    memory stays O(K^2) per element instead of O(K^3)."""
+    K = earlier.shape[-1]
+
+    def body(k, best):
+        return jnp.maximum(best, earlier[..., :, k, None] + later[..., k, None, :])
+
+    init = jnp.full(jnp.broadcast_shapes(earlier.shape, later.shape), -jnp.inf, earlier.dtype)
+    return lax.fori_loop(0, K, body, init)
+
+
+@partial(jax.jit, static_argnames=("parallel",))
+def hmm_viterbi(
+    initial_probs: Array,
+    transition_matrix: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    parallel: bool = False,
+) -> Array:
+    """Most probable state path argmax_z p(z | y) (max-product in log space).
+
+    Arguments as in :func:`hmm_filter`. ``parallel=True`` computes forward and backward max-marginals
+    with max-plus associative scans and takes their per-step argmax; this equals the MAP path when it
+    is unique (ties have probability zero for continuous likelihoods).
+
+    Returns:
+        (T,) int32 state path.
+    """
+    inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    ll = inputs.log_likelihoods
+    T, K = ll.shape
+    log_initial = jnp.log(inputs.initial)
+    log_transition = jnp.log(inputs.transition)
+    if parallel:
+        return _viterbi_parallel(log_initial, log_transition, ll, inputs.time_varying)
+
+    def forward(score_prev, xs):
+        ll_t, logA = xs if inputs.time_varying else (xs, log_transition)
+        candidates = score_prev[:, None] + logA
+        best_prev = jnp.argmax(candidates, axis=0).astype(jnp.int32)
+        score = jnp.max(candidates, axis=0) + ll_t
+        return score - jnp.max(score), best_prev  # rescale: keeps float32 scores O(1)
+
+    xs = (ll[1:], log_transition) if inputs.time_varying else ll[1:]
+    final_score, backpointers = lax.scan(forward, log_initial + ll[0], xs)
+    last = jnp.argmax(final_score).astype(jnp.int32)
+
+    def backward(z_next, pointers_t):
+        z = pointers_t[z_next]
+        return z, z
+
+    _, path = lax.scan(backward, last, backpointers, reverse=True)
+    return jnp.concatenate([path, last[None]])
+
+
+def _viterbi_parallel(log_initial, log_transition, ll, time_varying):
+    T, K = ll.shape
+    log_steps = log_transition if time_varying else jnp.broadcast_to(log_transition, (T - 1, K, K))
+    first = jnp.broadcast_to(log_initial + ll[0], (1, K, K))
+    elements = jnp.concatenate([first, log_steps + ll[1:, None, :]])
+
+    def rescale(x):  # keeps float32 partial scores O(1); a constant shift does not change argmaxes
+        top = jnp.max(x, axis=(-2, -1), keepdims=True)
+        return x - jnp.where(jnp.isfinite(top), top, 0.0)
+
+    prefix = lax.associative_scan(lambda a, b: rescale(_max_product_combine(a, b)), elements)
+    suffix = lax.associative_scan(lambda later, earlier: rescale(_max_product_combine(earlier, later)), elements[1:], reverse=True)
+    forward_scores = prefix[:, 0, :]  # max over z_{0:t-1} of the log joint with z_t = j
+    backward_scores = jnp.max(suffix, axis=-1)  # max over z_{t:} given z_{t-1} = i
+    backward_scores = jnp.concatenate([backward_scores, jnp.zeros((1, K), ll.dtype)])
+    return jnp.argmax(forward_scores + backward_scores, axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward-filter backward-sample
+# ----------------------------------------------------------------------------------------------
+
+
+def _inverse_cdf(weights: Array, u: Array, axis: int = -1) -> Array:
+    """Index drawn with probability ∝ weights (along ``axis``), from uniforms u in [0, 1)."""
+    cdf = jnp.cumsum(weights, axis=axis)
+    total = jnp.take(cdf, -1, axis=axis)
+    threshold = jnp.expand_dims(u * total, axis)
+    index = jnp.sum(cdf <= threshold, axis=axis)  # "<=" skips leading zero-weight states
+    return jnp.minimum(index, weights.shape[axis] - 1).astype(jnp.int32)
+
+
+def _backward_sample(key, filtered, inputs: _Inputs, parallel: bool) -> Array:
+    T, K = filtered.shape
+    key_last, key_rest = jax.random.split(key)
+    z_last = _inverse_cdf(filtered[-1], jax.random.uniform(key_last, dtype=filtered.dtype))
+    if not parallel:
+        u = jax.random.uniform(key_rest, (T - 1,), dtype=filtered.dtype)
+        A = inputs.transition
+
+        def step(z_next, xs):
+            (filtered_t, u_t, A_t) = xs if inputs.time_varying else (*xs, A)
+            z = _inverse_cdf(filtered_t * A_t[:, z_next], u_t)
+            return z, z
+
+        xs = (filtered[:-1], u, A) if inputs.time_varying else (filtered[:-1], u)
+        _, path = lax.scan(step, z_last, xs, reverse=True)
+        return jnp.concatenate([path, z_last[None]])
+    # Parallel: draw, for every t and every value j of z_{t+1}, z_t ~ p(z_t | z_{t+1}=j, y_{0:t}).
+    # These maps j -> z_t compose associatively; composing them from the end gives the path.
+    u = jax.random.uniform(key_rest, (T - 1, K), dtype=filtered.dtype)
+    weights = filtered[:-1, :, None] * _transition_steps(inputs)  # (T-1, i, j)
+    maps = _inverse_cdf(weights, u, axis=1)  # (T-1, j) -> i
+    maps = jnp.concatenate([maps, jnp.full((1, K), z_last, jnp.int32)])
+    # F_t = E_t o F_{t+1}, i.e. F_t[x] = E_t[F_{t+1}[x]]; reverse scan calls fn(later, earlier)
+    composed = lax.associative_scan(
+        lambda later, earlier: jnp.take_along_axis(earlier, later, axis=-1), maps, reverse=True
+    )
+    return composed[:, 0]
+
+
+@partial(jax.jit, static_argnames=("parallel", "num_samples"))
+def hmm_sample(
+    key: Array,
+    initial_probs: Array,
+    transition_matrix: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    parallel: bool = False,
+    num_samples: Optional[int] = None,
+) -> Array:
+    """Draw state paths from p(z | y) by forward filtering, backward sampling.
+
+    Arguments as in :func:`hmm_filter`; ``parallel=True`` runs the filter and the backward sampling
+    with associative scans. With ``num_samples=n`` the filter runs once and n paths are drawn
+    (equivalently, ``jax.vmap(lambda k: hmm_sample(k, ...))(jax.random.split(key, n))``).
+
+    Returns:
+        (T,) int32 path, or (num_samples, T) paths.
+    """
+    inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    filtered = hmm_filter(inputs.initial, inputs.transition, inputs.log_likelihoods, None, parallel).filtered_probs
+    if num_samples is None:
+        return _backward_sample(key, filtered, inputs, parallel)
+    keys = jax.random.split(key, num_samples)
+    return jax.vmap(lambda k: _backward_sample(k, filtered, inputs, parallel))(keys)
+
+
+__all__ = [
+    "HMMFilterResult",
+    "HMMSmootherResult",
+    "hmm_filter",
+    "hmm_smoother",
+    "hmm_viterbi",
+    "hmm_sample",
+    "hmm_log_normalizer_from_logits",
+]
