@@ -1,0 +1,114 @@
+"""GDM analysis (paper §3.2, §4): inferred-state accuracy, smoothing, k-step prediction with envelopes,
+per-state fixed points.
+
+All functions take model point estimates ``params`` (e.g. ``GDMFit.params``) and soft-state samples
+``z`` (samples, trials, time, K) from the amortised guide (``GDMFit.encode``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ppl_switch.analysis.metrics import knn_classify, r2_score
+from ppl_switch.distributions.relaxed import RelaxedOneHotCategorical
+
+__all__ = [
+    "inferred_state_accuracy",
+    "smooth",
+    "smoothed_r2",
+    "predict_k_steps",
+    "one_step_envelope",
+    "state_fixed_points",
+    "envelope_coverage",
+]
+
+
+def inferred_state_accuracy(train_soft_states, train_labels, test_soft_states, test_labels, k: int = 10) -> float:
+    """Paper §4: fit k-NN (k=10, Euclidean) from soft states to labels on the training trial(s), score
+    on the test trial(s). Soft states (..., K) and labels (...) are flattened over trials and time."""
+    K = np.shape(train_soft_states)[-1]
+    pred = knn_classify(np.reshape(train_soft_states, (-1, K)), np.ravel(train_labels), np.reshape(test_soft_states, (-1, K)), k)
+    return float(np.mean(pred == np.ravel(test_labels)))
+
+
+def smooth(model, params, z, data):
+    """(trials, time, N) smoothed observations: sum_k zbar_tk m_tk with zbar the mean of the samples
+    ``z`` (samples, trials, time, K) (equal to averaging per-sample predictions, the mean is linear in z).
+    For Poisson emissions this is the rate averaged over samples."""
+    if model.emission == "gaussian":
+        return model.mixed_mean(params, jnp.mean(z, 0), data.y, data.inputs)
+    return jnp.mean(jax.nn.softplus(model.mixed_mean(params, z, data.y, data.inputs)), 0)
+
+
+def smoothed_r2(model, params, z, data) -> float:
+    """Mean-over-dimensions R² of the smoothed observations (observed entries only)."""
+    return r2_score(data.y, smooth(model, params, z, data), data.mask)
+
+
+def predict_k_steps(model, params, z, data, k: int, key, num_branches: int = 1, temperature=None):
+    """k-step-ahead predictions from every start (paper §3.2 / released code).
+
+    From each start t, z_{t+1..t+k} are drawn from the model's transition (Gumbel noise), starting at the
+    encoder's z_t and the observed y_t; each predicted mean y-hat is fed back as the next input.
+
+    Args:
+        z: (samples, trials, time, K) encoder samples; each is branched ``num_branches`` times.
+        k: horizon >= 1.
+    Returns:
+        (samples * num_branches, trials, time, N): entry [s, i, t] predicts y_{t} from the start t - k
+        (NaN for t < k).
+    """
+    if int(k) < 1:
+        raise ValueError(f"k: expected an integer >= 1, got {k}")
+    k = int(k)
+    tau = model.temperature if temperature is None else temperature
+    F = model.projection(params, data.y.shape[-1])
+    gamma = model.gamma(params)
+    if model.transition != "linear":
+        raise NotImplementedError("predict_k_steps: only the linear transition is supported")
+    y = jnp.asarray(data.y)
+    z = jnp.repeat(z, num_branches, axis=0)
+    S, T = z.shape[0], y.shape[1]
+
+    def one_step(z_prev, y_prev, key):
+        drive = (y_prev @ F.T) @ params["transition_weights"].T + params["transition_bias"]
+        logits = (1.0 - gamma) * drive + gamma * z_prev
+        z_new = RelaxedOneHotCategorical(tau, logits=logits).sample(key)
+        means = jnp.einsum("knd,...d->...kn", params["dynamics"], y_prev @ F.T) + params["offsets"]
+        y_new = jnp.einsum("...k,...kn->...n", z_new, means)
+        return z_new, y_new
+
+    state = (z[:, :, : T - k], jnp.broadcast_to(y[:, : T - k], (S,) + y[:, : T - k].shape))
+    for step_key in jax.random.split(key, k):
+        state = one_step(*state, step_key)
+    pad = jnp.full((S, y.shape[0], k, y.shape[2]), jnp.nan, dtype=y.dtype)
+    return jnp.concatenate([pad, state[1]], axis=2)
+
+
+def one_step_envelope(model, params, z, data, key, num_branches: int = 10, width: float = 3.0):
+    """Paper Fig. 2C: ``samples`` encoder paths each branched ``num_branches`` times give one-step
+    predictions; returns (mean, lower, upper) of shape (trials, time, N) with mean ± width * std
+    (NaN at t = 0) and, when Gaussian, the observation noise is not added (as in the released code)."""
+    pred = predict_k_steps(model, params, z, data, 1, key, num_branches)
+    mean, std = jnp.mean(pred, 0), jnp.std(pred, 0)
+    return mean, mean - width * std, mean + width * std
+
+
+def envelope_coverage(lower, upper, y, dim=None) -> float:
+    """Fraction of observed y inside [lower, upper] (t >= 1; optionally one dimension)."""
+    lower, upper, y = (np.asarray(a)[:, 1:] for a in (lower, upper, y))
+    if dim is not None:
+        lower, upper, y = lower[..., dim], upper[..., dim], y[..., dim]
+    return float(np.mean((y >= lower) & (y <= upper)))
+
+
+def state_fixed_points(model, params, obs_dim: int):
+    """(K, D) per-state fixed points x*_k = (I - F S_k)^{-1} F b_k of x -> A_k x + c_k, A_k = F S_k,
+    c_k = F b_k (App. B correspondence), in the projected space."""
+    F = model.projection(params, obs_dim)
+    A = jnp.einsum("dn,kne->kde", F, params["dynamics"])
+    c = params["offsets"] @ F.T
+    eye = jnp.eye(A.shape[-1])
+    return jnp.linalg.solve(eye - A, c[..., None])[..., 0]

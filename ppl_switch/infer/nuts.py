@@ -1,0 +1,165 @@
+"""NUTS runner (numpyro's NUTS on the model program, discrete states marginalised by the model)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Optional
+
+import jax
+import numpy as np
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+from numpyro.infer import MCMC, NUTS
+from numpyro.infer.initialization import init_to_value
+
+from ppl_switch.infer.fit import Fit, assemble_fit
+from ppl_switch.infer.prepare import check_float, check_int, device_data, posterior_site_names, prepare_data, set_x64
+
+CHAIN_METHODS = ("sequential", "parallel", "vectorized")
+#: numpyro's NUTS default maximum tree depth
+MAX_TREE_DEPTH = 10
+_EXTRA_FIELDS = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "energy", "potential_energy")
+
+
+def _sample_stats(extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """ArviZ-named sample stats, each (chain, draw)."""
+    num_steps = np.asarray(extra["num_steps"])
+    return {
+        "diverging": np.asarray(extra["diverging"], dtype=bool),
+        "step_size": np.asarray(extra["adapt_state.step_size"]),
+        "n_steps": num_steps,
+        # a NUTS tree of depth d has at most 2**d - 1 leapfrog steps
+        "tree_depth": np.floor(np.log2(np.maximum(num_steps, 1))).astype(np.int64) + 1,
+        "acceptance_rate": np.asarray(extra["accept_prob"]),
+        "energy": np.asarray(extra["energy"]),
+        "lp": -np.asarray(extra["potential_energy"]),
+    }
+
+
+def _diagnostics(stats: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    diverging = stats["diverging"]
+    out = {
+        "num_divergences": int(diverging.sum()),
+        "divergences_per_chain": diverging.sum(axis=1).tolist(),
+        "mean_acceptance_rate": float(np.mean(stats["acceptance_rate"])),
+        "step_size_per_chain": stats["step_size"][:, -1].tolist(),
+        "num_max_tree_depth": int((stats["tree_depth"] >= MAX_TREE_DEPTH).sum()),
+    }
+    r_hats, ess = [], []
+    for value in samples.values():
+        value = np.asarray(value, dtype=float)
+        if value.shape[1] >= 4:
+            ess.append(np.min(effective_sample_size(value)))
+            if value.shape[0] > 1:
+                r_hats.append(np.max(split_gelman_rubin(value)))
+    if ess:
+        out["min_ess"] = float(np.nanmin(ess))
+    if r_hats:
+        out["max_r_hat"] = float(np.nanmax(r_hats))
+    return out
+
+
+def fit_nuts(
+    model,
+    data,
+    *,
+    mask=None,
+    lengths=None,
+    inputs=None,
+    num_warmup: int = 500,
+    num_samples: int = 500,
+    num_chains: int = 1,
+    chain_method: str = "sequential",
+    target_accept: float = 0.8,
+    seed: int = 0,
+    progress_bar: bool = True,
+    x64: bool = False,
+    relabel: bool = True,
+    init_params: Optional[Mapping[str, Any]] = None,
+) -> Fit:
+    """Sample the posterior of ``model`` given ``data`` with NUTS.
+
+    Args:
+        data, mask, lengths, inputs: as in :func:`fit_svi` (validated before compilation).
+        num_warmup, num_samples, num_chains: per chain.
+        chain_method: "sequential", "parallel" (one device per chain) or "vectorized".
+        target_accept: target acceptance probability of step-size adaptation, in (0, 1).
+        seed: same seed, same draws.
+        init_params: optional ``{site: value}`` in the constrained space to start every chain from
+            (``init_to_value``); sites not given start from numpyro's default (uniform in (-2, 2)
+            unconstrained).
+        x64, relabel, progress_bar: as in :func:`fit_svi`.
+
+    Returns:
+        A :class:`Fit` with ``samples`` ``{site: (chain, draw, ...)}``, ``diagnostics`` (number of
+        divergences, per chain, mean acceptance, final step sizes, tree depth saturation, min ESS,
+        max split R-hat) and sample_stats ``diverging, step_size, n_steps, tree_depth,
+        acceptance_rate, energy, lp`` in ``idata``. Divergences also raise a RuntimeWarning.
+    """
+    num_warmup = check_int(num_warmup, "num_warmup", minimum=0)
+    num_samples = check_int(num_samples, "num_samples")
+    num_chains = check_int(num_chains, "num_chains")
+    seed = check_int(seed, "seed", minimum=0)
+    target_accept = check_float(target_accept, "target_accept", 0.0, 1.0)
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method: expected one of {CHAIN_METHODS}, got {chain_method!r}")
+    if init_params is not None and not isinstance(init_params, Mapping):
+        raise ValueError(f"init_params: expected a dict {{site: value}}, got {type(init_params).__name__}")
+    set_x64(x64)
+    data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
+    dev = device_data(data)
+    names = posterior_site_names(model, dev)
+    if init_params is not None:
+        unknown = sorted(set(init_params) - set(names))
+        if unknown:
+            raise ValueError(f"init_params: {unknown} are not latent sites of the model (sites: {names})")
+
+    kwargs = {"target_accept_prob": target_accept}
+    if init_params is not None:
+        kwargs["init_strategy"] = init_to_value(values={k: np.asarray(v) for k, v in init_params.items()})
+    mcmc = MCMC(
+        NUTS(model.program, **kwargs),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method,
+        progress_bar=progress_bar,
+    )
+    key_run, key_post = jax.random.split(jax.random.PRNGKey(seed))
+    with warnings.catch_warnings():
+        # numpyro warns when there are fewer devices than chains and falls back to sequential
+        warnings.filterwarnings("ignore", message="There are not enough devices")
+        mcmc.run(key_run, dev, extra_fields=_EXTRA_FIELDS)
+    draws = mcmc.get_samples(group_by_chain=True)
+    samples = {name: np.asarray(draws[name]) for name in names if name in draws}
+    stats = _sample_stats(mcmc.get_extra_fields(group_by_chain=True))
+    diagnostics = _diagnostics(stats, samples)
+    if diagnostics["num_divergences"]:
+        warnings.warn(
+            f"NUTS: {diagnostics['num_divergences']} divergent transitions after warmup "
+            f"(per chain {diagnostics['divergences_per_chain']}); try a higher target_accept or a "
+            "reparameterised model before trusting these draws",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    config = {
+        "num_warmup": num_warmup,
+        "num_samples": num_samples,
+        "num_chains": num_chains,
+        "chain_method": chain_method,
+        "target_accept": target_accept,
+        "seed": seed,
+        "x64": bool(jax.config.jax_enable_x64),
+        "relabel": bool(relabel),
+        "init_params": None if init_params is None else sorted(init_params),
+    }
+    return assemble_fit(
+        model,
+        data,
+        "nuts",
+        samples,
+        key=key_post,
+        sample_stats=stats,
+        diagnostics=diagnostics,
+        config=config,
+        relabel=relabel,
+    )

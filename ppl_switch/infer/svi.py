@@ -1,0 +1,253 @@
+"""Stochastic variational inference runner.
+
+The optimisation runs as jitted ``lax.scan`` chunks of SVI steps (about 50 chunks per fit) so that a
+progress bar can be updated between chunks without leaving compiled code per step. Each step checks the
+loss and the updated parameters; on the first non-finite one the state is frozen at the last good
+parameters, the run stops after the chunk, and a :class:`FitError` names the offending sites.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.initialization import init_to_median
+from numpyro.optim import _NumPyroOptim, optax_to_numpyro
+
+from ppl_switch.infer.diagnose import describe, nonfinite_sites
+from ppl_switch.infer.draws import draws_from_guide
+from ppl_switch.infer.errors import FitError
+from ppl_switch.infer.fit import Fit, assemble_fit
+from ppl_switch.infer.prepare import (
+    check_float,
+    check_int,
+    device_data,
+    posterior_site_names,
+    prepare_data,
+    set_x64,
+)
+
+#: global-norm gradient clipping of the default optimiser
+DEFAULT_CLIP_NORM = 10.0
+#: the progress bar is updated this many times per fit
+NUM_PROGRESS_UPDATES = 50
+
+
+def default_guide_for(model) -> Callable:
+    """``model.default_guide()``; for a model that does not define one, a mean-field
+    ``AutoNormal(model.program, init_loc_fn=init_to_median)`` over all latent sites."""
+    try:
+        return model.default_guide()
+    except NotImplementedError:
+        return AutoNormal(model.program, init_loc_fn=init_to_median(num_samples=15))
+
+
+def default_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    """Adam after clipping the global gradient norm to ``DEFAULT_CLIP_NORM``."""
+    return optax.chain(optax.clip_by_global_norm(DEFAULT_CLIP_NORM), optax.adam(learning_rate))
+
+
+def _as_numpyro_optim(optimizer, learning_rate: float) -> _NumPyroOptim:
+    if optimizer is None:
+        return optax_to_numpyro(default_optimizer(learning_rate))
+    if isinstance(optimizer, _NumPyroOptim):
+        return optimizer
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optax_to_numpyro(optimizer)
+    raise ValueError(f"optimizer: expected an optax.GradientTransformation (or numpyro optimiser), got {optimizer!r}")
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _make_chunk_runner(svi: SVI, chunk: int, num_steps: int):
+    """Jitted ``(state, fail_step, first_step, data) -> (state, fail_step, losses[chunk])``.
+
+    Steps at index >= num_steps (the tail of the last chunk) and steps after a failure are skipped.
+    ``fail_step`` is -1 until a step gives a non-finite loss or non-finite updated parameters; the state
+    is then left at the parameters that step started from.
+    """
+
+    def take_step(state, data):
+        new_state, loss = svi.update(state, data)
+        ok = jnp.isfinite(loss) & _all_finite(svi.optim.get_params(new_state.optim_state))
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        return new_state, loss, ok
+
+    def skip_step(state, data):
+        return state, jnp.array(jnp.nan, dtype=jnp.result_type(float)), jnp.array(True)
+
+    @jax.jit
+    def run(state, fail_step, first_step, data):
+        def body(carry, i):
+            state, fail_step = carry
+            active = (i < num_steps) & (fail_step < 0)
+            state, loss, ok = jax.lax.cond(active, take_step, skip_step, state, data)
+            fail_step = jnp.where(active & ~ok, i, fail_step).astype(jnp.int32)
+            return (state, fail_step), loss.astype(jnp.result_type(float))
+
+        (state, fail_step), losses = jax.lax.scan(body, (state, fail_step), first_step + jnp.arange(chunk, dtype=jnp.int32))
+        return state, fail_step, losses
+
+    return run
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="SVI", unit="step", leave=True)
+
+
+def _step_keys(svi_state, num_particles: int) -> list:
+    """The per-particle keys the failing ``svi.update`` used (mirrors numpyro's key splitting)."""
+    _, step_key = jax.random.split(svi_state.rng_key)
+    return [step_key] if num_particles == 1 else list(jax.random.split(step_key, num_particles))
+
+
+def _raise_fit_error(svi, model, guide, state, data, step, losses, num_particles):
+    last = losses[step]
+    if np.isfinite(last):
+        what = f"SVI produced non-finite parameters at step {step} (loss {last:.6g} was finite: the gradient was not)"
+    else:
+        what = f"SVI loss became {last} at step {step}"
+    try:
+        with numpyro.validation_enabled(False):
+            found = nonfinite_sites(
+                model.program,
+                guide,
+                svi.optim.get_params(state.optim_state),
+                svi.constrain_fn,
+                _step_keys(state, num_particles) + [jax.random.PRNGKey(step)],
+                (data,),
+            )
+        where = describe(found)
+    except Exception as err:  # diagnosis must never hide the original failure
+        found, where = {}, f"(could not trace the model to locate the site: {type(err).__name__}: {err})"
+    finite = losses[:step][np.isfinite(losses[:step])]
+    last_finite = f"; last finite loss {finite[-1]:.6g}" if finite.size else ""
+    raise FitError(
+        f"{what}{last_finite}. Traced at the last parameters with a finite loss: {where}. "
+        "Check the priors/constraints and the data of these sites, or try a smaller learning_rate, "
+        "x64=True, or a better-initialised guide.",
+        step=step,
+        sites=found,
+        losses=losses[: step + 1],
+    )
+
+
+def fit_svi(
+    model,
+    data,
+    *,
+    mask=None,
+    lengths=None,
+    inputs=None,
+    guide=None,
+    num_steps: int = 2000,
+    learning_rate: float = 1e-2,
+    num_particles: int = 1,
+    optimizer=None,
+    seed: int = 0,
+    num_draws: int = 200,
+    progress_bar: bool = True,
+    x64: bool = False,
+    relabel: bool = True,
+) -> Fit:
+    """Fit ``model`` to ``data`` by SVI (Trace_ELBO) and draw from the fitted guide.
+
+    Args:
+        model: a :class:`ppl_switch.models.base.Model`.
+        data: a SequenceData or raw ``y`` ((trials, time, obs), (time, obs) or a list of trials), then
+            validated with ``model.prepare(data, mask=, lengths=, inputs=)`` before anything compiles.
+        guide: any callable with the program's signature (an autoguide or a hand-written guide);
+            default ``model.default_guide()``, or ``AutoNormal(model.program)`` if the model has none.
+        num_steps, learning_rate, num_particles: optimisation length, Adam step size, ELBO particles.
+        optimizer: any optax GradientTransformation (overrides ``learning_rate``); default Adam with
+            global-norm gradient clipping at 10.
+        seed: the only source of randomness: same seed, same numbers.
+        num_draws: posterior draws taken from the fitted guide (written as one chain).
+        progress_bar: show a tqdm bar (False = quiet).
+        x64: True turns on float64 for the whole process (see :func:`~ppl_switch.infer.prepare.set_x64`).
+        relabel: align state labels across draws (:mod:`ppl_switch.relabel`) before writing.
+
+    Returns:
+        A :class:`Fit` with ``params`` (the guide's fitted parameters, constrained), ``losses`` (num_steps,),
+        ``samples`` ``{site: (1, num_draws, ...)}`` and ``idata``.
+
+    Raises:
+        FitError: the loss or the parameters became non-finite; the message names the step and sites.
+    """
+    num_steps = check_int(num_steps, "num_steps")
+    num_particles = check_int(num_particles, "num_particles")
+    num_draws = check_int(num_draws, "num_draws")
+    seed = check_int(seed, "seed", minimum=0)
+    if optimizer is None:
+        learning_rate = check_float(learning_rate, "learning_rate", 0.0)
+    if guide is not None and not callable(guide):
+        raise ValueError(f"guide: expected a callable with the model program's signature, got {guide!r}")
+    set_x64(x64)
+    data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
+    optim = _as_numpyro_optim(optimizer, learning_rate)
+    guide = default_guide_for(model) if guide is None else guide
+
+    dev = device_data(data)
+    key_init, key_draws, key_post = jax.random.split(jax.random.PRNGKey(seed), 3)
+    svi = SVI(model.program, guide, optim, Trace_ELBO(num_particles=num_particles))
+    # numpyro validates distribution arguments eagerly during init; an invalid one would raise without
+    # naming its site, so validation is off here and a non-finite step-0 loss is diagnosed instead.
+    with numpyro.validation_enabled(False):
+        state = svi.init(key_init, dev)
+
+    chunk = max(1, math.ceil(num_steps / NUM_PROGRESS_UPDATES))
+    run_chunk = _make_chunk_runner(svi, chunk, num_steps)
+    fail_step = jnp.array(-1, dtype=jnp.int32)
+    chunks = []
+    with _progress(num_steps, progress_bar) as bar:
+        for first in range(0, num_steps, chunk):
+            state, fail_step, losses = run_chunk(state, fail_step, jnp.int32(first), dev)
+            losses = np.asarray(losses)
+            chunks.append(losses)
+            bar.update(min(chunk, num_steps - first))
+            done = losses[np.isfinite(losses)]
+            if done.size:
+                bar.set_postfix(loss=f"{done[-1]:.4g}")
+            if int(fail_step) >= 0:
+                break
+    losses = np.concatenate(chunks)[:num_steps]
+    if int(fail_step) >= 0:
+        _raise_fit_error(svi, model, guide, state, dev, int(fail_step), losses, num_particles)
+
+    params = svi.get_params(state)
+    samples = draws_from_guide(model.program, guide, params, dev, posterior_site_names(model, dev), key_draws, num_draws)
+
+    config = {
+        "num_steps": num_steps,
+        "learning_rate": learning_rate if optimizer is None else None,
+        "optimizer": "adam+clip_by_global_norm" if optimizer is None else repr(optimizer),
+        "num_particles": num_particles,
+        "guide": getattr(guide, "__name__", type(guide).__name__),
+        "seed": seed,
+        "num_draws": num_draws,
+        "x64": bool(jax.config.jax_enable_x64),
+        "relabel": bool(relabel),
+    }
+    return assemble_fit(
+        model,
+        data,
+        "svi",
+        samples,
+        key=key_post,
+        params={k: np.asarray(v) for k, v in params.items()},
+        losses=losses,
+        config=config,
+        relabel=relabel,
+    )

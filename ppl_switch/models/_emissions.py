@@ -1,0 +1,81 @@
+"""Per-step emission log-likelihoods that honour an elementwise observation mask.
+
+Shared by the discrete-state models: each function returns ``log p(y_t | z_t = k)`` for every step and
+state, with unobserved entries integrated out. A step with no observed entry contributes exactly 0, so
+padding and missing steps leave the marginal likelihood unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import gammaln
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def masked_mvn_log_prob(y, mask, mean, scale_tril):
+    """Log density of the observed coordinates of ``y`` under N(mean, L L^T).
+
+    The marginal of a Gaussian over a subset of coordinates keeps the rows/columns of the covariance
+    for those coordinates. We keep shapes static by replacing the rows/columns of unobserved
+    coordinates with those of the identity and the residual there with 0; each such coordinate then
+    adds exactly log N(0 | 0, 1) = -log(2 pi)/2, which we remove again.
+
+    Args:
+        y: (..., D) observations (any value where unobserved).
+        mask: (..., D) bool, True = observed.
+        mean: (..., D) means.
+        scale_tril: (..., D, D) lower Cholesky factors of the covariances.
+    Returns:
+        (...,) log densities; 0 where no coordinate is observed.
+    """
+    return masked_mvn_log_prob_cov(y, mask, mean, scale_tril @ jnp.swapaxes(scale_tril, -1, -2))
+
+
+def masked_mvn_log_prob_cov(y, mask, mean, cov):
+    """As :func:`masked_mvn_log_prob` with the covariance (..., D, D) given directly."""
+    both = mask[..., :, None] & mask[..., None, :]
+    eye = jnp.eye(y.shape[-1], dtype=cov.dtype)
+    cov = jnp.where(both, cov, eye)
+    resid = jnp.where(mask, y - mean, 0.0)
+    chol = jnp.linalg.cholesky(cov)
+    white = jax.scipy.linalg.solve_triangular(chol, resid[..., None], lower=True)[..., 0]
+    log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)
+    num_obs = jnp.sum(mask, -1)
+    return -0.5 * jnp.sum(white**2, -1) - log_det - 0.5 * num_obs * _LOG_2PI
+
+
+def masked_diag_normal_log_prob(y, mask, mean, scale):
+    """Sum over observed coordinates of log N(y_d | mean_d, scale_d^2). Shapes (..., D) -> (...)."""
+    z = (y - mean) / scale
+    lp = -0.5 * z**2 - jnp.log(scale) - 0.5 * _LOG_2PI
+    return jnp.sum(jnp.where(mask, lp, 0.0), -1)
+
+
+def masked_poisson_log_prob(y, mask, rate):
+    """Sum over observed coordinates of log Poisson(y_d | rate_d). Shapes (..., D) -> (...)."""
+    y = jnp.where(mask, y, 0.0)
+    lp = y * jnp.log(rate) - rate - gammaln(y + 1.0)
+    return jnp.sum(jnp.where(mask, lp, 0.0), -1)
+
+
+def state_log_likelihoods(emission: str, y, mask, params) -> jax.Array:
+    """(..., T, K) log p(y_t | z_t = k) for the i.i.d. emission families of the HMM.
+
+    Args:
+        emission: "gaussian" (params ``means`` (K, D), ``scale_tril`` (K, D, D)), "diag_gaussian"
+            (``means``, ``scales`` (K, D)) or "poisson" (``rates`` (K, D)).
+        y, mask: (..., T, D) observations and their mask.
+    """
+    y = jnp.where(mask, y, 0.0)[..., None, :]  # (..., T, 1, D) broadcasts against (K, D)
+    m = mask[..., None, :]
+    if emission == "gaussian":
+        return masked_mvn_log_prob(y, m, params["means"], params["scale_tril"])
+    if emission == "diag_gaussian":
+        return masked_diag_normal_log_prob(y, m, params["means"], params["scales"])
+    if emission == "poisson":
+        return masked_poisson_log_prob(y, m, params["rates"])
+    raise ValueError(f"emission: expected 'gaussian', 'diag_gaussian' or 'poisson', got {emission!r}")

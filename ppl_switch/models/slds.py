@@ -1,0 +1,921 @@
+"""Switching linear dynamical system (SLDS), with the discrete chain summed out exactly.
+
+Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, input dim U)::
+
+    pi0                ~ Dirichlet(1_K)                                  initial_probs          (K,)
+    P[j]               ~ Dirichlet(alpha 1_K + kappa e_j)  (sticky)      transition_matrix      (K, K)
+    A_k                ~ N(I, 0.5^2) elementwise (matrix normal, I x I)   dynamics_matrix        (K, D, D)
+    b_k                ~ N(0, 1)                                         dynamics_bias          (K, D)
+    B_k                ~ N(0, 1)                          if U > 0       dynamics_input_weights (K, D, U)
+    s_k                ~ HalfNormal(0.5)                                 dynamics_scales        (K, D)
+    L_k                ~ LKJCholesky(D, 2)                if D > 1       dynamics_corr_chol     (K, D, D)
+    m0                 ~ N(0, 3^2)                                       initial_mean           (D,)
+    s0                 ~ HalfNormal(1)                                   initial_scales         (D,)
+    C                  ~ N(0, 1)                  unless C is given      emission_matrix        (N, D)
+    d                  ~ N(0, 5^2)                                       emission_bias          (N,)
+    r                  ~ HalfNormal(2)            Gaussian emissions     emission_scales        (N,)
+    L_R                ~ LKJCholesky(N, 2)        emission_cov="full"    emission_corr_chol     (N, N)
+
+    z_1 ~ Cat(pi0),  z_t | z_{t-1} ~ Cat(P[z_{t-1}])
+    x_1 ~ N(m0, diag(s0^2)),  x_t | x_{t-1}, z_t = k ~ N(A_k x_{t-1} + b_k + B_k u_t, Q_k),
+                               Q_k = diag(s_k) L_k L_k' diag(s_k)
+    y_t | x_t ~ N(C x_t + d, R)  with R = diag(r^2) or diag(r) L_R L_R' diag(r)
+             or Poisson(bin_size * link(C x_t + d))  with link exp or softplus
+
+The continuous path ``x`` (trials, T, D) is one block site. Its density p(x | theta) sums the regimes
+out with the HMM forward algorithm of :mod:`ppl_switch.ops.hmm` -- the per-regime "observation"
+log-likelihoods are log N(x_t; A_k x_{t-1} + b_k, Q_k) -- so NUTS and SVI see a continuous model and no
+enumeration is needed. Steps past a trial's length get x_t ~ N(0, I), independent of everything else.
+
+Inference paths: NUTS over parameters and x; SVI with :meth:`SLDS.default_guide` (mean-field normal over
+parameters and a Gauss–Markov chain over x, :mod:`ppl_switch.guides.gauss_markov`); structured
+mean-field variational EM :meth:`SLDS.em` (via ``fit_em``), the fast path; the collapsed Gaussian-sum
+filter :meth:`SLDS.filter` for online filtering and an approximate log p(y).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.initialization import init_to_median
+
+from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.guides.gauss_markov import gauss_markov_chain
+from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, permute_by_dims, require_obs_dim
+from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob, masked_poisson_log_prob
+from ppl_switch.models.base import Model
+from ppl_switch.ops import switching as sw
+from ppl_switch.ops.hmm import hmm_filter, hmm_sample, hmm_smoother, hmm_viterbi
+
+DYNAMICS_PRIOR_SCALE = 0.5
+DYNAMICS_NOISE_PRIOR_SCALE = 0.5
+INITIAL_MEAN_PRIOR_SCALE = 3.0
+EMISSION_BIAS_PRIOR_SCALE = 5.0
+EMISSION_SCALE_PRIOR_SCALE = 2.0
+LKJ_CONCENTRATION = 2.0
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+# --------------------------------------------------------------------------------------------------
+# The continuous path with the regimes summed out
+
+
+class SwitchingLinearChain(dist.Distribution):
+    """p(x_{1:T}) of an SLDS's continuous path with z summed out (forward algorithm).
+
+    Batch shape (trials,), event shape (T, D).
+
+    Args:
+        initial_probs: (K,). transition_matrix: (K, K).
+        initial_mean: (D,). initial_scale_tril: (D, D).
+        dynamics_matrices: (K, D, D). dynamics_scale_trils: (K, D, D).
+        dynamics_biases: (B, T-1, K, D) per trial (inputs folded in); row t is the move x_t -> x_{t+1}.
+        time_mask: (B, T) bool, True inside each trial (padding gets N(0, I), no regime).
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+
+    def __init__(self, initial_probs, transition_matrix, initial_mean, initial_scale_tril, dynamics_matrices,
+                 dynamics_scale_trils, dynamics_biases, time_mask, *, validate_args=None):
+        self.initial_probs = initial_probs
+        self.transition_matrix = transition_matrix
+        self.initial_mean = initial_mean
+        self.initial_scale_tril = initial_scale_tril
+        self.dynamics_matrices = dynamics_matrices
+        self.dynamics_scale_trils = dynamics_scale_trils
+        self.dynamics_biases = dynamics_biases
+        self.time_mask = time_mask
+        B, T = jnp.shape(time_mask)
+        D = jnp.shape(initial_mean)[-1]
+        super().__init__(batch_shape=(B,), event_shape=(T, D), validate_args=validate_args)
+
+    def regime_log_likelihoods(self, x):
+        """(B, T, K) log p(x_t | x_{t-1}, z_t = k); row 0 (x_1 does not depend on z_1) and padding are 0."""
+
+        def one(x_b, b_b, tm_b):
+            ll = sw.transition_log_likelihoods(x_b, self.dynamics_matrices, b_b, self.dynamics_scale_trils)
+            ll = jnp.concatenate([jnp.zeros_like(ll[:1]), ll]) if ll.shape[0] else jnp.zeros((1, self.initial_probs.shape[0]), x_b.dtype)
+            return jnp.where(tm_b[:, None], ll, 0.0)
+
+        return jax.vmap(one)(x, self.dynamics_biases, self.time_mask)
+
+    def log_prob(self, x):
+        """(B,) log p(x_n) of each trial's path."""
+        ll = self.regime_log_likelihoods(x)
+        init = dist.MultivariateNormal(self.initial_mean, scale_tril=self.initial_scale_tril).log_prob(x[:, 0])
+        chain = jax.vmap(lambda l, m: hmm_filter(self.initial_probs, self.transition_matrix, l, m).log_normalizer)(ll, self.time_mask)
+        pad = jnp.sum(jnp.where(self.time_mask[..., None], 0.0, -0.5 * x**2 - 0.5 * _LOG_2PI), (-2, -1))
+        return init + chain + pad
+
+    def sample_with_states(self, key):
+        """Ancestral draw: (z (B, T) int32, -1 past the end; x (B, T, D))."""
+        B, T = self.batch_shape[0], self.event_shape[0]
+        D = self.event_shape[1]
+        k_z0, k_z, k_x0, k_x, k_pad = jax.random.split(key, 5)
+        dtype = jnp.result_type(self.initial_mean, float)
+        z0 = jax.random.categorical(k_z0, jnp.log(self.initial_probs), shape=(B,))
+        x0 = self.initial_mean + jax.random.normal(k_x0, (B, D), dtype) @ self.initial_scale_tril.T
+        log_P = jnp.log(self.transition_matrix)
+        u = jax.random.split(k_z, T - 1) if T > 1 else None
+        eps = jax.random.normal(k_x, (max(T - 1, 0), B, D), dtype)
+
+        def step(carry, inp):
+            z, x = carry
+            key_t, e, b_t = inp  # b_t (B, K, D)
+            z_next = jax.random.categorical(key_t, log_P[z])
+            A = self.dynamics_matrices[z_next]
+            L = self.dynamics_scale_trils[z_next]
+            x_next = jnp.einsum("bij,bj->bi", A, x) + jnp.take_along_axis(b_t, z_next[:, None, None], 1)[:, 0] + jnp.einsum("bij,bj->bi", L, e)
+            return (z_next, x_next), (z_next, x_next)
+
+        if T > 1:
+            _, (zs, xs) = jax.lax.scan(step, (z0, x0), (u, eps, jnp.swapaxes(self.dynamics_biases, 0, 1)))
+            z = jnp.concatenate([z0[:, None], zs.T], 1)
+            x = jnp.concatenate([x0[:, None], jnp.swapaxes(xs, 0, 1)], 1)
+        else:
+            z, x = z0[:, None], x0[:, None]
+        tm = self.time_mask
+        x = jnp.where(tm[..., None], x, jax.random.normal(k_pad, x.shape, dtype))
+        z = jnp.where(tm, z, -1).astype(jnp.int32)
+        return z, x
+
+    def sample(self, key, sample_shape=()):
+        if not sample_shape:
+            return self.sample_with_states(key)[1]
+        n = int(np.prod(sample_shape))
+        xs = jax.vmap(lambda k: self.sample_with_states(k)[1])(jax.random.split(key, n))
+        return xs.reshape(tuple(sample_shape) + self.batch_shape + self.event_shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+def _link(name: str):
+    return jnp.exp if name == "exp" else jax.nn.softplus
+
+
+class SLDS(Model):
+    """Switching linear dynamical system; the regimes are summed out, the path x is a block site.
+
+    Args:
+        num_states: K >= 1 regimes.
+        latent_dim: D >= 1.
+        obs_dim: N, or None to take it from the data.
+        input_dim: U >= 0; inputs drive the dynamics (B_k u_t).
+        emission: "gaussian" or "poisson".
+        emission_cov: "diagonal" or "full" (Gaussian emissions).
+        link: "exp" or "softplus" (Poisson emissions).
+        bin_size: Poisson rate multiplier (> 0).
+        stickiness: kappa >= 0, extra Dirichlet mass on the diagonal of P.
+        transition_concentration: alpha > 0, Dirichlet mass on every entry of P.
+        emission_matrix: optional known (N, D) readout C; then C is not a parameter (removes the
+            latent-basis non-identifiability, e.g. C = I for directly observed noisy states).
+    """
+
+    name = "slds"
+
+    def __init__(
+        self,
+        num_states: int,
+        latent_dim: int,
+        obs_dim: Optional[int] = None,
+        input_dim: int = 0,
+        emission: str = "gaussian",
+        emission_cov: str = "diagonal",
+        link: str = "exp",
+        bin_size: float = 1.0,
+        stickiness: float = 10.0,
+        transition_concentration: float = 1.0,
+        emission_matrix=None,
+    ):
+        self.num_states = check_positive_int(num_states, "num_states")
+        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
+        self.obs_dim = check_optional_dim(obs_dim, "obs_dim")
+        self.input_dim = check_nonneg_int(input_dim, "input_dim")
+        if emission not in ("gaussian", "poisson"):
+            raise ValueError(f"emission: expected 'gaussian' or 'poisson', got {emission!r}")
+        if emission_cov not in ("diagonal", "full"):
+            raise ValueError(f"emission_cov: expected 'diagonal' or 'full', got {emission_cov!r}")
+        if link not in ("exp", "softplus"):
+            raise ValueError(f"link: expected 'exp' or 'softplus', got {link!r}")
+        self.emission = emission
+        self.emission_cov = emission_cov
+        self.link = link
+        self.bin_size = check_nonneg_float(bin_size, "bin_size")
+        if self.bin_size <= 0:
+            raise ValueError(f"bin_size: expected a positive number, got {bin_size!r}")
+        self.stickiness = check_nonneg_float(stickiness, "stickiness")
+        self.transition_concentration = check_nonneg_float(transition_concentration, "transition_concentration")
+        if self.transition_concentration <= 0:
+            raise ValueError(f"transition_concentration: expected a positive number, got {transition_concentration!r}")
+        self.fixed_emission_matrix = None
+        if emission_matrix is not None:
+            C = np.asarray(emission_matrix, dtype=float)
+            if C.ndim != 2 or C.shape[1] != self.latent_dim or (self.obs_dim is not None and C.shape[0] != self.obs_dim):
+                raise ValueError(f"emission_matrix: expected shape (obs_dim, {self.latent_dim}), got {C.shape}")
+            if not np.isfinite(C).all():
+                raise ValueError("emission_matrix: contains NaN or inf")
+            self.fixed_emission_matrix = C
+            self.obs_dim = C.shape[0] if self.obs_dim is None else self.obs_dim
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "num_states": self.num_states, "latent_dim": self.latent_dim, "obs_dim": self.obs_dim,
+            "input_dim": self.input_dim, "emission": self.emission, "emission_cov": self.emission_cov,
+            "link": self.link, "bin_size": self.bin_size, "stickiness": self.stickiness,
+            "transition_concentration": self.transition_concentration,
+            "emission_matrix": None if self.fixed_emission_matrix is None else self.fixed_emission_matrix.tolist(),
+        }
+
+    def site_dims(self) -> dict[str, tuple[str, ...]]:
+        dims = {
+            "initial_probs": ("state",),
+            "transition_matrix": ("state", "state_to"),
+            "dynamics_matrix": ("state", "latent", "latent_prev"),
+            "dynamics_bias": ("state", "latent"),
+            "dynamics_scales": ("state", "latent"),
+            "initial_mean": ("latent",),
+            "initial_scales": ("latent",),
+            "emission_bias": ("obs",),
+            "x": ("trial", "time", "latent"),
+            "q_state_probs": ("trial", "time", "state"),
+        }
+        if self.latent_dim > 1:
+            dims["dynamics_corr_chol"] = ("state", "latent", "latent_prev")
+        if self.input_dim:
+            dims["dynamics_input_weights"] = ("state", "latent", "input")
+        if self.fixed_emission_matrix is None:
+            dims["emission_matrix"] = ("obs", "latent")
+        if self.emission == "gaussian":
+            dims["emission_scales"] = ("obs",)
+            if self.emission_cov == "full" and (self.obs_dim or 2) > 1:
+                dims["emission_corr_chol"] = ("obs", "obs_prev")
+        return dims
+
+    # ----- derived quantities of one draw ---------------------------------------------------------
+    def _emission_matrix(self, params):
+        if self.fixed_emission_matrix is not None:
+            return jnp.asarray(self.fixed_emission_matrix)
+        return jnp.asarray(params["emission_matrix"])
+
+    def dynamics_scale_trils(self, params):
+        """(K, D, D) lower Cholesky factors of Q_k."""
+        s = jnp.asarray(params["dynamics_scales"])
+        if self.latent_dim == 1:
+            return s[..., None]
+        return s[..., :, None] * jnp.asarray(params["dynamics_corr_chol"])
+
+    def emission_scale_tril(self, params):
+        """(N, N) lower Cholesky factor of R (Gaussian emissions)."""
+        r = jnp.asarray(params["emission_scales"])
+        if self.emission_cov == "full" and r.shape[-1] > 1:
+            return r[:, None] * jnp.asarray(params["emission_corr_chol"])
+        return jnp.diag(r)
+
+    def _dynamics_biases(self, params, data: SequenceData):
+        """(B, T-1, K, D): b_k + B_k u_{t+1}."""
+        b = jnp.asarray(params["dynamics_bias"])
+        B, T = data.y.shape[:2]
+        if self.input_dim:
+            u = jnp.asarray(data.inputs)[:, 1:]
+            return b + jnp.einsum("kdu,btu->btkd", jnp.asarray(params["dynamics_input_weights"]), u)
+        return jnp.broadcast_to(b, (B, T - 1) + b.shape)
+
+    def path_distribution(self, params, data: SequenceData) -> SwitchingLinearChain:
+        """p(x | theta) with the regimes summed out, for every trial."""
+        return SwitchingLinearChain(
+            jnp.asarray(params["initial_probs"]),
+            jnp.asarray(params["transition_matrix"]),
+            jnp.asarray(params["initial_mean"]),
+            jnp.diag(jnp.asarray(params["initial_scales"])),
+            jnp.asarray(params["dynamics_matrix"]),
+            self.dynamics_scale_trils(params),
+            self._dynamics_biases(params, data),
+            jnp.asarray(data.time_mask),
+        )
+
+    def emission_log_prob(self, params, x, data: SequenceData):
+        """(B, T) log p(y_t | x_t) over the observed entries."""
+        mean = x @ self._emission_matrix(params).T + jnp.asarray(params["emission_bias"])
+        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
+        if self.emission == "poisson":
+            return masked_poisson_log_prob(y, mask, self.bin_size * _link(self.link)(mean))
+        if self.emission_cov == "full":
+            return masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params))
+        return masked_diag_normal_log_prob(y, mask, mean, jnp.asarray(params["emission_scales"]))
+
+    # ----- program ------------------------------------------------------------------------------
+    def _sample_params(self, N):
+        K, D, U = self.num_states, self.latent_dim, self.input_dim
+
+        def normal(loc, scale, shape):
+            return dist.Normal(loc, scale).expand(shape).to_event(len(shape))
+
+        conc = self.transition_concentration + self.stickiness * jnp.eye(K)
+        p = {
+            "initial_probs": numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(K))),
+            "transition_matrix": numpyro.sample("transition_matrix", dist.Dirichlet(conc).to_event(1)),
+            "dynamics_matrix": numpyro.sample(
+                "dynamics_matrix", dist.Normal(jnp.broadcast_to(jnp.eye(D), (K, D, D)), DYNAMICS_PRIOR_SCALE).to_event(3)
+            ),
+            "dynamics_bias": numpyro.sample("dynamics_bias", normal(0.0, 1.0, [K, D])),
+            "dynamics_scales": numpyro.sample(
+                "dynamics_scales", dist.HalfNormal(DYNAMICS_NOISE_PRIOR_SCALE).expand([K, D]).to_event(2)
+            ),
+            "initial_mean": numpyro.sample("initial_mean", normal(0.0, INITIAL_MEAN_PRIOR_SCALE, [D])),
+            "initial_scales": numpyro.sample("initial_scales", dist.HalfNormal(1.0).expand([D]).to_event(1)),
+            "emission_bias": numpyro.sample("emission_bias", normal(0.0, EMISSION_BIAS_PRIOR_SCALE, [N])),
+        }
+        if D > 1:
+            p["dynamics_corr_chol"] = numpyro.sample(
+                "dynamics_corr_chol", dist.LKJCholesky(D, LKJ_CONCENTRATION).expand([K]).to_event(1)
+            )
+        if U:
+            p["dynamics_input_weights"] = numpyro.sample("dynamics_input_weights", normal(0.0, 1.0, [K, D, U]))
+        if self.fixed_emission_matrix is None:
+            p["emission_matrix"] = numpyro.sample("emission_matrix", normal(0.0, 1.0, [N, D]))
+        if self.emission == "gaussian":
+            p["emission_scales"] = numpyro.sample(
+                "emission_scales", dist.HalfNormal(EMISSION_SCALE_PRIOR_SCALE).expand([N]).to_event(1)
+            )
+            if self.emission_cov == "full" and N > 1:
+                p["emission_corr_chol"] = numpyro.sample("emission_corr_chol", dist.LKJCholesky(N, LKJ_CONCENTRATION))
+        return p
+
+    def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        params = self._sample_params(data.obs_dim)
+        with numpyro.plate("trial", data.num_trials):
+            x = numpyro.sample("x", self.path_distribution(params, data))
+        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
+        mean = x @ self._emission_matrix(params).T + params["emission_bias"]
+        if self.emission == "poisson":
+            rate = self.bin_size * _link(self.link)(mean)
+            numpyro.sample("y", dist.Poisson(rate).mask(mask).to_event(3), obs=y)
+        elif self.emission_cov == "diagonal" or data.obs_dim == 1:
+            numpyro.sample("y", dist.Normal(mean, params["emission_scales"]).mask(mask).to_event(3), obs=y)
+        else:  # full R: the observed block of each step (see masked_mvn_log_prob)
+            numpyro.factor("y", jnp.sum(masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params))))
+        if record_log_lik:
+            numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
+
+    # ----- guides -------------------------------------------------------------------------------
+    def default_guide(self, data=None, *, init_values=None, init_scale: float = 0.05):
+        """Mean-field normal over the parameters plus a Gauss–Markov chain over x (see :class:`SLDSGuide`).
+
+        Args:
+            data: optional data used to initialise (PCA for C and x, distinct rotations for A_k).
+            init_values: optional ``{site: value}`` start (e.g. ``fit_em(...).params``); overrides ``data``.
+            init_scale: initial posterior standard deviation of every site.
+        """
+        return SLDSGuide(self, data=data, init_values=init_values, init_scale=init_scale)
+
+    def init_values(self, data, seed: int = 0) -> dict[str, np.ndarray]:
+        """A data-driven start for every site: C, d and x from PCA (or C^+ y for a known C), one AR(1)
+        fit for the dynamics, A_k made distinct by small rotations so that the regimes can separate."""
+        data = data if isinstance(data, SequenceData) else self.prepare(data)
+        em = _em_initial_params(self, data, np.random.default_rng(seed))
+        K, D = self.num_states, self.latent_dim
+        A = np.asarray(em["dynamics_matrices"]).copy()
+        for k in range(K):
+            A[k] = A[k] @ _block_rotation(D, 0.1 * (k - (K - 1) / 2))
+        em["dynamics_matrices"] = A
+        out = self.params_from_em(em)
+        out["x"] = _least_squares_latents(em, data)
+        return out
+
+    # ----- quantities from one draw -------------------------------------------------------------
+    def log_likelihood(self, params, data: SequenceData) -> jax.Array:
+        """(trials, T) pointwise log-likelihood of a draw.
+
+        Gaussian emissions: the collapsed Gaussian-sum filter's log p(y_t | y_{<t}, theta), with x and z
+        integrated out (approximately; exact for the first two steps) -- the predictive quantity that
+        LOO/WAIC want, and independent of the sampled path. Poisson emissions: log p(y_t | x_t) given
+        the draw's path ``x``."""
+        if self.emission == "gaussian":
+            return self.filter(params, data).step_log_likelihoods
+        return self.emission_log_prob(params, jnp.asarray(params["x"]), data)
+
+    def _regime_log_likelihoods(self, params, data):
+        return self.path_distribution(params, data).regime_log_likelihoods(jnp.asarray(params["x"]))
+
+    def state_posterior(self, params, data: SequenceData) -> dict[str, jax.Array]:
+        """p(z | x, theta) -- exact given the draw's path: marginals (B, T, K) and the Viterbi path (B, T).
+
+        For an EM point estimate (``q_state_probs`` present) the marginals are the structured mean-field
+        q(z) and the path is their argmax."""
+        if "q_state_probs" in params:
+            q = jnp.asarray(params["q_state_probs"])
+            return {"state_probs": q, "viterbi": jnp.argmax(q, -1).astype(jnp.int32)}
+        ll = self._regime_log_likelihoods(params, data)
+        tm = jnp.asarray(data.time_mask)
+        P0, P = jnp.asarray(params["initial_probs"]), jnp.asarray(params["transition_matrix"])
+        probs = jax.vmap(lambda l, m: hmm_smoother(P0, P, l, m).smoothed_probs)(ll, tm)
+        path = jax.vmap(lambda l, m: hmm_viterbi(P0, P, l, m))(ll, tm)
+        return {"state_probs": probs, "viterbi": jnp.asarray(path, jnp.int32)}
+
+    def sample_states(self, key, params, data: SequenceData) -> jax.Array:
+        """One path z ~ p(z | x, theta) per trial (FFBS given the draw's x), (B, T) int."""
+        if "q_state_probs" in params:
+            q = jnp.asarray(params["q_state_probs"])
+            return jax.random.categorical(key, jnp.log(q)).astype(jnp.int32)
+        ll = self._regime_log_likelihoods(params, data)
+        tm = jnp.asarray(data.time_mask)
+        keys = jax.random.split(key, ll.shape[0])
+        P0, P = jnp.asarray(params["initial_probs"]), jnp.asarray(params["transition_matrix"])
+        return jax.vmap(lambda k, l, m: hmm_sample(k, P0, P, l, m))(keys, ll, tm).astype(jnp.int32)
+
+    def posterior_predictive(self, key, params, data: SequenceData) -> jax.Array:
+        """y ~ p(y | x) given the draw's path, shaped like data.y."""
+        return self._emit(key, params, jnp.asarray(params["x"]))
+
+    def _emit(self, key, params, x):
+        mean = x @ self._emission_matrix(params).T + jnp.asarray(params["emission_bias"])
+        if self.emission == "poisson":
+            return jax.random.poisson(key, self.bin_size * _link(self.link)(mean)).astype(mean.dtype)
+        L = self.emission_scale_tril(params)
+        return mean + jax.random.normal(key, mean.shape, mean.dtype) @ L.T
+
+    # ----- filtering ----------------------------------------------------------------------------
+    def switching_params(self, params, data: SequenceData) -> sw.SwitchingParams:
+        """Batched :class:`~ppl_switch.ops.switching.SwitchingParams` (leading axis trials), Gaussian only."""
+        if self.emission != "gaussian":
+            raise NotImplementedError("switching_params: the collapsed filter and EM need Gaussian emissions")
+        B = data.y.shape[0]
+        Lq = self.dynamics_scale_trils(params)
+        Lr = self.emission_scale_tril(params)
+        s0 = jnp.asarray(params["initial_scales"])
+
+        def batch(a):
+            return jnp.broadcast_to(a, (B,) + jnp.shape(a))
+
+        return sw.SwitchingParams(
+            batch(jnp.asarray(params["initial_probs"])), batch(jnp.asarray(params["transition_matrix"])),
+            batch(jnp.asarray(params["initial_mean"])), batch(jnp.diag(s0**2)),
+            batch(jnp.asarray(params["dynamics_matrix"])), self._dynamics_biases(params, data),
+            batch(Lq @ jnp.swapaxes(Lq, -1, -2)), batch(self._emission_matrix(params)),
+            batch(jnp.asarray(params["emission_bias"])), batch(Lr @ Lr.T),
+        )
+
+    def filter(self, params, data: SequenceData) -> sw.GaussianSumFilterResult:
+        """Collapsed Gaussian-sum filter (one Gaussian per regime) of every trial; approximate
+        log p(y) in ``log_likelihood`` (B,), regime probabilities p(z_t | y_{1:t}) (B, T, K)."""
+        sp = self.switching_params(params, data)
+        return jax.vmap(sw.gaussian_sum_filter)(sp, jnp.asarray(data.y), jnp.asarray(data.mask))
+
+    # ----- simulation ---------------------------------------------------------------------------
+    def default_params(self, key) -> dict[str, Any]:
+        """Regimes rotating at distinct speeds (radius 0.95), Q = 0.03 I, R = 0.2 I (Gaussian), a
+        sticky chain (0.95 on the diagonal), C = I when N = D, else a random readout."""
+        K, D = self.num_states, self.latent_dim
+        N = require_obs_dim(self)
+        key_c, key_b = jax.random.split(key)
+        angles = [0.15 * (k + 1) * (-1) ** k for k in range(K)]
+        A = np.stack([0.95 * _block_rotation(D, a) for a in angles])
+        P = np.full((K, K), 0.05 / max(K - 1, 1))
+        np.fill_diagonal(P, 0.95 if K > 1 else 1.0)
+        p = {
+            "initial_probs": np.full(K, 1.0 / K),
+            "transition_matrix": P,
+            "dynamics_matrix": A,
+            "dynamics_bias": np.zeros((K, D)),
+            "dynamics_scales": np.full((K, D), math.sqrt(0.03)),
+            "initial_mean": np.r_[2.0, np.zeros(D - 1)],
+            "initial_scales": np.full(D, math.sqrt(0.1)),
+            "emission_bias": np.zeros(N) if self.emission == "gaussian" else np.full(N, math.log(2.0)),
+        }
+        if D > 1:
+            p["dynamics_corr_chol"] = np.broadcast_to(np.eye(D), (K, D, D)).copy()
+        if self.input_dim:
+            p["dynamics_input_weights"] = 0.1 * np.asarray(jax.random.normal(key_b, (K, D, self.input_dim)))
+        if self.fixed_emission_matrix is None:
+            p["emission_matrix"] = np.eye(N, D) if N == D else np.asarray(jax.random.normal(key_c, (N, D))) / math.sqrt(D)
+        if self.emission == "gaussian":
+            p["emission_scales"] = np.full(N, math.sqrt(0.2))
+            if self.emission_cov == "full" and N > 1:
+                p["emission_corr_chol"] = np.eye(N)
+        return p
+
+    def simulate(self, key, num_trials: int, num_timesteps: int, *, params=None, inputs=None, lengths=None):
+        """Draw data; returns ``(SequenceData, truth)``: truth = ``{"params": site values including the
+        path "x", "states": (B, T) int (-1 past the end), "latents": (B, T, D)}``."""
+        B = check_positive_int(num_trials, "num_trials")
+        T = check_positive_int(num_timesteps, "num_timesteps")
+        key_p, key_path, key_y = jax.random.split(key, 3)
+        params = self.default_params(key_p) if params is None else dict(params)
+        N = require_obs_dim(self)
+        if self.input_dim and inputs is None:  # standard-normal inputs, drawn from the key
+            inputs = np.asarray(jax.random.normal(jax.random.fold_in(key, 7), (B, T, self.input_dim)))
+        lengths = np.full(B, T) if lengths is None else np.asarray(lengths)
+        shell = self.prepare(np.zeros((B, T, N)), lengths=lengths, inputs=inputs)
+
+        @jax.jit
+        def draw(params, shell, key_path, key_y):
+            z, x = self.path_distribution(params, shell).sample_with_states(key_path)
+            return z, x, self._emit(key_y, params, x)
+
+        z, x, y = draw({k: jnp.asarray(v) for k, v in params.items()}, shell, key_path, key_y)
+        y = np.asarray(y)
+        tm = np.asarray(shell.time_mask)
+        y = np.where(tm[..., None], y, np.nan)
+        data = self.prepare(y, lengths=lengths, inputs=inputs)
+        params = {k: np.asarray(v) for k, v in params.items()}
+        params["x"] = np.asarray(x)
+        return data, {"params": params, "states": np.asarray(z), "latents": np.asarray(x)}
+
+    # ----- label switching ----------------------------------------------------------------------
+    def state_features(self, params) -> np.ndarray:
+        A = np.asarray(params["dynamics_matrix"])
+        b = np.asarray(params["dynamics_bias"])
+        return np.concatenate([A.reshape(A.shape[0], -1), b], -1)
+
+    def permute_states(self, params, perm) -> dict[str, Any]:
+        return permute_by_dims(params, perm, self.site_dims())
+
+    # ----- structured mean-field variational EM (the fast path) ---------------------------------
+    def params_to_em(self, params, dtype=None) -> dict[str, jax.Array]:
+        """Site-form params -> the EM's parameter dict (:mod:`ppl_switch.ops.switching`)."""
+        Lq = self.dynamics_scale_trils(params)
+        K, D = self.num_states, self.latent_dim
+        U = self.input_dim
+        em = {
+            "initial_probs": jnp.asarray(params["initial_probs"]),
+            "transition_matrix": jnp.asarray(params["transition_matrix"]),
+            "initial_mean": jnp.asarray(params["initial_mean"]),
+            "initial_cov": jnp.diag(jnp.asarray(params["initial_scales"]) ** 2),
+            "dynamics_matrices": jnp.asarray(params["dynamics_matrix"]),
+            "dynamics_biases": jnp.asarray(params["dynamics_bias"]),
+            "input_matrices": jnp.asarray(params["dynamics_input_weights"]) if U else jnp.zeros((K, D, 0)),
+            "dynamics_covs": Lq @ jnp.swapaxes(Lq, -1, -2),
+            "emission_matrix": self._emission_matrix(params),
+            "emission_bias": jnp.asarray(params["emission_bias"]),
+        }
+        Lr = self.emission_scale_tril(params)
+        em["emission_cov"] = Lr @ Lr.T
+        if dtype is not None:
+            em = {k: v.astype(dtype) for k, v in em.items()}
+        return em
+
+    def params_from_em(self, em) -> dict[str, np.ndarray]:
+        """The EM's parameter dict -> site-form params (numpy)."""
+        em = {k: np.asarray(v) for k, v in em.items()}
+        Q = em["dynamics_covs"]
+        s = np.sqrt(np.diagonal(Q, axis1=-2, axis2=-1))
+        p = {
+            "initial_probs": em["initial_probs"],
+            "transition_matrix": em["transition_matrix"],
+            "dynamics_matrix": em["dynamics_matrices"],
+            "dynamics_bias": em["dynamics_biases"],
+            "dynamics_scales": s,
+            "initial_mean": em["initial_mean"],
+            "initial_scales": np.sqrt(np.diagonal(em["initial_cov"])),
+            "emission_bias": em["emission_bias"],
+        }
+        if self.latent_dim > 1:
+            p["dynamics_corr_chol"] = np.linalg.cholesky(Q / (s[..., :, None] * s[..., None, :]))
+        if self.input_dim:
+            p["dynamics_input_weights"] = em["input_matrices"]
+        if self.fixed_emission_matrix is None:
+            p["emission_matrix"] = em["emission_matrix"]
+        R = em["emission_cov"]
+        r = np.sqrt(np.diagonal(R))
+        p["emission_scales"] = r
+        if self.emission_cov == "full" and R.shape[0] > 1:
+            p["emission_corr_chol"] = np.linalg.cholesky(R / (r[:, None] * r[None, :]))
+        return p
+
+    def em_prior(self, obs_dim: int, dtype=jnp.float64) -> sw.EMPrior:
+        """The M-step's conjugate regularisers: the model's sticky Dirichlet on P; weak MNIW on
+        ([A_k b_k B_k], Q_k) centred on A = I; weak inverse-Wishart / inverse-gamma on S0 and R."""
+        K, D, U, N = self.num_states, self.latent_dim, self.input_dim, obs_dim
+        F = D + 1 + U
+        conc = self.transition_concentration + self.stickiness * np.eye(K)
+        W0 = np.concatenate([np.eye(D), np.zeros((D, 1 + U))], 1)
+        arr = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+        full = self.emission_cov == "full"
+        return sw.EMPrior(
+            transition_pseudocounts=arr(conc - 1.0),
+            dynamics_prior_mean=arr(W0),
+            dynamics_prior_precision=arr(1e-2 * np.eye(F)),
+            dynamics_cov_scale=arr(1e-3 * np.eye(D)),
+            dynamics_cov_dof=arr(D + 1.0),
+            initial_cov_scale=arr(0.1 * np.eye(D)),
+            initial_cov_dof=arr(D + 1.0),
+            emission_cov_scale=arr(1e-3 * (np.eye(N) if full else np.ones(N))),
+            emission_cov_dof=arr(1.0),
+        )
+
+    def em_log_prior_value(self, params, obs_dim: int, tied_dynamics_cov: bool = False) -> jax.Array:
+        """log p(theta) under :meth:`em_prior` (the part of the EM objective that is not the ELBO)."""
+        dtype = jnp.result_type(float)
+        p = self.params_to_em(params, dtype)
+        return sw.em_log_prior(p, self.em_prior(obs_dim, dtype), self.emission_cov == "diagonal", tied_dynamics_cov)
+
+    def em(self, data: SequenceData, *, key=None, params=None, learn=None, num_iters: int = 100,
+           num_restarts: int = 4, tied_dynamics_cov: bool = False, return_posterior: bool = False):
+        """Structured mean-field variational EM (closed-form updates; the fast path).
+
+        q(z, x) = q(z) q(x): q(z) is an HMM posterior whose log-likelihoods are E_q(x) log N(x_t; A_k
+        x_{t-1} + b_k, Q_k); q(x) is a Gaussian chain with q(z)-averaged precisions (see
+        :mod:`ppl_switch.ops.switching`); the M-step is closed-form MAP under weak conjugate priors
+        (:meth:`em_prior`). The objective (ELBO + log prior) never decreases.
+
+        Args:
+            data: validated SequenceData (``fit_em`` passes it).
+            key: PRNG key for the restarts' random initial regime paths.
+            params: optional site-form starting (or known) parameters. Without them, ``num_restarts``
+                starts from :meth:`init_values`-style PCA/AR(1) fits with random sticky regime paths
+                are run and the one with the highest objective kept.
+            learn: which groups the M-step updates, a subset of ``("initial", "transitions",
+                "dynamics", "emission_matrix", "emission_bias", "emission_cov")``; default all (the
+                emission matrix only if it is not fixed), or none when ``params`` are given.
+            num_iters: EM iterations.
+            tied_dynamics_cov: fit one Q shared by the regimes (the returned Q_k are then equal).
+            return_posterior: also return the :class:`~ppl_switch.ops.switching.EMTrialPosterior`.
+
+        Returns:
+            ``(params, history)``: site-form point estimate plus ``x`` (q(x) means, (B, T, D)) and
+            ``q_state_probs`` (q(z) marginals, (B, T, K)); history ``{"log_likelihoods": objective per
+            iteration, "objective": ..., "restart_objectives": ...}``. With ``return_posterior`` a
+            third element, the q of every trial.
+        """
+        if self.emission != "gaussian":
+            raise NotImplementedError("em: structured mean-field EM needs Gaussian emissions; use fit_svi or fit_nuts")
+        num_iters = check_positive_int(num_iters, "num_iters")
+        num_restarts = check_positive_int(num_restarts, "num_restarts")
+        mask = np.asarray(data.mask)
+        if self.emission_cov == "full":
+            partial = mask.any(-1) & ~mask.all(-1)
+            if partial.any():
+                raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
+        if learn is None:
+            learn = () if params is not None else sw.EM_GROUPS
+        learn = frozenset(learn)
+        bad = sorted(learn - set(sw.EM_GROUPS))
+        if bad:
+            raise ValueError(f"learn: unknown groups {bad}; valid groups are {list(sw.EM_GROUPS)}")
+        if self.fixed_emission_matrix is not None:
+            learn = learn - {"emission_matrix"}
+        key = jax.random.PRNGKey(0) if key is None else key
+        dtype = jnp.result_type(float)
+        B, T, N = data.y.shape
+        K = self.num_states
+        y = jnp.asarray(data.y, dtype)
+        m = jnp.asarray(mask)
+        tm = jnp.asarray(data.time_mask)
+        u = jnp.asarray(data.inputs, dtype) if self.input_dim else jnp.zeros((B, T, 0), dtype)
+        prior = self.em_prior(N, dtype)
+        diagonal = self.emission_cov == "diagonal"
+        if params is not None:
+            p0 = [self.params_to_em(params, dtype)]
+            gammas = [jnp.full((B, T, K), 1.0 / K, dtype)]
+            needs_init_step = False
+        else:
+            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+            rng = np.random.default_rng(seed)
+            base = {k: jnp.asarray(v, dtype) for k, v in _em_initial_params(self, data, rng).items()}
+            # starts: k-means on local dynamics (all but one restart) and random sticky segments
+            starts = _local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
+            starts = starts[: num_restarts - 1] + [_random_sticky_paths(rng, B, T, K)]
+            p0 = [base] * len(starts)
+            gammas = [jnp.asarray(g, dtype) for g in starts]
+            needs_init_step = True
+        run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
+        # restarts one after another through the same compiled run (a leading axis of one): the
+        # same total work on CPU as a vmap over restarts, with a restart's memory only
+        results = [run(jax.tree.map(lambda a: a[None], p_r), g_r[None], y, m, tm, u, prior) for p_r, g_r in zip(p0, gammas)]
+        p_fit, traces, q = jax.tree.map(lambda *a: jnp.concatenate(a), *results)
+        best = int(jnp.argmax(traces[:, -1]))
+        p_best = jax.tree.map(lambda a: a[best], p_fit)
+        q_best = jax.tree.map(lambda a: a[best], q)
+        out = self.params_from_em(p_best)
+        out["x"] = np.asarray(q_best.means)
+        out["q_state_probs"] = np.asarray(q_best.state_probs)
+        history = {
+            "log_likelihoods": np.asarray(traces[best]),
+            "objective": "ELBO + log prior of the M-step's conjugate regularisers (non-decreasing)",
+            "restart_objectives": np.asarray(traces[:, -1]),
+        }
+        if return_posterior:
+            return out, history, q_best
+        return out, history
+
+
+def _compiled_em(learn: frozenset, num_iters: int, diagonal: bool, init_step: bool, tied: bool):
+    key = (learn, num_iters, diagonal, init_step, tied)
+    if key not in _EM_CACHE:
+
+        def one(p, gamma, y, m, tm, u, prior):
+            if init_step:
+                p = sw.em_init_step(p, gamma, y, m, tm, u, prior, learn, diagonal, tied)
+            return sw.structured_mean_field_em(p, gamma, y, m, tm, u, prior, learn, num_iters, diagonal, tied)
+
+        _EM_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
+    return _EM_CACHE[key]
+
+
+_EM_CACHE: dict = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisation helpers (host-side NumPy)
+
+
+def _block_rotation(D: int, angle: float) -> np.ndarray:
+    """D x D matrix with 2-D rotations by ``angle`` on consecutive coordinate pairs (1 on a leftover)."""
+    R = np.eye(D)
+    c, s = np.cos(angle), np.sin(angle)
+    for i in range(0, D - 1, 2):
+        R[i : i + 2, i : i + 2] = [[c, -s], [s, c]]
+    return R
+
+
+def _least_squares_latents(em, data: SequenceData) -> np.ndarray:
+    """x_t = argmin ||y_t - C x - d||^2 over observed entries (+ small ridge), (B, T, D)."""
+    C = np.asarray(em["emission_matrix"])
+    d = np.asarray(em["emission_bias"])
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+    D = C.shape[1]
+    Cm = np.where(mask[..., None], C, 0.0)  # (B, T, N, D)
+    r = np.where(mask, y - d, 0.0)
+    lhs = np.einsum("btnd,btne->btde", Cm, Cm) + 1e-3 * np.eye(D)
+    rhs = np.einsum("btnd,btn->btd", Cm, r)
+    return np.linalg.solve(lhs, rhs[..., None])[..., 0]
+
+
+def _em_initial_params(model: SLDS, data: SequenceData, rng) -> dict[str, np.ndarray]:
+    """Starting parameters: C, d from PCA (or the fixed C), R from the residual, one shared AR(1) fit."""
+    K, D, U = model.num_states, model.latent_dim, model.input_dim
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+    N = y.shape[-1]
+    obs = mask.sum((0, 1))
+    d = np.where(mask, y, 0.0).sum((0, 1)) / np.maximum(obs, 1)
+    yc = np.where(mask, y - d, 0.0).reshape(-1, N)
+    var = (yc**2).sum(0) / np.maximum(obs, 1)
+    if model.fixed_emission_matrix is not None:
+        C = model.fixed_emission_matrix
+    else:
+        _, svals, Vt = np.linalg.svd(yc, full_matrices=False)
+        C = np.zeros((N, D))
+        k = min(D, Vt.shape[0])
+        C[:, :k] = Vt[:k].T
+        if k < D:
+            C[:, k:] = 0.1 * rng.standard_normal((N, D - k))
+    em = {"emission_matrix": C, "emission_bias": d}
+    x = _least_squares_latents(em, data)
+    resid = np.where(mask, y - x @ C.T - d, 0.0)
+    rvar = (resid**2).sum((0, 1)) / np.maximum(obs, 1)
+    R = np.diag(np.maximum(rvar, 0.25 * var) + 1e-6)
+    # one AR(1) regression x_{t+1} ~ [x_t, 1, u_{t+1}] over steps inside the trials
+    tm = np.asarray(data.time_mask)
+    valid = (tm[:, 1:] & tm[:, :-1]).reshape(-1)
+    u = np.asarray(data.inputs)[:, 1:] if U else np.zeros(x[:, 1:].shape[:2] + (0,))
+    f = np.concatenate([x[:, :-1], np.ones(x[:, :-1].shape[:2] + (1,)), u], -1).reshape(-1, D + 1 + U)[valid]
+    target = x[:, 1:].reshape(-1, D)[valid]
+    if len(target) > D + 1 + U:
+        W = np.linalg.solve(f.T @ f + 1e-3 * np.eye(f.shape[1]), f.T @ target).T
+        Q = np.cov((target - f @ W.T).T).reshape(D, D) + 1e-3 * np.eye(D)
+    else:
+        W = np.concatenate([0.9 * np.eye(D), np.zeros((D, 1 + U))], 1)
+        Q = 0.1 * np.eye(D)
+    P = np.full((K, K), 0.1 / max(K - 1, 1))
+    np.fill_diagonal(P, 0.9 if K > 1 else 1.0)
+    x0 = x[:, 0]
+    return {
+        "initial_probs": np.full(K, 1.0 / K),
+        "transition_matrix": P,
+        "initial_mean": x0.mean(0),
+        "initial_cov": np.diag(np.maximum(x0.var(0), 0.1)),
+        "dynamics_matrices": np.broadcast_to(W[:, :D], (K, D, D)).copy(),
+        "dynamics_biases": np.broadcast_to(W[:, D], (K, D)).copy(),
+        "input_matrices": np.broadcast_to(W[:, D + 1 :], (K, D, U)).copy(),
+        "dynamics_covs": np.broadcast_to(Q, (K, D, D)).copy(),
+        "emission_matrix": C,
+        "emission_bias": d,
+        "emission_cov": R,
+    }
+
+
+def _local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: int = 10) -> list[np.ndarray]:
+    """(B, T, K) one-hot starting regime paths from k-means on local linear dynamics.
+
+    The path is smoothed once with the single-regime start (Kalman smoother), a linear map
+    x_{t+1} ~ A x_t + b is fitted by least squares in a sliding window around every step, and the
+    windows are clustered (k-means, a different seed per path) on vec([A b]).
+    """
+    from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
+
+    K = int(em["transition_matrix"].shape[0])
+    B, T = data.y.shape[:2]
+    lg = LGSSMParams(
+        jnp.asarray(em["initial_mean"]), jnp.asarray(em["initial_cov"]), jnp.asarray(em["dynamics_matrices"][0]),
+        jnp.asarray(em["dynamics_biases"][0]), jnp.asarray(em["dynamics_covs"][0]), jnp.asarray(em["emission_matrix"]),
+        jnp.asarray(em["emission_bias"]), jnp.asarray(em["emission_cov"]),
+    )
+    smooth = jax.jit(jax.vmap(lambda y, m: lgssm_smoother(lg, y, m).smoothed_means))
+    x = np.asarray(smooth(jnp.asarray(data.y), jnp.asarray(data.mask)))
+    D = x.shape[-1]
+    feats, where = [], []
+    half = window // 2
+    for b in range(B):
+        n = int(data.lengths[b])
+        for t in range(n):
+            lo, hi = max(0, t - half), min(n - 1, t + half)
+            if hi - lo < D + 2:
+                lo, hi = max(0, min(lo, n - 1 - (D + 2))), min(n - 1, max(hi, D + 2))
+            f = np.concatenate([x[b, lo:hi], np.ones((hi - lo, 1))], 1)
+            W = np.linalg.lstsq(f.T @ f + 1e-3 * np.eye(D + 1), f.T @ x[b, lo + 1 : hi + 1], rcond=None)[0]
+            feats.append(W.ravel())
+            where.append((b, t))
+    feats = np.asarray(feats)
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
+    paths = []
+    for _ in range(num_paths):
+        centers = feats[rng.choice(len(feats), K, replace=False)]
+        for _ in range(30):
+            labels = np.argmin(((feats[:, None] - centers[None]) ** 2).sum(-1), 1)
+            centers = np.stack([feats[labels == k].mean(0) if np.any(labels == k) else centers[k] for k in range(K)])
+        g = np.full((B, T, K), 1.0 / K)
+        for (b, t), k in zip(where, labels):
+            g[b, t] = np.eye(K)[k]
+        paths.append(g)
+    return paths
+
+
+def _random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.ndarray:
+    """(B, T, K) one-hot regime paths from a sticky chain: random segments to break the symmetry."""
+    z = np.zeros((B, T), dtype=int)
+    z[:, 0] = rng.integers(K, size=B)
+    for t in range(1, T):
+        switch = rng.random(B) > stay
+        z[:, t] = np.where(switch, rng.integers(K, size=B), z[:, t - 1])
+    return np.eye(K)[z]
+
+
+# --------------------------------------------------------------------------------------------------
+# The default SVI guide
+
+
+def _init_to_values_then_median(values):
+    """numpyro init strategy: ``values[name]`` where given, else the prior median."""
+    median = init_to_median(num_samples=15)
+
+    def init(site=None):
+        if site is not None and site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
+            return jnp.asarray(values[site["name"]])
+        return median(site)
+
+    return init
+
+
+class SLDSGuide:
+    """AutoNormal over the parameters (x hidden from it) and a Gauss–Markov chain over x.
+
+    Called with the program's signature. ``init_values`` (site dict, e.g. from ``fit_em``) or ``data``
+    (PCA start, :meth:`SLDS.init_values`) set where the optimisation starts.
+    """
+
+    def __init__(self, model: SLDS, data=None, init_values=None, init_scale: float = 0.05):
+        self.model = model
+        self.init_scale = float(init_scale)
+        if init_values is None and data is not None:
+            init_values = model.init_values(data)
+        self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
+        values = {k: v for k, v in (self.init_values or {}).items() if k not in ("x", "q_state_probs")}
+        if not values:  # prior medians, but regimes made distinct so that they can separate
+            K, D = model.num_states, model.latent_dim
+            values = {"dynamics_matrix": 0.95 * np.stack([_block_rotation(D, 0.1 * (k - (K - 1) / 2)) for k in range(K)])}
+        self.parameter_guide = AutoNormal(
+            handlers.block(model.program, hide=["x"]), init_loc_fn=_init_to_values_then_median(values), init_scale=self.init_scale
+        )
+        self.__name__ = "SLDSGuide"
+
+    def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
+        out = self.parameter_guide(data, record_log_lik=record_log_lik)
+        B, T = data.y.shape[:2]
+        x0 = None if self.init_values is None or "x" not in self.init_values else self.init_values["x"]
+        chain = gauss_markov_chain(
+            "x", B, T, self.model.latent_dim, init_loc=x0, init_scale=self.init_scale, time_mask=data.time_mask
+        )
+        with numpyro.plate("trial", B):
+            out["x"] = numpyro.sample("x", chain)
+        return out
+
+    def sample_posterior(self, key, params, *args, sample_shape=(), **kwargs):
+        from numpyro.infer import Predictive
+
+        n = int(np.prod(sample_shape)) if sample_shape else 1
+        return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)
+
+
+__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain"]

@@ -1,0 +1,238 @@
+"""Conformance suite: every model in the zoo passes the same checks.
+
+A model joins by appending a :class:`Case` to ``CASES`` (name in the registry, constructor options,
+tiny sizes). For each case: simulate -> fit_svi (few steps) -> fit_nuts (tiny) -> the InferenceData
+schema -> finite gradients -> padded == ragged log-likelihood -> values under the mask do not matter
+-> bad input raises an error naming the argument. Fits are cached per case (module-scoped fixture), so
+each model compiles its runners once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer.util import log_density
+
+from ppl_switch.data import DataError
+from ppl_switch.infer import fit_nuts, fit_svi
+from ppl_switch.models import get_model
+
+
+class Case(NamedTuple):
+    name: str
+    kwargs: dict
+    num_trials: int = 2
+    num_timesteps: int = 12
+
+
+CASES = [
+    Case("hmm", dict(num_states=2, obs_dim=2)),
+    Case("hmm", dict(num_states=2, obs_dim=3, emission="poisson")),
+    Case("arhmm", dict(num_states=2, obs_dim=2, input_dim=1)),
+    Case("lds", dict(latent_dim=2, obs_dim=3, input_dim=1)),
+    Case("slds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
+    Case("clds", dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})),
+]
+
+
+def _case_id(case: Case) -> str:
+    extra = "-".join(f"{v}" for k, v in case.kwargs.items() if k not in ("obs_dim",))
+    return f"{case.name}-{extra}"
+
+
+@pytest.fixture(scope="module", params=CASES, ids=_case_id)
+def fitted(request):
+    """(case, model, data, truth, svi_fit, nuts_fit), computed once per case."""
+    case = request.param
+    model = get_model(case.name, **case.kwargs)
+    data, truth = model.simulate(jax.random.PRNGKey(0), case.num_trials, case.num_timesteps)
+    svi = fit_svi(model, data, num_steps=20, num_draws=8, seed=0, progress_bar=False)
+    with warnings.catch_warnings():  # tiny NUTS runs may report divergences; not checked here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        nuts = fit_nuts(model, data, num_warmup=20, num_samples=20, num_chains=1, seed=0, progress_bar=False)
+    return case, model, data, truth, svi, nuts
+
+
+def _group(idata, name):
+    return idata[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# fits and ArviZ output
+
+
+def test_svi_runs_and_draws_every_site(fitted):
+    case, model, data, _, fit, _ = fitted
+    assert fit.losses.shape == (20,) and np.isfinite(fit.losses).all()
+    for site, dims in model.site_dims().items():
+        if site in fit.samples:
+            value = np.asarray(fit.samples[site])
+            assert value.shape[:2] == (1, 8) and value.ndim == 2 + len(dims), site
+            assert np.isfinite(value).all(), site
+
+
+@pytest.mark.parametrize("runner", ["svi", "nuts"])
+def test_inference_data_schema(fitted, runner):
+    case, model, data, _, svi, nuts = fitted
+    fit = svi if runner == "svi" else nuts
+    idata = fit.idata
+    groups = set(idata.groups()) if callable(getattr(idata, "groups", None)) else set(idata.children)
+    expected = {"posterior", "log_likelihood", "posterior_predictive", "observed_data", "constant_data"}
+    if runner == "nuts":
+        expected.add("sample_stats")
+    if model.num_states:
+        expected.add("posterior_states")
+    assert expected <= {g.strip("/") for g in groups}
+
+    posterior = _group(idata, "posterior")
+    site_dims = model.site_dims()
+    for var in posterior.data_vars:
+        dims = posterior[var].dims
+        assert dims[:2] == ("chain", "draw"), var
+        if var in site_dims:
+            assert dims[2:] == site_dims[var], var
+    for site in site_dims:  # every listed site the program samples is in the posterior
+        if site in fit.samples:
+            assert site in posterior.data_vars
+
+    T, N, D = data.num_timesteps, data.num_trials, data.obs_dim
+    (ll_name,) = list(_group(idata, "log_likelihood").data_vars)
+    ll = _group(idata, "log_likelihood")[ll_name]
+    assert ll.dims == ("chain", "draw", "trial", "time") and ll.shape[2:] == (N, T)
+    assert np.isfinite(ll.values).all()
+    obs = _group(idata, "observed_data")["y"]
+    assert obs.dims == ("trial", "time", "obs") and obs.shape == (N, T, D)
+    pred = _group(idata, "posterior_predictive")["y"]
+    assert pred.dims == ("chain", "draw", "trial", "time", "obs")
+    assert np.isfinite(pred.values).all()
+    assert "mask" in _group(idata, "constant_data").data_vars
+    if model.num_states:
+        probs = _group(idata, "posterior_states")["state_probs"]
+        assert {"trial", "time", "state"} <= set(probs.dims)
+        np.testing.assert_allclose(probs.sum("state").values, 1.0, atol=1e-5)
+    if runner == "nuts":
+        assert {"diverging", "step_size"} <= set(_group(idata, "sample_stats").data_vars)
+
+
+def test_log_likelihood_group_matches_model(fitted):
+    """The stored pointwise log-likelihood of a draw equals model.log_likelihood at that draw."""
+    case, model, data, _, _, fit = fitted
+    draw = {k: np.asarray(v)[0, -1] for k, v in fit.samples.items()}
+    (ll_name,) = list(_group(fit.idata, "log_likelihood").data_vars)
+    stored = _group(fit.idata, "log_likelihood")[ll_name].values[0, -1]
+    np.testing.assert_allclose(stored, np.asarray(jax.jit(model.log_likelihood)(draw, data)), rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_are_finite(fitted):
+    case, model, data, truth, _, _ = fitted
+    params = {k: jnp.asarray(v) for k, v in truth["params"].items()}
+
+    def joint(p):
+        return log_density(model.program, (data,), {}, p)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(joint))(params)
+    assert np.isfinite(value)
+    for name, g in grads.items():
+        assert np.isfinite(np.asarray(g)).all(), name
+
+
+# --------------------------------------------------------------------------------------------------
+# padding and masks
+
+
+def _ragged(data, model):
+    """The simulated trials with trial 0 cut short, as a list; inputs likewise."""
+    cut = data.num_timesteps - 4
+    ys = [np.asarray(data.y[0, :cut])] + [np.asarray(data.y[i]) for i in range(1, data.num_trials)]
+    us = None
+    if data.inputs is not None:
+        us = [np.asarray(data.inputs[0, :cut])] + [np.asarray(data.inputs[i]) for i in range(1, data.num_trials)]
+    return ys, us, cut
+
+
+def test_padded_equals_unpadded(fitted):
+    case, model, data, truth, _, _ = fitted
+    params = truth["params"]
+    ll_fn = jax.jit(model.log_likelihood)
+    ys, us, cut = _ragged(data, model)
+    from_list = model.prepare(ys, inputs=us)
+    assert list(from_list.lengths) == [cut] + [data.num_timesteps] * (data.num_trials - 1)
+    ll_list = np.asarray(ll_fn(params, from_list))
+    # each trial alone, unpadded
+    for i, y in enumerate(ys):
+        alone = model.prepare(y, inputs=None if us is None else us[i])
+        ll_alone = np.asarray(jax.jit(model.log_likelihood)(params, alone))[0]
+        np.testing.assert_allclose(ll_list[i, : len(y)], ll_alone, rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(ll_list[i, len(y) :], 0.0)
+    # a padded array whose padding holds junk, with lengths
+    junk = np.asarray(data.y).copy()
+    junk[0, cut:] = 1e3 if model.emission != "poisson" else 7.0
+    inputs = None if data.inputs is None else np.asarray(data.inputs).copy()
+    if inputs is not None:
+        inputs[0, cut:] = -50.0
+    padded = model.prepare(junk, lengths=from_list.lengths, inputs=inputs)
+    np.testing.assert_allclose(np.asarray(ll_fn(params, padded)), ll_list, rtol=1e-6, atol=1e-6)
+    # the program's joint density agrees too (it is what NUTS and SVI see)
+    dens = jax.jit(lambda d: log_density(model.program, (d,), {}, params)[0])
+    np.testing.assert_allclose(dens(padded), dens(from_list), rtol=1e-6)
+
+
+def test_values_under_the_mask_do_not_matter(fitted):
+    case, model, data, truth, _, _ = fitted
+    params = truth["params"]
+    rng = np.random.default_rng(0)
+    mask = rng.random(data.y.shape) > 0.3
+    mask[:, 0] = True
+    y1 = np.where(mask, data.y, 0.0)
+    y2 = np.where(mask, data.y, 5.0 + rng.integers(0, 9, data.y.shape))
+    y3 = np.where(mask, data.y, np.nan)
+    ll_fn = jax.jit(model.log_likelihood)
+    lls = [np.asarray(ll_fn(params, model.prepare(y, mask=mask, inputs=data.inputs))) for y in (y1, y2, y3)]
+    np.testing.assert_allclose(lls[1], lls[0], rtol=1e-10)
+    np.testing.assert_allclose(lls[2], lls[0], rtol=1e-10)
+    assert np.isfinite(lls[0]).all()
+    # hiding observations changes the likelihood (the mask is not ignored)
+    full = np.asarray(ll_fn(params, model.prepare(data.y, inputs=data.inputs)))
+    assert not np.allclose(full, lls[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_raise_naming_the_argument(fitted):
+    case, model, data, _, _, _ = fitted
+    y = np.asarray(data.y)
+    inputs = data.inputs
+    with pytest.raises(DataError, match="y"):
+        model.prepare(y[None], inputs=inputs)  # rank 4
+    with pytest.raises(DataError, match="lengths"):
+        model.prepare(y, lengths=[3] * (data.num_trials + 1), inputs=inputs)
+    with pytest.raises(DataError, match="lengths"):
+        model.prepare(y, lengths=[data.num_timesteps + 1] * data.num_trials, inputs=inputs)
+    bad = y.copy()
+    bad[0, 1, 0] = np.nan
+    with pytest.raises(DataError, match="y"):
+        model.prepare(bad, mask=np.ones(y.shape, bool), inputs=inputs)
+    with pytest.raises(DataError, match="y"):
+        model.prepare(y[..., :-1] if y.shape[-1] > 1 else np.concatenate([y, y], -1), inputs=inputs)
+    wrong_inputs = np.zeros(y.shape[:2] + (model.input_dim + 1,))
+    with pytest.raises(DataError, match="inputs"):
+        model.prepare(y, inputs=wrong_inputs)
+    if model.input_dim:
+        with pytest.raises(DataError, match="inputs"):
+            model.prepare(y)
+    # the runners validate before compiling
+    with pytest.raises(DataError, match="y"):
+        fit_svi(model, y[None], inputs=inputs, num_steps=1, progress_bar=False)
+    # sizes < 1 at construction
+    size = "num_states" if "num_states" in case.kwargs else "latent_dim"
+    with pytest.raises(ValueError, match=size):
+        get_model(case.name, **{**case.kwargs, size: 0})
+    with pytest.raises(ValueError, match="not an option"):
+        get_model(case.name, **{**case.kwargs, "no_such_option": 1})
