@@ -1,0 +1,188 @@
+"""SLDS on the tutorial's two-regime rotation system: state accuracy and wall time of each inference path.
+
+Paths: structured mean-field EM with the true parameters ("smf-known"), structured mean-field EM
+learning every parameter but C = I ("smf-learned", 4 restarts), SVI with the default guide (mean-field
+parameters + Gauss–Markov chain over x, PCA/AR(1) start, learned parameters), NUTS (learned parameters,
+x and z-marginalised, started from the same PCA/AR(1) values). State accuracy is the fraction of steps
+whose most probable regime matches the truth after the best permutation of labels. Wall times include
+compilation ("first call"); for the EM paths the time of a second, compiled call is also given.
+
+Usage:
+    python benchmarks/slds.py                                # EM paths at T in {150, 1000, 10000}, SVI at 150, 1000
+    python benchmarks/slds.py --paths nuts --T 150           # NUTS (2 chains) with R-hat, ESS/s, divergences
+    python benchmarks/slds.py --paths smf-known smf-learned svi --T 150 1000 10000 --seed 0
+Prints one JSON line per (path, T) and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+from ppl_switch.datasets.slds_tutorial import simulate_slds_tutorial, tutorial_params  # noqa: E402
+from ppl_switch.models.slds import SLDS  # noqa: E402
+
+
+def state_accuracy(z_true: np.ndarray, probs: np.ndarray) -> float:
+    """Accuracy of argmax regimes after the best label permutation (K small: all permutations)."""
+    K = probs.shape[-1]
+    z_hat = probs.argmax(-1)
+    return float(max(np.mean(np.asarray(p)[z_hat] == z_true) for p in itertools.permutations(range(K))))
+
+
+def model_for_tutorial() -> SLDS:
+    return SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
+
+
+def true_site_params(model: SLDS) -> dict:
+    return model.params_from_em({**tutorial_params(), "input_matrices": np.zeros((2, 2, 0))})
+
+
+def run_em(T: int, seed: int, known: bool) -> dict:
+    sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
+    model = model_for_tutorial()
+    data = model.prepare(sim["y"])
+    kw = dict(params=true_site_params(model), num_iters=50) if known else dict(key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
+    t0 = time.perf_counter()
+    out, hist = model.em(data, **kw)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out, hist = model.em(data, **kw)
+    second = time.perf_counter() - t0
+    trace = hist["log_likelihoods"]
+    return {
+        "path": "smf-known" if known else "smf-learned", "T": T, "seed": seed,
+        "accuracy": state_accuracy(sim["states"][0], out["q_state_probs"][0]),
+        "seconds_first_call": first, "seconds_compiled": second,
+        "objective_monotone": bool(np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1]))),
+        "iterations": int(len(trace) - 1),
+    }
+
+
+def run_svi(T: int, seed: int, num_steps: int) -> dict:
+    from ppl_switch.infer import fit_svi
+
+    sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
+    model = model_for_tutorial()
+    t0 = time.perf_counter()
+    guide = model.default_guide(sim["y"])
+    fit = fit_svi(model, sim["y"], guide=guide, num_steps=num_steps, learning_rate=0.01, num_draws=100, seed=seed,
+                  x64=True, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    probs = _state_probs(fit)
+    return {"path": "svi", "T": T, "seed": seed, "accuracy": state_accuracy(sim["states"][0], probs),
+            "seconds_first_call": seconds, "num_steps": num_steps, "final_loss": float(fit.losses[-1])}
+
+
+def _state_probs(fit) -> np.ndarray:
+    from ppl_switch.infer import posterior_states
+
+    return np.asarray(posterior_states(fit.model, fit.samples, fit.data, sample_paths=False)["state_probs"])[0]
+
+
+def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: int, init_from: str = "pca",
+             target_accept: float = 0.8) -> dict:
+    import arviz as az
+
+    from ppl_switch.infer import fit_nuts
+
+    sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
+    model = model_for_tutorial()
+    t0 = time.perf_counter()
+    if init_from == "em":  # start every chain at the structured mean-field estimate (path = q(x) mean)
+        est, _ = model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
+        init = {k: v for k, v in est.items() if k != "q_state_probs"}
+        for name in ("initial_probs", "transition_matrix"):  # EM may put mass exactly 0 on an entry
+            v = np.asarray(init[name]) + 1e-3
+            init[name] = v / v.sum(-1, keepdims=True)
+    else:
+        init = model.init_values(sim["y"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = fit_nuts(model, sim["y"], num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+                       seed=seed, init_params={k: v for k, v in init.items()}, target_accept=target_accept,
+                       x64=True, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    probs = _state_probs(fit)
+    # eigenvalues of A_k (invariant to the latent basis); label-aligned draws
+    A = fit.samples["dynamics_matrix"]  # (chain, draw, K, D, D)
+    eig = np.linalg.eigvals(A)
+    order = np.argsort(eig.imag, -1)
+    eig = np.take_along_axis(eig, order, -1)
+    true_eig = np.linalg.eigvals(tutorial_params()["dynamics_matrices"])
+    true_eig = np.take_along_axis(true_eig, np.argsort(true_eig.imag, -1), -1)
+    # match the learned regimes to the true ones by the imaginary parts of the eigenvalues
+    mean_im = eig.imag.mean((0, 1))[:, -1]
+    perm = np.argsort(mean_im) if np.argsort(true_eig.imag[:, -1])[0] == 0 else np.argsort(-mean_im)
+    inside = []
+    for k_true, k_fit in enumerate(perm):
+        for part in ("real", "imag"):
+            v = getattr(eig[:, :, k_fit, -1], part)
+            lo, hi = np.quantile(v, [0.03, 0.97])
+            inside.append(bool(lo <= getattr(true_eig[k_true, -1], part) <= hi))
+    summary = az.summary(az.from_dict(posterior={k: v for k, v in fit.samples.items() if k != "x"}), kind="diagnostics")
+    rhat_params = float(summary["r_hat"].max())
+    ess_bulk = float(summary["ess_bulk"].min())
+    x_summary = az.summary(az.from_dict(posterior={"x": fit.samples["x"]}), kind="diagnostics")
+    n_div = int(fit.diagnostics.get("num_divergences", 0))
+    return {
+        "path": f"nuts (start: {init_from})", "T": T, "seed": seed, "target_accept": target_accept, "accuracy": state_accuracy(sim["states"][0], probs),
+        "seconds_first_call": seconds, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
+        "max_rhat_params": rhat_params, "max_rhat_x": float(x_summary["r_hat"].max()),
+        "min_ess_bulk_params": ess_bulk, "ess_per_second": ess_bulk / seconds,
+        "divergence_fraction": n_div / (num_chains * num_samples),
+        "true_eigenvalues_inside_94pct": inside,
+    }
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", nargs="+", default=["smf-known", "smf-learned", "svi"])
+    parser.add_argument("--T", nargs="+", type=int, default=[150, 1000, 10000])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--svi-steps", type=int, default=3000)
+    parser.add_argument("--svi-max-T", type=int, default=1000, help="skip SVI above this T")
+    parser.add_argument("--nuts-warmup", type=int, default=500)
+    parser.add_argument("--nuts-samples", type=int, default=500)
+    parser.add_argument("--nuts-chains", type=int, default=2)
+    parser.add_argument("--nuts-init", choices=["pca", "em"], default="pca", help="where NUTS chains start")
+    parser.add_argument("--nuts-target-accept", type=float, default=0.8)
+    args = parser.parse_args(argv)
+    rows = []
+    for T in args.T:
+        for path in args.paths:
+            if path in ("smf-known", "smf-learned"):
+                row = run_em(T, args.seed, path == "smf-known")
+            elif path == "svi":
+                if T > args.svi_max_T:
+                    continue
+                row = run_svi(T, args.seed, args.svi_steps)
+            elif path == "nuts":
+                row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
+                               args.nuts_target_accept)
+            else:
+                raise SystemExit(f"--paths: unknown path {path!r}")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print("\n| path | T | state accuracy | wall time (s, incl. compile) | compiled (s) |\n|---|---|---|---|---|")
+    for r in rows:
+        compiled = f"{r['seconds_compiled']:.2f}" if "seconds_compiled" in r else "-"
+        print(f"| {r['path']} | {r['T']} | {r['accuracy']:.3f} | {r['seconds_first_call']:.1f} | {compiled} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
