@@ -1,5 +1,27 @@
-"""Test configuration: float64 for oracle comparisons (float32 behaviour is tested explicitly)."""
+"""Test configuration: float64 for oracle comparisons (float32 behaviour is tested explicitly).
+
+Compiled programs go to a persistent cache shared by the xdist workers and the subprocesses the tests
+start (tutorials, CLI) for this test session: NumPyro's initialisation runs models op by op, and each
+process would otherwise compile the same few hundred small kernels again.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+# set once by the controlling process; workers and subprocesses inherit it through the environment
+if "PPL_SWITCH_TEST_JAX_CACHE" not in os.environ:
+    os.environ["PPL_SWITCH_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="ppl_switch_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["PPL_SWITCH_TEST_JAX_CACHE"], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ["PPL_SWITCH_TEST_JAX_CACHE"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["PPL_SWITCH_TEST_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+

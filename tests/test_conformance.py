@@ -28,13 +28,14 @@ class Case(NamedTuple):
     kwargs: dict
     num_trials: int = 2
     num_timesteps: int = 12
+    nuts_by_default: bool = False  # NUTS compiles slowly; the others run their NUTS checks under -m slow
 
 
 CASES = [
-    Case("hmm", dict(num_states=2, obs_dim=2)),
+    Case("hmm", dict(num_states=2, obs_dim=2), nuts_by_default=True),
     Case("hmm", dict(num_states=2, obs_dim=3, emission="poisson")),
     Case("arhmm", dict(num_states=2, obs_dim=2, input_dim=1)),
-    Case("lds", dict(latent_dim=2, obs_dim=3, input_dim=1)),
+    Case("lds", dict(latent_dim=2, obs_dim=3, input_dim=1), nuts_by_default=True),
     Case("slds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
     Case("clds", dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})),
 ]
@@ -47,15 +48,27 @@ def _case_id(case: Case) -> str:
 
 @pytest.fixture(scope="module", params=CASES, ids=_case_id)
 def fitted(request):
-    """(case, model, data, truth, svi_fit, nuts_fit), computed once per case."""
+    """(case, model, data, truth, svi_fit), computed once per case."""
     case = request.param
     model = get_model(case.name, **case.kwargs)
     data, truth = model.simulate(jax.random.PRNGKey(0), case.num_trials, case.num_timesteps)
     svi = fit_svi(model, data, num_steps=20, num_draws=8, seed=0, progress_bar=False)
+    return case, model, data, truth, svi
+
+
+NUTS_CASES = [pytest.param(c, marks=() if c.nuts_by_default else pytest.mark.slow, id=_case_id(c)) for c in CASES]
+
+
+@pytest.fixture(scope="module", params=NUTS_CASES)
+def nuts_fitted(request):
+    """(case, model, data, nuts_fit), computed once per case."""
+    case = request.param
+    model = get_model(case.name, **case.kwargs)
+    data, _ = model.simulate(jax.random.PRNGKey(0), case.num_trials, case.num_timesteps)
     with warnings.catch_warnings():  # tiny NUTS runs may report divergences; not checked here
         warnings.simplefilter("ignore", RuntimeWarning)
         nuts = fit_nuts(model, data, num_warmup=20, num_samples=20, num_chains=1, seed=0, progress_bar=False)
-    return case, model, data, truth, svi, nuts
+    return case, model, data, nuts
 
 
 def _group(idata, name):
@@ -67,7 +80,7 @@ def _group(idata, name):
 
 
 def test_svi_runs_and_draws_every_site(fitted):
-    case, model, data, _, fit, _ = fitted
+    case, model, data, _, fit = fitted
     assert fit.losses.shape == (20,) and np.isfinite(fit.losses).all()
     for site, dims in model.site_dims().items():
         if site in fit.samples:
@@ -76,10 +89,17 @@ def test_svi_runs_and_draws_every_site(fitted):
             assert np.isfinite(value).all(), site
 
 
-@pytest.mark.parametrize("runner", ["svi", "nuts"])
-def test_inference_data_schema(fitted, runner):
-    case, model, data, _, svi, nuts = fitted
-    fit = svi if runner == "svi" else nuts
+def test_inference_data_schema_svi(fitted):
+    case, model, data, _, fit = fitted
+    _check_schema(model, data, fit, runner="svi")
+
+
+def test_inference_data_schema_nuts(nuts_fitted):
+    case, model, data, fit = nuts_fitted
+    _check_schema(model, data, fit, runner="nuts")
+
+
+def _check_schema(model, data, fit, runner):
     idata = fit.idata
     groups = set(idata.groups()) if callable(getattr(idata, "groups", None)) else set(idata.children)
     expected = {"posterior", "log_likelihood", "posterior_predictive", "observed_data", "constant_data"}
@@ -119,9 +139,18 @@ def test_inference_data_schema(fitted, runner):
         assert {"diverging", "step_size"} <= set(_group(idata, "sample_stats").data_vars)
 
 
-def test_log_likelihood_group_matches_model(fitted):
+def test_log_likelihood_group_matches_model_svi(fitted):
+    case, model, data, _, fit = fitted
+    _check_log_likelihood_group(model, data, fit)
+
+
+def test_log_likelihood_group_matches_model_nuts(nuts_fitted):
+    case, model, data, fit = nuts_fitted
+    _check_log_likelihood_group(model, data, fit)
+
+
+def _check_log_likelihood_group(model, data, fit):
     """The stored pointwise log-likelihood of a draw equals model.log_likelihood at that draw."""
-    case, model, data, _, _, fit = fitted
     draw = {k: np.asarray(v)[0, -1] for k, v in fit.samples.items()}
     (ll_name,) = list(_group(fit.idata, "log_likelihood").data_vars)
     stored = _group(fit.idata, "log_likelihood")[ll_name].values[0, -1]
@@ -129,7 +158,7 @@ def test_log_likelihood_group_matches_model(fitted):
 
 
 def test_gradients_are_finite(fitted):
-    case, model, data, truth, _, _ = fitted
+    case, model, data, truth, _ = fitted
     params = {k: jnp.asarray(v) for k, v in truth["params"].items()}
 
     def joint(p):
@@ -156,7 +185,7 @@ def _ragged(data, model):
 
 
 def test_padded_equals_unpadded(fitted):
-    case, model, data, truth, _, _ = fitted
+    case, model, data, truth, _ = fitted
     params = truth["params"]
     ll_fn = jax.jit(model.log_likelihood)
     ys, us, cut = _ragged(data, model)
@@ -183,7 +212,7 @@ def test_padded_equals_unpadded(fitted):
 
 
 def test_values_under_the_mask_do_not_matter(fitted):
-    case, model, data, truth, _, _ = fitted
+    case, model, data, truth, _ = fitted
     params = truth["params"]
     rng = np.random.default_rng(0)
     mask = rng.random(data.y.shape) > 0.3
@@ -206,7 +235,7 @@ def test_values_under_the_mask_do_not_matter(fitted):
 
 
 def test_bad_inputs_raise_naming_the_argument(fitted):
-    case, model, data, _, _, _ = fitted
+    case, model, data, _, _ = fitted
     y = np.asarray(data.y)
     inputs = data.inputs
     with pytest.raises(DataError, match="y"):

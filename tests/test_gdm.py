@@ -326,11 +326,3 @@ def test_early_stopping_rule_matches_released_code():
     stop = _first_stop(elbo, 0, 100, 1e-4, 600)
     assert stop == 699 + 99  # the first window lying wholly in the flat part
     assert _first_stop(np.arange(1000.0), 0, 100, 1e-4, 600) is None
-
-
-def test_tutorial_smoke_runs(monkeypatch):
-    import runpy
-    from pathlib import Path
-
-    monkeypatch.setenv("PPL_SWITCH_SMOKE", "1")
-    runpy.run_path(str(Path(__file__).parents[1] / "tutorials" / "gdm_nascar.py"), run_name="__main__")

@@ -272,4 +272,10 @@ def test_registry_and_constructor_errors():
 
 
 def _minimal(name):
-    return {"lds": dict(latent_dim=2, obs_dim=3)}.get(name, dict(num_states=2, obs_dim=2))
+    minimal = {
+        "lds": dict(latent_dim=2, obs_dim=3),
+        "clds": dict(latent_dim=2, obs_dim=3, input_dim=1),
+        "slds": dict(num_states=2, latent_dim=2, obs_dim=3),
+        "gdm": dict(num_states=2, latent_dim=2, obs_dim=3),
+    }
+    return minimal.get(name, dict(num_states=2, obs_dim=2))

@@ -157,9 +157,10 @@ def test_padding_a_trial_keeps_its_log_normalizer():
     )
 
 
-def test_parallel_equals_sequential_long_series():
+@pytest.mark.parametrize("num_steps", [1000, pytest.param(10_000, marks=pytest.mark.slow)])
+def test_parallel_equals_sequential_long_series(num_steps):
     rng = np.random.default_rng(7)
-    num_states, num_steps = 4, 10_000
+    num_states = 4
     initial = rng.dirichlet(np.ones(num_states))
     transition = 0.9 * np.eye(num_states) + 0.1 * rng.dirichlet(np.ones(num_states), size=num_states)
     ll = rng.normal(size=(num_steps, num_states)) * 3.0

@@ -133,8 +133,8 @@ def test_all_masked_is_prior():
     np.testing.assert_allclose(res.smoothed_covs[3], Sigma[6:8, 6:8], atol=1e-10)
 
 
-def test_parallel_equals_sequential_long():
-    T = 1000
+@pytest.mark.parametrize("T", [200, pytest.param(1000, marks=pytest.mark.slow)])
+def test_parallel_equals_sequential_long(T):
     params = make_params(5, D=3, N=4, T=T, noise="diag")
     _, y = lgssm_simulate(jax.random.PRNGKey(6), params, T)
     mask = np.asarray(jax.random.bernoulli(jax.random.PRNGKey(7), 0.8, (T, 4)))
@@ -188,9 +188,10 @@ def test_ragged_batch_via_vmap(parallel):
     np.testing.assert_allclose(sm[1, :3], lgssm_smoother(params, Y[1, :3]).smoothed_means, atol=1e-10)
 
 
+@pytest.mark.parametrize("T", [1000, pytest.param(10_000, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_float32_long_rotation_is_finite(parallel):
-    T, D, N = 10_000, 2, 2
+def test_float32_long_rotation_is_finite(parallel, T):
+    D, N = 2, 2
     th = 0.05
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     params = lgssm_params(
