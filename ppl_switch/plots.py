@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from ppl_switch.analysis.metrics import match_states
+
 
 def _group(idata, name: str):
     """The xarray.Dataset of group ``name``, or None if the fit has no such group."""
@@ -80,7 +82,10 @@ def plot_fit(idata, out: Optional[str] = None, *, trial: int = 0, max_obs_dims: 
         ax.set_ylabel(f"y[{d}]")
     if has_states:
         probs = np.asarray(states["state_probs"].isel(trial=trial))
-        truth = None if true_states is None else np.asarray(true_states)[trial]
+        truth = None
+        if true_states is not None:  # the truth in the fit's labels, so that colours agree
+            truth = np.asarray(true_states)[trial]
+            truth = match_states(truth[:length], probs[:length].argmax(-1), probs.shape[-1])[truth]
         plot_states(probs, axes[-1], true_states=truth, length=length)
     axes[0].legend(loc="upper right", fontsize=7, frameon=False)
     axes[-1].set_xlabel("time step")

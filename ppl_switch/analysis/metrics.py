@@ -35,16 +35,34 @@ def r2_score(y_true, y_pred, mask=None) -> float:
     return float(np.mean(1.0 - ss_res / (ss_tot + 1e-8)))
 
 
-def matched_state_accuracy(true_states, inferred_states, num_states: Optional[int] = None) -> float:
-    """Accuracy after the best one-to-one relabelling of inferred states (Hungarian on the confusion)."""
+def _confusion(true_states, inferred_states, num_states: Optional[int]) -> np.ndarray:
+    """(K, K) counts with ``[inferred, true]``."""
     t, z = np.asarray(true_states).ravel(), np.asarray(inferred_states).ravel()
     if t.shape != z.shape:
         raise ValueError(f"inferred_states: expected {t.size} labels like true_states, got {z.size}")
     k = int(max(t.max(), z.max()) + 1) if num_states is None else int(num_states)
     confusion = np.zeros((k, k))
     np.add.at(confusion, (z, t), 1)
+    return confusion
+
+
+def match_states(true_states, inferred_states, num_states: Optional[int] = None) -> np.ndarray:
+    """The relabelling of the truth that best agrees with the inferred labels.
+
+    Returns ``perm`` (K,) with ``perm[true_label] = inferred_label`` (Hungarian on the confusion), so
+    ``perm[true_states]`` is the truth written in the inferred labels.
+    """
+    rows, cols = linear_sum_assignment(-_confusion(true_states, inferred_states, num_states))
+    perm = np.empty(len(cols), dtype=int)
+    perm[cols] = rows
+    return perm
+
+
+def matched_state_accuracy(true_states, inferred_states, num_states: Optional[int] = None) -> float:
+    """Accuracy after the best one-to-one relabelling of inferred states (Hungarian on the confusion)."""
+    confusion = _confusion(true_states, inferred_states, num_states)
     rows, cols = linear_sum_assignment(-confusion)
-    return float(confusion[rows, cols].sum() / t.size)
+    return float(confusion[rows, cols].sum() / confusion.sum())
 
 
 def affine_align(source, target):
