@@ -38,6 +38,8 @@ CASES = [
     Case("lds", dict(latent_dim=2, obs_dim=3, input_dim=1), nuts_by_default=True),
     Case("slds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
     Case("clds", dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})),
+    Case("gpslds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)),
+    Case("gpsde", dict(latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01, num_basis=4)),
 ]
 
 

@@ -277,5 +277,8 @@ def _minimal(name):
         "clds": dict(latent_dim=2, obs_dim=3, input_dim=1),
         "slds": dict(num_states=2, latent_dim=2, obs_dim=3),
         "gdm": dict(num_states=2, latent_dim=2, obs_dim=3),
+        "gpslds": dict(num_states=2, latent_dim=2, obs_dim=3),
+        "gpsde": dict(latent_dim=2, obs_dim=3),
+        "rslds": dict(num_states=2, latent_dim=2, obs_dim=3),
     }
     return minimal.get(name, dict(num_states=2, obs_dim=2))

@@ -23,6 +23,10 @@ DATASETS = {
     "nascar": ("ppl_switch.datasets.nascar", "simulate_nascar", "gdm", "NASCAR track, 4 relaxed states, 10-D observations"),
     "head_direction": ("ppl_switch.datasets.head_direction", "simulate_head_direction", "clds",
                        "ring-attractor head-direction benchmark (CLDS), 10 neurons, condition = heading"),
+    "gpslds_synthetic": ("ppl_switch.datasets.gpslds_synthetic", "simulate_gpslds_synthetic", "gpslds",
+                         "two rotations (Hu et al. 2024 Sec. 4.1), 50 neurons, binary events on a 1 ms grid"),
+    "gpslds_limit_cycle": ("ppl_switch.datasets.gpslds_synthetic", "simulate_gpslds_limit_cycle", "gpslds",
+                           "limit cycle (App. D, reconstructed generator), quadratic boundary of radius 2"),
 }
 
 

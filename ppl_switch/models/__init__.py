@@ -12,12 +12,14 @@ from ppl_switch.models.arhmm import ARHMM
 from ppl_switch.models.base import Model
 from ppl_switch.models.clds import CLDS
 from ppl_switch.models.gdm import GDM
+from ppl_switch.models.gpslds import GPSDE, GPSLDS
 from ppl_switch.models.hmm import HMM
 from ppl_switch.models.lds import LDS
 from ppl_switch.models.slds import SLDS
 
 #: name -> model class
-MODELS: dict[str, type[Model]] = {"hmm": HMM, "arhmm": ARHMM, "lds": LDS, "slds": SLDS, "gdm": GDM, "clds": CLDS}
+MODELS: dict[str, type[Model]] = {"hmm": HMM, "arhmm": ARHMM, "lds": LDS, "slds": SLDS, "gdm": GDM, "clds": CLDS,
+                                 "gpslds": GPSLDS, "gpsde": GPSDE}
 
 
 def model_options(name: str) -> list[str]:
@@ -46,4 +48,4 @@ def get_model(name: str, **config) -> Model:
     return cls(**config)
 
 
-__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "CLDS", "get_model", "model_options"]
+__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "CLDS", "GPSLDS", "GPSDE", "get_model", "model_options"]

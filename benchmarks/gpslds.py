@@ -1,0 +1,160 @@
+"""gpSLDS synthetic benchmarks (Hu et al. 2024, Sec. 4.1 and App. D): fit, then print the target metrics.
+
+    python benchmarks/gpslds.py                      # two rotations: gpSLDS and the RBF GP-SDE baseline
+    python benchmarks/gpslds.py --limit-cycle        # App. D limit cycle with quadratic features
+    GPSLDS_STEPS=300 python benchmarks/gpslds.py     # a shorter run
+
+Metrics (all after affine alignment of the posterior-mean latents to the true latents):
+latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / sum|f|^2 on the 20x20 cells
+of [-10, 10]^2 the true latents visit >= 20 times; recovered fixed points (clusters of per-draw Newton
+roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them; posterior
+variance of f on visited vs unvisited cells; wall time. Nothing is written to results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from ppl_switch.analysis import gpslds_analysis as ga  # noqa: E402
+from ppl_switch.analysis.metrics import affine_aligned_r2  # noqa: E402
+from ppl_switch.datasets.gpslds_synthetic import (  # noqa: E402
+    limit_cycle_drift,
+    simulate_gpslds_limit_cycle,
+    simulate_gpslds_synthetic,
+    two_rotation_drift,
+)
+from ppl_switch.infer import fit_svi  # noqa: E402
+from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
+
+
+def fit_model(model, y, steps, lr, seed, num_draws=20):
+    data = model.prepare(y)
+    init = model.init_values(data)
+    guide = model.default_guide(init_values=init)
+    t0 = time.perf_counter()
+    fit = fit_svi(model, data, guide=guide, num_steps=steps, learning_rate=lr, seed=seed, num_draws=num_draws,
+                  progress_bar=False)
+    wall = time.perf_counter() - t0
+    extra = guide.sample_parameters(jax.random.PRNGKey(seed + 1), fit.params, 200)
+    return fit, extra, wall
+
+
+def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0):
+    model = fit.model
+    x_hat = np.asarray(fit.samples["x"])[0].mean(0)  # (B, T, K) posterior mean path
+    r2 = affine_aligned_r2(x_hat.reshape(-1, 2), truth_x.reshape(-1, 2))
+    P, o = ga.align_latents(x_hat, truth_x)
+    Pinv = np.linalg.inv(P)
+    cells, visited = ga.visited_cells(truth_x, lo, hi, 20, 20)
+    z = (cells - o) @ Pinv.T  # cell centres in the model's coordinates
+    f_draws = ga.drift_draws(model, extra, z) @ P.T  # (S, G, K) in true coordinates
+    f_true = np.asarray(true_drift(cells))
+    nmse = ga.dynamics_nmse(f_draws.mean(0)[visited], f_true[visited])
+    var = f_draws.var(0).sum(-1)
+    out = {"name": name, "latent_r2": r2, "dynamics_nmse_visited": nmse,
+           "var_f_visited": float(var[visited].mean()), "var_f_unvisited": float(var[~visited].mean()),
+           "final_loss": float(fit.losses[-1]), "P": P, "o": o, "extra": extra}
+    return out
+
+
+def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0):
+    Pinv = np.linalg.inv(P)
+    starts_true, _ = ga.grid_points(lo, hi, 6)
+    starts = (starts_true - o) @ Pinv.T
+    corners = (np.array([[lo, lo], [lo, hi], [hi, lo], [hi, hi]]) - o) @ Pinv.T
+    fp = ga.fixed_points(model, extra, starts, region=(corners.min(0), corners.max(0)))
+    pts = fp["points"] @ P.T + o  # true coordinates (NaN stays NaN)
+    inside = np.all((pts >= lo) & (pts <= hi), -1)
+    pts = np.where(inside[..., None], pts, np.nan)
+    regions = ga.fixed_point_regions(pts)
+    rows = []
+    for xt in truth_points:
+        if not regions:
+            rows.append({"true": xt, "found": False})
+            continue
+        best = min(regions, key=lambda r: np.linalg.norm(r["mean"] - xt))
+        rows.append({"true": xt, "found": True, "mean": best["mean"], "distance": float(np.linalg.norm(best["mean"] - xt)),
+                     "in_94_ellipse": ga.in_credible_ellipse(best, xt), "fraction_of_draws": best["fraction"],
+                     "sd": np.sqrt(np.diag(best["cov"]))})
+    types = {}
+    for s in fp["stability"].ravel():
+        if s:
+            types[s] = types.get(s, 0) + 1
+    return rows, regions, types
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit-cycle", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--trials", type=int, default=30)
+    args = parser.parse_args()
+    steps = int(os.environ.get("GPSLDS_STEPS", "1500"))
+    lr = float(os.environ.get("GPSLDS_LR", "0.02"))
+    t_all = time.perf_counter()
+    if args.limit_cycle:
+        sim = simulate_gpslds_limit_cycle(seed=0, num_trials=args.trials)
+        model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"], features="quadratic")
+        fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0)
+        res = evaluate("gpslds-limit-cycle", fit, extra, sim["latents"], limit_cycle_drift, -5, 5)
+        P, o = res["P"], res["o"]
+        grid, _ = ga.grid_points(-4, 4, 81)
+        pi = ga.partition_map(model, extra, (grid - o) @ np.linalg.inv(P).T)["mean"][:, 0].reshape(81, 81)
+        # boundary cells: where the aligned pi crosses 0.5 between neighbours
+        cross = np.zeros_like(pi, bool)
+        cross[:, :-1] |= (pi[:, :-1] - 0.5) * (pi[:, 1:] - 0.5) < 0
+        cross[:-1, :] |= (pi[:-1, :] - 0.5) * (pi[1:, :] - 0.5) < 0
+        radii = np.linalg.norm(grid.reshape(81, 81, 2)[cross], axis=-1)
+        W = np.asarray(extra["partition_weights"])[..., 0] / np.asarray(extra["temperature"])[:, None]
+        print(f"[{res['name']}] W/tau posterior mean (model coords, on [1, z1^2, z2^2]): {np.round(W.mean(0), 2).tolist()}; "
+              f"pi_0 on the aligned grid in [{pi.min():.3f}, {pi.max():.3f}]")
+        print(f"[{res['name']}] steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
+              f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} "
+              f"vs unvisited {res['var_f_unvisited']:.3g}")
+        if radii.size:
+            print(f"[{res['name']}] learned boundary radius (aligned): median {np.median(radii):.3f}, "
+                  f"IQR {np.percentile(radii, 25):.3f}-{np.percentile(radii, 75):.3f}, points {radii.size} (true 2)")
+        else:
+            print(f"[{res['name']}] no pi = 0.5 boundary inside [-4, 4]^2")
+        print(f"total wall {time.perf_counter() - t_all:.1f}s")
+        return
+
+    sim = simulate_gpslds_synthetic(seed=0, num_trials=args.trials)
+    dt = sim["truth"]["dt"]
+    model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=dt)
+    fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0)
+    res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift)
+    rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
+    print(f"[gpslds] trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
+          f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
+          f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f}")
+    marks = np.linspace(0, steps - 1, 6).astype(int)
+    print(f"[gpslds] loss at steps {marks.tolist()}: {np.round(fit.losses[marks], 1).tolist()}")
+    for r in rows:
+        if r["found"]:
+            print(f"[gpslds] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
+                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}, in {r['fraction_of_draws']:.2f} of draws")
+        else:
+            print(f"[gpslds] true fp {r['true']}: no root found")
+    print(f"[gpslds] root clusters (mean, share of draws): {[(np.round(c['mean'], 2).tolist(), round(c['fraction'], 2)) for c in regions]}")
+    print(f"[gpslds] stability types of roots: {types}")
+    if not args.no_baseline:
+        rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
+        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, 0)
+        res_b = evaluate("gpsde-rbf", fit_b, extra_b, sim["latents"], two_rotation_drift)
+        print(f"[gpsde-rbf] fit wall {wall_b:.1f}s; latent R2 {res_b['latent_r2']:.3f}; dynamics NMSE (visited) "
+              f"{res_b['dynamics_nmse_visited']:.4f}; var f visited {res_b['var_f_visited']:.3g} vs unvisited "
+              f"{res_b['var_f_unvisited']:.3g}")
+    print(f"total wall {time.perf_counter() - t_all:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
