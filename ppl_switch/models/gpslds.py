@@ -52,8 +52,8 @@ from numpyro.contrib.hsgp.laplacian import eigenfunctions
 from numpyro.contrib.hsgp.spectral_densities import diag_spectral_density_squared_exponential
 from numpyro.distributions import constraints
 from numpyro.infer.autoguide import AutoMultivariateNormal
-from numpyro.infer.initialization import init_to_median
 
+from ppl_switch.guides.init import init_to_values_then_median
 from ppl_switch.data import SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.models._common import require_obs_dim
@@ -665,17 +665,6 @@ class SDEPathChain(GaussMarkovChain):
         return affine_recursion(x0, self.transition_matrices, h)
 
 
-def _init_values_then_median(values):
-    median = init_to_median(num_samples=15)
-
-    def init(site=None):
-        if site is not None and site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
-            return jnp.asarray(values[site["name"]])
-        return median(site)
-
-    return init
-
-
 class LatentSDEGuide:
     """AutoMultivariateNormal over all parameters (x hidden from it) and, per trial, the paper's q(x):
     x_{t+1} = (I - dt A_t) x_t + g_t + sqrt(dt) L_t eps, x_0 ~ N(mbar_0, L_0 L_0').
@@ -699,7 +688,7 @@ class LatentSDEGuide:
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
         values = {k: v for k, v in (self.init_values or {}).items() if k != "x"}
         self.parameter_guide = AutoMultivariateNormal(
-            handlers.block(model.program, hide=["x"]), init_loc_fn=_init_values_then_median(values), init_scale=self.init_scale
+            handlers.block(model.program, hide=["x"]), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "LatentSDEGuide"
 

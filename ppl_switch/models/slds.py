@@ -46,8 +46,8 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.infer.autoguide import AutoNormal
-from numpyro.infer.initialization import init_to_median
 
+from ppl_switch.guides.init import init_to_values_then_median
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.guides.gauss_markov import gauss_markov_chain
 from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, permute_by_dims, require_obs_dim
@@ -866,18 +866,6 @@ def _random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.
 # The default SVI guide
 
 
-def _init_to_values_then_median(values):
-    """numpyro init strategy: ``values[name]`` where given, else the prior median."""
-    median = init_to_median(num_samples=15)
-
-    def init(site=None):
-        if site is not None and site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
-            return jnp.asarray(values[site["name"]])
-        return median(site)
-
-    return init
-
-
 class SLDSGuide:
     """AutoNormal over the parameters (x hidden from it) and a Gauss–Markov chain over x.
 
@@ -896,7 +884,7 @@ class SLDSGuide:
             K, D = model.num_states, model.latent_dim
             values = {"dynamics_matrix": 0.95 * np.stack([_block_rotation(D, 0.1 * (k - (K - 1) / 2)) for k in range(K)])}
         self.parameter_guide = AutoNormal(
-            handlers.block(model.program, hide=["x"]), init_loc_fn=_init_to_values_then_median(values), init_scale=self.init_scale
+            handlers.block(model.program, hide=["x"]), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "SLDSGuide"
 
