@@ -29,6 +29,7 @@ class Case(NamedTuple):
     num_trials: int = 2
     num_timesteps: int = 12
     nuts_by_default: bool = False  # NUTS compiles slowly; the others run their NUTS checks under -m slow
+    slow: bool = False  # variants of a model already covered by a default case run only under -m slow
 
 
 CASES = [
@@ -40,6 +41,9 @@ CASES = [
     Case("clds", dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})),
     Case("gpslds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)),
     Case("gpsde", dict(latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01, num_basis=4)),
+    Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
+    Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, transitions="recurrent_only"), slow=True),
+    Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, transitions="sticky"), slow=True),
 ]
 
 
@@ -48,7 +52,10 @@ def _case_id(case: Case) -> str:
     return f"{case.name}-{extra}"
 
 
-@pytest.fixture(scope="module", params=CASES, ids=_case_id)
+SVI_CASES = [pytest.param(c, marks=pytest.mark.slow if c.slow else (), id=_case_id(c)) for c in CASES]
+
+
+@pytest.fixture(scope="module", params=SVI_CASES)
 def fitted(request):
     """(case, model, data, truth, svi_fit), computed once per case."""
     case = request.param
@@ -58,7 +65,9 @@ def fitted(request):
     return case, model, data, truth, svi
 
 
-NUTS_CASES = [pytest.param(c, marks=() if c.nuts_by_default else pytest.mark.slow, id=_case_id(c)) for c in CASES]
+NUTS_CASES = [
+    pytest.param(c, marks=() if c.nuts_by_default and not c.slow else pytest.mark.slow, id=_case_id(c)) for c in CASES
+]
 
 
 @pytest.fixture(scope="module", params=NUTS_CASES)

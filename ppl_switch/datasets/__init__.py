@@ -27,6 +27,10 @@ DATASETS = {
                          "two rotations (Hu et al. 2024 Sec. 4.1), 50 neurons, binary events on a 1 ms grid"),
     "gpslds_limit_cycle": ("ppl_switch.datasets.gpslds_synthetic", "simulate_gpslds_limit_cycle", "gpslds",
                            "limit cycle (App. D, reconstructed generator), quadratic boundary of radius 2"),
+    "rslds_nascar": ("ppl_switch.datasets.rslds_nascar", "simulate_rslds_nascar", "rslds",
+                     "NASCAR track (rSLDS paper), 4 location-decided discrete regimes, 10-D observations"),
+    "lorenz": ("ppl_switch.datasets.lorenz", "simulate_lorenz_bernoulli", "rslds",
+               "Lorenz attractor, 100 Bernoulli neurons, all neurons masked at t in [750, 850)"),
 }
 
 

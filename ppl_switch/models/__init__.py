@@ -15,11 +15,12 @@ from ppl_switch.models.gdm import GDM
 from ppl_switch.models.gpslds import GPSDE, GPSLDS
 from ppl_switch.models.hmm import HMM
 from ppl_switch.models.lds import LDS
+from ppl_switch.models.rslds import RSLDS
 from ppl_switch.models.slds import SLDS
 
 #: name -> model class
 MODELS: dict[str, type[Model]] = {"hmm": HMM, "arhmm": ARHMM, "lds": LDS, "slds": SLDS, "gdm": GDM, "clds": CLDS,
-                                 "gpslds": GPSLDS, "gpsde": GPSDE}
+                                 "gpslds": GPSLDS, "gpsde": GPSDE, "rslds": RSLDS}
 
 
 def model_options(name: str) -> list[str]:
@@ -48,4 +49,4 @@ def get_model(name: str, **config) -> Model:
     return cls(**config)
 
 
-__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "CLDS", "GPSLDS", "GPSDE", "get_model", "model_options"]
+__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "CLDS", "GPSLDS", "GPSDE", "RSLDS", "get_model", "model_options"]

@@ -1,0 +1,691 @@
+"""Recurrent switching linear dynamical system (rSLDS; Linderman et al. 2017): where the continuous state
+is decides which regime comes next.
+
+Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, input dim U). Everything
+but the transitions and the Bernoulli emission is the SLDS of :mod:`ppl_switch.models.slds` (same sites
+and priors)::
+
+    W                  ~ N(0, 5^2)                                       transition_weights         (K, D)
+    r                  ~ N(0, 5^2)                                       transition_bias            (K,)
+    R                  ~ N(stickiness * I, 2^2)      "recurrent"         transition_state_logits    (K, K)
+    kappa              ~ HalfNormal(stickiness)      "sticky"            transition_stickiness      ()
+    V                  ~ N(0, 1)                     U > 0               transition_input_weights   (K, U)
+
+    z_1 ~ Cat(pi0),  z_t | z_{t-1} = i, x_{t-1} ~ Cat(softmax_j(logits_ij)),
+        "recurrent":      logits_ij = R_ij + W_j . x_{t-1} + r_j + V_j . u_t
+        "recurrent_only": logits_ij =        W_j . x_{t-1} + r_j + V_j . u_t
+        "sticky":         logits_ij = kappa [i = j] + W_j . x_{t-1} + r_j + V_j . u_t
+    x_t | x_{t-1}, z_t = k ~ N(A_k x_{t-1} + b_k + B_k u_t, Q_k)
+    y_t | x_t ~ N(C x_t + d, R) | Poisson(bin_size * link(C x_t + d)) | Bernoulli(sigmoid(C x_t + d))
+
+As in the SLDS the path ``x`` is one block site whose density p(x | theta) sums the regimes out exactly
+with the HMM forward algorithm -- here with time-varying transition matrices computed from x
+(:func:`ppl_switch.ops.hmm.hmm_log_normalizer_from_logits`), so NUTS and SVI see a continuous model.
+
+Inference paths: NUTS (short series); SVI with the SLDS's structured guide (:class:`SLDSGuide`: mean-field
+parameters, Gauss–Markov chain over x, z exact given x); the fast path :meth:`RSLDS.em` (``fit_em``),
+Laplace-type variational EM (:mod:`ppl_switch.models._rslds_laplace_em`) started from the SLDS's PCA /
+AR(1) start and several regime segmentations (k-means on local dynamics, one random), best of N.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+
+from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
+from ppl_switch.models import _rslds_laplace_em as lem
+from ppl_switch.models._common import check_nonneg_float
+from ppl_switch.models._rslds_transitions import (
+    TRANSITION_KINDS,
+    path_transition_logits,
+    path_transition_matrices,
+    transition_logits,
+    transition_site_names,
+)
+from ppl_switch.models.slds import (
+    SLDS,
+    SwitchingLinearChain,
+    _em_initial_params,
+    _least_squares_latents,
+    _local_dynamics_paths,
+    _random_sticky_paths,
+)
+from ppl_switch.ops import switching as sw
+from ppl_switch.ops.hmm import hmm_log_normalizer_from_logits, hmm_sample, hmm_smoother, hmm_viterbi
+
+TRANSITION_WEIGHT_PRIOR_SCALE = 5.0
+TRANSITION_BIAS_PRIOR_SCALE = 5.0
+TRANSITION_STATE_PRIOR_SCALE = 2.0
+TRANSITION_INPUT_PRIOR_SCALE = 1.0
+EMISSION_MATRIX_PRIOR_SCALE = 1.0  # as in the SLDS program
+EMISSION_BIAS_PRIOR_SCALE = 5.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The continuous path with the regimes summed out, recurrent transitions
+
+
+class RecurrentSwitchingChain(SwitchingLinearChain):
+    """p(x_{1:T}) of an rSLDS path with z summed out (forward algorithm, transitions depend on x).
+
+    Batch shape (trials,), event shape (T, D). Arguments as :class:`SwitchingLinearChain` without the
+    transition matrix, plus ``kind`` (a transition form), ``transitions`` (dict of transition sites) and
+    ``inputs`` (B, T, U) or None.
+    """
+
+    def __init__(self, kind, transitions, inputs, initial_probs, initial_mean, initial_scale_tril, dynamics_matrices,
+                 dynamics_scale_trils, dynamics_biases, time_mask, *, validate_args=None):
+        self.kind = kind
+        self.transitions = transitions
+        self.inputs = inputs
+        K = jnp.shape(initial_probs)[-1]
+        uniform = jnp.full((K, K), 1.0 / K, jnp.result_type(initial_probs, float))
+        super().__init__(initial_probs, uniform, initial_mean, initial_scale_tril, dynamics_matrices, dynamics_scale_trils,
+                         dynamics_biases, time_mask, validate_args=validate_args)
+
+    def _inputs(self, b):
+        return None if self.inputs is None else self.inputs[b]
+
+    def transition_logits(self, x):
+        """(B, T-1, K, K) logits of z_t -> z_{t+1} along each trial's path."""
+        if self.inputs is None:
+            return jax.vmap(lambda x_b: path_transition_logits(self.kind, self.transitions, x_b))(x)
+        return jax.vmap(lambda x_b, u_b: path_transition_logits(self.kind, self.transitions, x_b, u_b))(x, self.inputs)
+
+    def log_prob(self, x):
+        """(B,) log p(x_n) of each trial's path."""
+        ll = self.regime_log_likelihoods(x)
+        logits = self.transition_logits(x)
+        log_pi0 = jnp.log(self.initial_probs)
+        chain = jax.vmap(lambda lg, l, m: hmm_log_normalizer_from_logits(log_pi0, lg, l, m))(logits, ll, self.time_mask)
+        init = dist.MultivariateNormal(self.initial_mean, scale_tril=self.initial_scale_tril).log_prob(x[:, 0])
+        pad = jnp.sum(jnp.where(self.time_mask[..., None], 0.0, -0.5 * x**2 - 0.5 * math.log(2 * math.pi)), (-2, -1))
+        return init + chain + pad
+
+    def sample_with_states(self, key):
+        """Ancestral draw: (z (B, T) int32, -1 past the end; x (B, T, D))."""
+        B, T = self.batch_shape[0], self.event_shape[0]
+        D = self.event_shape[1]
+        k_z0, k_z, k_x0, k_x, k_pad = jax.random.split(key, 5)
+        dtype = jnp.result_type(self.initial_mean, float)
+        z0 = jax.random.categorical(k_z0, jnp.log(self.initial_probs), shape=(B,))
+        x0 = self.initial_mean + jax.random.normal(k_x0, (B, D), dtype) @ self.initial_scale_tril.T
+        u_all = jnp.zeros((B, T, 0), dtype) if self.inputs is None else jnp.asarray(self.inputs, dtype)
+
+        def step(carry, inp):
+            z, x = carry
+            key_t, e, b_t, u_t = inp  # b_t (B, K, D), u_t (B, U) input at the destination step
+            logits = transition_logits(self.kind, self.transitions, x, u_t if u_t.shape[-1] else None)  # (B, K, K)
+            z_next = jax.random.categorical(key_t, jnp.take_along_axis(logits, z[:, None, None], 1)[:, 0])
+            A = self.dynamics_matrices[z_next]
+            L = self.dynamics_scale_trils[z_next]
+            x_next = (jnp.einsum("bij,bj->bi", A, x) + jnp.take_along_axis(b_t, z_next[:, None, None], 1)[:, 0]
+                      + jnp.einsum("bij,bj->bi", L, e))
+            return (z_next, x_next), (z_next, x_next)
+
+        if T > 1:
+            eps = jax.random.normal(k_x, (T - 1, B, D), dtype)
+            xs_in = (jax.random.split(k_z, T - 1), eps, jnp.swapaxes(self.dynamics_biases, 0, 1), jnp.swapaxes(u_all[:, 1:], 0, 1))
+            _, (zs, xs) = jax.lax.scan(step, (z0, x0), xs_in)
+            z = jnp.concatenate([z0[:, None], zs.T], 1)
+            x = jnp.concatenate([x0[:, None], jnp.swapaxes(xs, 0, 1)], 1)
+        else:
+            z, x = z0[:, None], x0[:, None]
+        tm = self.time_mask
+        x = jnp.where(tm[..., None], x, jax.random.normal(k_pad, x.shape, dtype))
+        return jnp.where(tm, z, -1).astype(jnp.int32), x
+
+
+# --------------------------------------------------------------------------------------------------
+# Collapsed Gaussian-sum filter with recurrent transitions
+
+
+def recurrent_gaussian_sum_filter(kind, transitions, params: sw.SwitchingParams, y, mask, inputs=None):
+    """Collapsed Gaussian-sum filter (one Gaussian per regime) of one trial with x-dependent transitions.
+
+    As :func:`ppl_switch.ops.switching.gaussian_sum_filter`, except that the move out of regime k uses
+    the transition row softmax(logits_k(m_k)) evaluated at that regime's filtered mean m_k (the usual
+    plug-in of the mean for the recurrent term). Returns (T,) approximate log p(y_t | y_{1:t-1}), 0 where
+    nothing is observed.
+    """
+    T, N = y.shape
+    K = params.initial_probs.shape[0]
+    C, d, R = params.emission_matrix, params.emission_bias, params.emission_cov
+    em = jax.vmap(sw._masked_emission, in_axes=(None, None, None, 0, 0))(C, d, R, jnp.where(mask, y, 0.0), mask)
+    m0, S0, ll0 = sw._kalman_update(params.initial_mean, params.initial_cov, *jax.tree.map(lambda a: a[0], em))
+    if T == 1:
+        return jnp.where(jnp.any(mask, -1), ll0[None], 0.0)
+    A, Q = params.dynamics_matrices, params.dynamics_covs
+    b_steps = sw._biases_per_step(params.dynamics_biases, T)
+    u_next = jnp.zeros((T - 1, 0), y.dtype) if inputs is None else inputs[1:]
+
+    def pair_update(mean, cov, A_k, b_k, Q_k, emission):
+        return sw._kalman_update(A_k @ mean + b_k, sw._sym(A_k @ cov @ A_k.T) + Q_k, *emission)
+
+    def step(carry, inp):
+        log_q, means, covs = carry
+        b_t, u_t, emission = inp
+        logits = transition_logits(kind, transitions, means, u_t if u_t.shape[-1] else None)  # (K comp, K, K)
+        log_P = jax.nn.log_softmax(logits[jnp.arange(K), jnp.arange(K)], -1)  # row k of component k
+        upd = jax.vmap(jax.vmap(pair_update, (None, None, 0, 0, 0, None)), (0, 0, None, None, None, None))
+        new_means, new_covs, ll = upd(means, covs, A, b_t, Q, emission)
+        log_w = log_q[:, None] + log_P + ll
+        step_ll = jax.nn.logsumexp(log_w)
+        log_q_new = jax.nn.logsumexp(log_w, axis=0) - step_ll
+        merged = jax.vmap(sw._moment_match, in_axes=(1, 1, 1))(log_w, new_means, new_covs)
+        return (log_q_new, *merged), step_ll
+
+    init = (jnp.log(params.initial_probs), jnp.broadcast_to(m0, (K,) + m0.shape), jnp.broadcast_to(S0, (K,) + S0.shape))
+    _, lls = jax.lax.scan(step, init, (b_steps, u_next, jax.tree.map(lambda a: a[1:], em)))
+    return jnp.where(jnp.any(mask, -1), jnp.concatenate([ll0[None], lls]), 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class RSLDS(SLDS):
+    """Recurrent SLDS: the SLDS with transitions that depend on the previous continuous state.
+
+    Args:
+        num_states, latent_dim, obs_dim, input_dim, emission_cov, link, bin_size, emission_matrix: as
+            :class:`~ppl_switch.models.slds.SLDS`.
+        emission: "gaussian", "poisson" or "bernoulli" (logistic link).
+        transitions: "recurrent" (R[z_{t-1}] + W x_{t-1} + r), "recurrent_only" (W x_{t-1} + r) or
+            "sticky" (kappa on the diagonal + W x_{t-1} + r).
+        stickiness: prior location of the self-transition boost: mean of diag(R) ("recurrent"), scale of
+            the half-normal prior on kappa ("sticky", must then be > 0); unused by "recurrent_only".
+    """
+
+    name = "rslds"
+
+    def __init__(
+        self,
+        num_states: int,
+        latent_dim: int,
+        obs_dim: Optional[int] = None,
+        input_dim: int = 0,
+        emission: str = "gaussian",
+        emission_cov: str = "diagonal",
+        link: str = "exp",
+        bin_size: float = 1.0,
+        transitions: str = "recurrent",
+        stickiness: float = 2.0,
+        emission_matrix=None,
+    ):
+        if emission not in ("gaussian", "poisson", "bernoulli"):
+            raise ValueError(f"emission: expected 'gaussian', 'poisson' or 'bernoulli', got {emission!r}")
+        if transitions not in TRANSITION_KINDS:
+            raise ValueError(f"transitions: expected one of {list(TRANSITION_KINDS)}, got {transitions!r}")
+        super().__init__(num_states, latent_dim, obs_dim, input_dim, "gaussian" if emission == "bernoulli" else emission,
+                         emission_cov, link, bin_size, check_nonneg_float(stickiness, "stickiness"), 1.0, emission_matrix)
+        if transitions == "sticky" and self.stickiness <= 0:
+            raise ValueError(f"stickiness: 'sticky' transitions need a positive prior scale, got {stickiness!r}")
+        self.emission = emission
+        self.transitions = transitions
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        out.pop("transition_concentration")
+        out["transitions"] = self.transitions
+        return out
+
+    def site_dims(self) -> dict[str, tuple[str, ...]]:
+        dims = super().site_dims()
+        dims.pop("transition_matrix")
+        dims.update({"transition_weights": ("state", "latent"), "transition_bias": ("state",)})
+        if self.transitions == "recurrent":
+            dims["transition_state_logits"] = ("state", "state_to")
+        elif self.transitions == "sticky":
+            dims["transition_stickiness"] = ()
+        if self.input_dim:
+            dims["transition_input_weights"] = ("state", "input")
+        return dims
+
+    # ----- priors of the transition sites (shared by the program and the fast path's M-step) -----
+    def transition_prior(self, dtype=jnp.float64) -> lem.TransitionPrior:
+        K, D, U = self.num_states, self.latent_dim, self.input_dim
+        loc = {"transition_weights": np.zeros((K, D)), "transition_bias": np.zeros(K)}
+        scale = {"transition_weights": np.full((K, D), TRANSITION_WEIGHT_PRIOR_SCALE), "transition_bias": np.full(K, TRANSITION_BIAS_PRIOR_SCALE)}
+        if self.transitions == "recurrent":
+            loc["transition_state_logits"] = self.stickiness * np.eye(K)
+            scale["transition_state_logits"] = np.full((K, K), TRANSITION_STATE_PRIOR_SCALE)
+        elif self.transitions == "sticky":
+            loc["transition_stickiness"] = np.zeros(())
+            scale["transition_stickiness"] = np.full((), self.stickiness)
+        if U:
+            loc["transition_input_weights"] = np.zeros((K, U))
+            scale["transition_input_weights"] = np.full((K, U), TRANSITION_INPUT_PRIOR_SCALE)
+        cast = lambda d: {k: jnp.asarray(v, dtype) for k, v in d.items()}  # noqa: E731
+        return lem.TransitionPrior(cast(loc), cast(scale))
+
+    def _transitions(self, params) -> dict:
+        return {k: jnp.asarray(params[k]) for k in transition_site_names(self.transitions, self.input_dim)}
+
+    # ----- program ------------------------------------------------------------------------------
+    def _sample_params(self, N):
+        # the SLDS's sites without its fixed transition matrix: that site is given a value and hidden
+        K = self.num_states
+        with handlers.block(hide=["transition_matrix"]), handlers.substitute(data={"transition_matrix": jnp.eye(K)}):
+            p = super()._sample_params(N)
+        p.pop("transition_matrix")
+        prior = self.transition_prior(jnp.result_type(float))
+        for name in transition_site_names(self.transitions, self.input_dim):
+            loc, scale = prior.loc[name], prior.scale[name]
+            if name == "transition_stickiness":
+                p[name] = numpyro.sample(name, dist.HalfNormal(scale))
+            else:
+                p[name] = numpyro.sample(name, dist.Normal(loc, scale).to_event(loc.ndim))
+        return p
+
+    def path_distribution(self, params, data: SequenceData) -> RecurrentSwitchingChain:
+        """p(x | theta) with the regimes summed out, for every trial."""
+        return RecurrentSwitchingChain(
+            self.transitions,
+            self._transitions(params),
+            jnp.asarray(data.inputs) if self.input_dim else None,
+            jnp.asarray(params["initial_probs"]),
+            jnp.asarray(params["initial_mean"]),
+            jnp.diag(jnp.asarray(params["initial_scales"])),
+            jnp.asarray(params["dynamics_matrix"]),
+            self.dynamics_scale_trils(params),
+            self._dynamics_biases(params, data),
+            jnp.asarray(data.time_mask),
+        )
+
+    def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        if self.emission != "bernoulli":
+            return super().program(data, record_log_lik=record_log_lik)
+        params = self._sample_params(data.obs_dim)
+        with numpyro.plate("trial", data.num_trials):
+            x = numpyro.sample("x", self.path_distribution(params, data))
+        eta = x @ self._emission_matrix(params).T + params["emission_bias"]
+        numpyro.sample("y", dist.Bernoulli(logits=eta).mask(jnp.asarray(data.mask)).to_event(3), obs=jnp.asarray(data.y))
+        if record_log_lik:
+            numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
+
+    def emission_log_prob(self, params, x, data: SequenceData):
+        """(B, T) log p(y_t | x_t) over the observed entries."""
+        if self.emission != "bernoulli":
+            return super().emission_log_prob(params, x, data)
+        eta = x @ self._emission_matrix(params).T + jnp.asarray(params["emission_bias"])
+        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
+        lp = y * jax.nn.log_sigmoid(eta) + (1.0 - y) * jax.nn.log_sigmoid(-eta)
+        return jnp.sum(jnp.where(mask, lp, 0.0), -1)
+
+    def _emit(self, key, params, x):
+        if self.emission != "bernoulli":
+            return super()._emit(key, params, x)
+        eta = x @ self._emission_matrix(params).T + jnp.asarray(params["emission_bias"])
+        return jax.random.bernoulli(key, jax.nn.sigmoid(eta)).astype(eta.dtype)
+
+    def firing_probabilities(self, params, x=None):
+        """Bernoulli emissions: sigmoid(C x + d), shaped like y, for ``x`` (default the draw's path)."""
+        x = jnp.asarray(params["x"] if x is None else x)
+        return jax.nn.sigmoid(x @ self._emission_matrix(params).T + jnp.asarray(params["emission_bias"]))
+
+    # ----- quantities from one draw -------------------------------------------------------------
+    def log_likelihood(self, params, data: SequenceData) -> jax.Array:
+        """(trials, T) pointwise log-likelihood of a draw.
+
+        Gaussian emissions: the recurrent collapsed Gaussian-sum filter's approximate
+        log p(y_t | y_{<t}, theta), x and z integrated out (independent of the sampled path). Poisson and
+        Bernoulli emissions: log p(y_t | x_t) given the draw's path ``x``."""
+        if self.emission != "gaussian":
+            return self.emission_log_prob(params, jnp.asarray(params["x"]), data)
+        sp = self.switching_params(params, data)
+        tp = self._transitions(params)
+        u = jnp.asarray(data.inputs) if self.input_dim else None
+        run = lambda s, y, m, u_b: recurrent_gaussian_sum_filter(self.transitions, tp, s, y, m, u_b)  # noqa: E731
+        return jax.vmap(run, in_axes=(0, 0, 0, None if u is None else 0))(sp, jnp.asarray(data.y), jnp.asarray(data.mask), u)
+
+    def switching_params(self, params, data: SequenceData) -> sw.SwitchingParams:
+        """As the SLDS's, with a placeholder (uniform) transition matrix: the transitions come from x."""
+        K = self.num_states
+        return super().switching_params({**params, "transition_matrix": jnp.full((K, K), 1.0 / K)}, data)
+
+    def transition_matrices(self, params, data: SequenceData, x=None) -> jax.Array:
+        """(B, T-1, K, K) time-varying transition matrices along the draw's path (or ``x``)."""
+        x = jnp.asarray(params["x"] if x is None else x)
+        tp = self._transitions(params)
+        if self.input_dim:
+            return jax.vmap(lambda x_b, u_b: path_transition_matrices(self.transitions, tp, x_b, u_b))(x, jnp.asarray(data.inputs))
+        return jax.vmap(lambda x_b: path_transition_matrices(self.transitions, tp, x_b))(x)
+
+    def state_posterior(self, params, data: SequenceData) -> dict[str, jax.Array]:
+        """p(z | x, theta), exact given the draw's path (forward–backward with the x-dependent
+        transitions): marginals (B, T, K) and the Viterbi path (B, T). For a fast-path point estimate
+        (``q_state_probs`` present) the marginals are its q(z) and the path their argmax."""
+        if "q_state_probs" in params:
+            q = jnp.asarray(params["q_state_probs"])
+            return {"state_probs": q, "viterbi": jnp.argmax(q, -1).astype(jnp.int32)}
+        ll = self._regime_log_likelihoods(params, data)
+        P = self.transition_matrices(params, data)
+        P0 = jnp.asarray(params["initial_probs"])
+        tm = jnp.asarray(data.time_mask)
+        probs = jax.vmap(lambda l, Pt, m: hmm_smoother(P0, Pt, l, m).smoothed_probs)(ll, P, tm)
+        path = jax.vmap(lambda l, Pt, m: hmm_viterbi(P0, Pt, l, m))(ll, P, tm)
+        return {"state_probs": probs, "viterbi": jnp.asarray(path, jnp.int32)}
+
+    def sample_states(self, key, params, data: SequenceData) -> jax.Array:
+        """One path z ~ p(z | x, theta) per trial (FFBS given the draw's x), (B, T) int."""
+        if "q_state_probs" in params:
+            return jax.random.categorical(key, jnp.log(jnp.asarray(params["q_state_probs"]))).astype(jnp.int32)
+        ll = self._regime_log_likelihoods(params, data)
+        P = self.transition_matrices(params, data)
+        P0 = jnp.asarray(params["initial_probs"])
+        keys = jax.random.split(key, ll.shape[0])
+        return jax.vmap(lambda k, l, Pt, m: hmm_sample(k, P0, Pt, l, m))(keys, ll, P, jnp.asarray(data.time_mask)).astype(jnp.int32)
+
+    # ----- simulation ---------------------------------------------------------------------------
+    def default_params(self, key) -> dict[str, Any]:
+        """The SLDS's defaults (regimes rotating at distinct speeds) with a location-dependent switch:
+        regime k is favoured in the direction 2 pi k / K of the first two latent coordinates
+        (W_k = 2 (cos, sin)), a self-transition boost of 2 ("recurrent": R = 2 I, "sticky": kappa = 2)."""
+        p = super().default_params(key)
+        p.pop("transition_matrix")
+        K, D = self.num_states, self.latent_dim
+        angles = 2 * np.pi * np.arange(K) / K
+        W = np.zeros((K, D))
+        W[:, 0] = 2.0 * np.cos(angles)
+        if D > 1:
+            W[:, 1] = 2.0 * np.sin(angles)
+        p["transition_weights"] = W
+        p["transition_bias"] = np.zeros(K)
+        if self.transitions == "recurrent":
+            p["transition_state_logits"] = 2.0 * np.eye(K)
+        elif self.transitions == "sticky":
+            p["transition_stickiness"] = np.asarray(2.0)
+        if self.input_dim:
+            p["transition_input_weights"] = np.zeros((K, self.input_dim))
+        if self.emission == "bernoulli":
+            p.pop("emission_scales", None)
+            p.pop("emission_corr_chol", None)
+            p["emission_bias"] = np.zeros(len(p["emission_bias"]))
+        return p
+
+    # ----- label switching ----------------------------------------------------------------------
+    def state_features(self, params) -> np.ndarray:
+        A = np.asarray(params["dynamics_matrix"])
+        b = np.asarray(params["dynamics_bias"])
+        W = np.asarray(params["transition_weights"])
+        return np.concatenate([A.reshape(A.shape[0], -1), b, W], -1)
+
+    # ----- the fast path --------------------------------------------------------------------------
+    def params_to_em(self, params, dtype=None) -> dict[str, jax.Array]:
+        """Site-form params -> the EM's dict (SLDS part; transition sites are kept apart)."""
+        K, N = self.num_states, len(np.asarray(params["emission_bias"]))
+        extra = {"transition_matrix": jnp.full((K, K), 1.0 / K)}
+        if self.emission == "bernoulli":
+            extra["emission_scales"] = jnp.ones(N)
+        return super().params_to_em({**params, **extra}, dtype)
+
+    def params_from_em(self, em) -> dict[str, np.ndarray]:
+        """The EM's dict (and transition sites, if present) -> site-form params (numpy)."""
+        em = dict(em)
+        K = np.shape(em["dynamics_matrices"])[0]
+        em.setdefault("transition_matrix", np.full((K, K), 1.0 / K))
+        p = super().params_from_em(em)
+        p.pop("transition_matrix")
+        if self.emission == "bernoulli":
+            p.pop("emission_scales", None)
+            p.pop("emission_corr_chol", None)
+        for name in transition_site_names(self.transitions, self.input_dim):
+            if name in em:
+                p[name] = np.asarray(em[name])
+        return p
+
+    def init_values(self, data, seed: int = 0) -> dict[str, np.ndarray]:
+        """SLDS-style start (PCA for C and x, one AR(1) fit, A_k made distinct) with transition sites at
+        their prior location (W = 0: the regimes start location-independent)."""
+        data = data if isinstance(data, SequenceData) else self.prepare(data)
+        out = super().init_values(_gaussian_view(self, data), seed)
+        prior = self.transition_prior()
+        out.update({k: np.asarray(v) for k, v in prior.loc.items()})
+        if self.transitions == "sticky":  # inside the half-normal's support
+            out["transition_stickiness"] = np.asarray(self.stickiness)
+        if self.emission == "bernoulli":
+            out["emission_bias"] = _bernoulli_bias(data)
+        return out
+
+    def em(self, data: SequenceData, *, key=None, params=None, learn=None, num_iters: int = 100,
+           num_restarts: int = 3, num_newton: int = 3, tied_dynamics_cov: bool = False,
+           smoothing_width: float = 5.0, return_posterior: bool = False):
+        """Laplace-type variational EM, the fast path (see :mod:`ppl_switch.models._rslds_laplace_em`).
+
+        Start (deterministic given ``key``): PCA of y (of a Gaussian-smoothed y for Bernoulli emissions,
+        ``smoothing_width`` steps) and one AR(1) fit; ``num_restarts`` regime segmentations (k-means on
+        local linear dynamics, and one random sticky segmentation) each turned into parameters by the
+        SLDS's closed-form M-step given that segmentation (dynamics, emissions) and a logistic
+        regression of the segmentation on the least-squares latents (transition weights); then
+        ``num_iters`` iterations run from each start and the start with the highest final objective is
+        kept (best of N).
+
+        Args:
+            data: validated SequenceData (``fit_em`` passes it).
+            key: PRNG key of the restarts.
+            params: optional site-form starting (or known) parameters (then no restarts; ``x`` and
+                ``q_state_probs`` in them, if present, start q).
+            learn: groups the M-step updates, a subset of ``("initial", "transitions", "dynamics",
+                "emission_matrix", "emission_bias", "emission_cov")``; default all, or none with ``params``.
+            num_iters: rSLDS iterations. num_newton: Newton steps per x-step and per transition M-step.
+            tied_dynamics_cov: one Q shared by the regimes.
+            return_posterior: also return the :class:`~ppl_switch.models._rslds_laplace_em.LaplaceEMPosterior`.
+
+        Returns:
+            ``(params, history)`` like :meth:`SLDS.em`: site-form point estimate plus ``x`` (q(x) means)
+            and ``q_state_probs``; history ``{"log_likelihoods": objective per iteration (non-decreasing),
+            "restart_objectives": ...}``.
+        """
+        if self.emission == "poisson":
+            raise NotImplementedError("em: the Laplace EM supports Gaussian and Bernoulli emissions; use fit_svi or fit_nuts")
+        num_iters = check_positive_int(num_iters, "num_iters")
+        num_restarts = check_positive_int(num_restarts, "num_restarts")
+        num_newton = check_positive_int(num_newton, "num_newton")
+        mask = np.asarray(data.mask)
+        if self.emission == "gaussian" and self.emission_cov == "full" and (mask.any(-1) & ~mask.all(-1)).any():
+            raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
+        if learn is None:
+            learn = () if params is not None else sw.EM_GROUPS
+        learn = frozenset(learn)
+        bad = sorted(learn - set(sw.EM_GROUPS))
+        if bad:
+            raise ValueError(f"learn: unknown groups {bad}; valid groups are {list(sw.EM_GROUPS)}")
+        if self.fixed_emission_matrix is not None:
+            learn = learn - {"emission_matrix"}
+        if self.emission == "bernoulli":
+            learn = learn - {"emission_cov"}
+        key = jax.random.PRNGKey(0) if key is None else key
+        dtype = jnp.result_type(float)
+        B, T, N = data.y.shape
+        arrays = dict(
+            y=jnp.asarray(data.y, dtype), mask=jnp.asarray(mask), time_mask=jnp.asarray(data.time_mask),
+            inputs=jnp.asarray(data.inputs, dtype) if self.input_dim else jnp.zeros((B, T, 0), dtype),
+        )
+        if params is not None:
+            starts = [self._state_from_params(params, data, dtype)]
+        else:
+            starts = self._initial_states(data, key, num_restarts, dtype, float(smoothing_width))
+        # one compiled iteration driven from Python: XLA:CPU was seen to stall (idle threads, no
+        # progress) on some whole-loop programs at N = 10, T >= 300; single iterations do not
+        settings = (self.transitions, self.emission, learn, num_newton, self.emission_cov == "diagonal", bool(tied_dynamics_cov))
+        step = _compiled_laplace_em(*settings, num_iters=1, final_e_step=False)
+        finish = _compiled_laplace_em(*settings, num_iters=0, final_e_step=True)
+        em_prior = self.em_prior(N, dtype)
+        t_prior = self.transition_prior(dtype)
+        scales = (EMISSION_MATRIX_PRIOR_SCALE, EMISSION_BIAS_PRIOR_SCALE)
+
+        def run(state):
+            args = (arrays["y"], arrays["mask"], arrays["time_mask"], arrays["inputs"], em_prior, t_prior, scales)
+            trace = []
+            for _ in range(num_iters):
+                state, tr, _ = step(state, *args)
+                trace.append(tr)
+            state, tr, q = finish(state, *args)
+            return state, np.concatenate([np.asarray(t) for t in trace + [tr]]), q
+
+        results = [run(s) for s in starts]
+        finals = np.array([float(r[1][-1]) for r in results])
+        best = int(np.nanargmax(np.where(np.isfinite(finals), finals, -np.inf)))
+        state, trace, q = results[best]
+        out = self.params_from_em({**state.params, **state.transitions})
+        out["x"] = np.asarray(q.means)
+        out["q_state_probs"] = np.asarray(q.state_probs)
+        history = {
+            "log_likelihoods": np.asarray(trace),
+            "objective": "ELBO (transitions at the mean of q(x); Jaakkola-Jordan bound for Bernoulli) + log prior; non-decreasing",
+            "restart_objectives": finals,
+        }
+        if return_posterior:
+            return out, history, q
+        return out, history
+
+    def em_prior(self, obs_dim: int, dtype=jnp.float64) -> sw.EMPrior:
+        """The SLDS's conjugate M-step regularisers without the Dirichlet on P (there is no P here)."""
+        prior = super().em_prior(obs_dim, dtype)
+        return prior._replace(transition_pseudocounts=jnp.zeros_like(prior.transition_pseudocounts))
+
+    # ----- fast-path starts -----------------------------------------------------------------------
+    def _state_from_params(self, params, data, dtype) -> lem.LaplaceEMState:
+        B, T, N = data.y.shape
+        K = self.num_states
+        p = self.params_to_em(params, dtype)
+        tp = {k: jnp.asarray(v, dtype) for k, v in self._transitions(params).items()}
+        if "x" in params:
+            mu = jnp.asarray(params["x"], dtype)
+        else:
+            mu = jnp.asarray(_least_squares_latents_any(self, p, data), dtype)
+        gamma = jnp.asarray(params["q_state_probs"], dtype) if "q_state_probs" in params else jnp.full((B, T, K), 1.0 / K, dtype)
+        return lem.LaplaceEMState(p, tp, gamma, _outer_pairwise(gamma), mu, jnp.ones((B, T, N), dtype))
+
+    def _initial_states(self, data, key, num_restarts, dtype, smoothing_width=5.0) -> list:
+        """Best-of-N starts: one per segmentation (k-means on local dynamics; one random sticky)."""
+        seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
+        rng = np.random.default_rng(seed)
+        K = self.num_states
+        B, T, N = data.y.shape
+        gdata = _gaussian_view(self, data, smoothing_width)
+        base = {k: jnp.asarray(v, dtype) for k, v in _em_initial_params(self, gdata, rng).items()}
+        paths = _local_dynamics_paths(base, gdata, rng, max(num_restarts - 1, 1)) if K > 1 else []
+        paths = (paths[: num_restarts - 1] + [_random_sticky_paths(rng, B, T, K)])[:num_restarts]
+        y = jnp.asarray(gdata.y, dtype)
+        m = jnp.asarray(gdata.mask)
+        tm = jnp.asarray(gdata.time_mask)
+        u = jnp.asarray(gdata.inputs, dtype) if self.input_dim else jnp.zeros((B, T, 0), dtype)
+        slds_prior = SLDS.em_prior(self, N, dtype)._replace(transition_pseudocounts=jnp.asarray(10.0 * np.eye(K), dtype))
+        slds_learn = frozenset(sw.EM_GROUPS) - ({"emission_matrix"} if self.fixed_emission_matrix is not None else set())
+        t_prior = self.transition_prior(dtype)
+        starts = []
+        for g in paths:
+            g = jnp.asarray(g, dtype)
+            p = _compiled_init_step(slds_learn)(base, g, y, m, tm, u, slds_prior)
+            gamma = g
+            mu = jnp.asarray(_least_squares_latents_any(self, p, gdata), dtype)
+            pairwise = _outer_pairwise(gamma)
+            tp = _compiled_transition_fit(self.transitions)(dict(t_prior.loc), t_prior, mu, pairwise, tm, u)
+            jj = jnp.ones((B, T, N), dtype)
+            if self.emission == "bernoulli":
+                p = _bernoulli_readout_start(p, mu, data, dtype)
+            starts.append(lem.LaplaceEMState(p, tp, gamma, pairwise, mu, jj))
+        return starts
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _outer_pairwise(gamma):
+    """(B, T-1, K, K) pairwise marginals of independent steps (a start for the x-step's transition term)."""
+    return gamma[:, :-1, :, None] * gamma[:, 1:, None, :]
+
+
+def _least_squares_latents_any(model, p, data):
+    """x_t = argmin ||y_t - C x - d||^2 over observed entries (the SLDS's helper), (B, T, D)."""
+    em = {"emission_matrix": np.asarray(p["emission_matrix"]), "emission_bias": np.asarray(p["emission_bias"])}
+    return _least_squares_latents(em, data)
+
+
+def _bernoulli_bias(data) -> np.ndarray:
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+    rate = np.clip(np.where(mask, y, 0).sum((0, 1)) / np.maximum(mask.sum((0, 1)), 1), 1e-3, 1 - 1e-3)
+    return np.log(rate / (1 - rate))
+
+
+def _gaussian_view(model, data: SequenceData, width: float = 5.0) -> SequenceData:
+    """Data a Gaussian-emission start can use: y itself, or for Bernoulli emissions the observed spikes
+    smoothed with a Gaussian kernel of ``width`` steps (normalised over the observed entries)."""
+    if model.emission != "bernoulli":
+        return data
+    y, mask = np.asarray(data.y, float), np.asarray(data.mask)
+    half = int(np.ceil(3 * width))
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / width) ** 2)
+    conv = lambda a: np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), 1, a)  # noqa: E731
+    num, den = conv(np.where(mask, y, 0.0)), conv(mask.astype(float))
+    smooth = num / np.maximum(den, 1e-9)
+    observed = (den > 1e-6) & np.asarray(data.time_mask)[..., None]
+    return as_sequence_data(np.where(observed, smooth, np.nan), mask=observed, lengths=data.lengths,
+                            inputs=data.inputs, input_dim=model.input_dim)
+
+
+def _bernoulli_readout_start(p, mu, data, dtype):
+    """C, d of a logistic regression of the spikes on the start's x (a few bound-tight closed-form steps)."""
+    y, m = jnp.asarray(data.y, dtype), jnp.asarray(data.mask)
+    post = lem.LaplaceEMPosterior(None, None, mu, jnp.zeros(mu.shape + (mu.shape[-1],), dtype), None, None, None)
+    p = dict(p)
+    p["emission_bias"] = jnp.asarray(_bernoulli_bias(data), dtype)
+    p["emission_matrix"] = 0.1 * p["emission_matrix"] / jnp.maximum(jnp.linalg.norm(p["emission_matrix"], axis=0, keepdims=True), 1e-9)
+    p["emission_cov"] = jnp.eye(y.shape[-1], dtype=dtype)
+    return _compiled_readout_fit()(p, post, y, m)
+
+
+def _compiled_readout_fit(num_steps: int = 20):
+    key = ("readout", num_steps)
+    if key not in _CACHE:
+
+        def fit(p, post, y, m):
+            def step(p, _):
+                xi = jnp.abs(post.means @ p["emission_matrix"].T + p["emission_bias"])
+                learn = frozenset({"emission_matrix", "emission_bias"})
+                return lem.bernoulli_emission_m_step(p, post, xi, y, m, learn, (EMISSION_MATRIX_PRIOR_SCALE, EMISSION_BIAS_PRIOR_SCALE)), None
+
+            return jax.lax.scan(step, p, None, length=num_steps)[0]
+
+        _CACHE[key] = jax.jit(fit)
+    return _CACHE[key]
+
+
+_CACHE: dict = {}
+
+
+def _compiled_laplace_em(kind, emission, learn, num_newton, diagonal, tied, *, num_iters, final_e_step):
+    key = ("lem", kind, emission, learn, num_newton, diagonal, tied, num_iters, final_e_step)
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(lambda s, y, m, tm, u, ep, tpr, sc: lem.laplace_em(
+            s, y, m, tm, u, ep, tpr, sc, kind=kind, emission=emission, learn=learn, num_iters=num_iters,
+            num_newton=num_newton, diagonal=diagonal, tied=tied, final_e_step=final_e_step))
+    return _CACHE[key]
+
+
+def _compiled_transition_fit(kind, num_newton: int = 10):
+    key = ("transitions", kind, num_newton)
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(lambda tp, prior, mu, pw, tm, u: lem.transition_m_step(kind, tp, prior, mu, pw, tm, u, num_newton))
+    return _CACHE[key]
+
+
+def _compiled_init_step(learn):
+    key = ("init", learn)
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(lambda p, g, y, m, tm, u, prior: sw.em_init_step(p, g, y, m, tm, u, prior, learn, True))
+    return _CACHE[key]
+
+
+__all__ = ["RSLDS", "RecurrentSwitchingChain", "recurrent_gaussian_sum_filter"]

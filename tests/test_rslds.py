@@ -1,0 +1,243 @@
+"""Recurrent SLDS: the x-dependent forward algorithm against brute-force enumeration, reduction to the
+SLDS when W = 0, the Laplace x-step against the Kalman smoother, the fast path's objective, datasets."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.stats import multivariate_normal
+from numpyro.infer.util import log_density
+
+from ppl_switch.data import DataError
+from ppl_switch.models import _rslds_laplace_em as lem
+from ppl_switch.models._rslds_transitions import path_transition_logits
+from ppl_switch.models.rslds import RSLDS, recurrent_gaussian_sum_filter
+from ppl_switch.models.slds import SLDS
+from ppl_switch.ops import switching as sw
+from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
+
+
+def _model_and_draw(kind="recurrent", emission="gaussian", K=2, D=2, N=3, T=5, B=2, seed=0, input_dim=0):
+    model = RSLDS(K, D, obs_dim=N, transitions=kind, emission=emission, input_dim=input_dim)
+    data, truth = model.simulate(jax.random.PRNGKey(seed), B, T)
+    params = {k: jnp.asarray(v) for k, v in truth["params"].items()}
+    return model, data, truth, params
+
+
+def _brute_force_path_log_prob(model, params, x, inputs=None):
+    """log p(x) of one path by summing over all K^T regime paths explicitly."""
+    K = model.num_states
+    T = x.shape[0]
+    logits = path_transition_logits(model.transitions, model._transitions(params), x, inputs)
+    log_trans = jax.nn.log_softmax(logits, -1)
+    A, b = np.asarray(params["dynamics_matrix"]), np.asarray(params["dynamics_bias"])
+    Lq = np.asarray(model.dynamics_scale_trils(params))
+    Bu = np.zeros((T, K, x.shape[1])) if inputs is None else np.einsum("kdu,tu->tkd", np.asarray(params["dynamics_input_weights"]), inputs)
+    init = multivariate_normal.logpdf(x[0], params["initial_mean"], jnp.diag(params["initial_scales"] ** 2))
+    total = []
+    for z in itertools.product(range(K), repeat=T):
+        lp = np.log(params["initial_probs"][z[0]])
+        for t in range(1, T):
+            lp += log_trans[t - 1, z[t - 1], z[t]]
+            mean = A[z[t]] @ x[t - 1] + b[z[t]] + Bu[t, z[t]]
+            lp += multivariate_normal.logpdf(x[t], mean, Lq[z[t]] @ Lq[z[t]].T)
+        total.append(lp)
+    return float(init + jax.nn.logsumexp(jnp.asarray(total)))
+
+
+@pytest.mark.parametrize("kind", ["recurrent", "recurrent_only", "sticky"])
+def test_path_density_matches_enumeration(kind):
+    model, data, truth, params = _model_and_draw(kind, T=4, B=1, input_dim=1)
+    x = params["x"]
+    got = model.path_distribution(params, data).log_prob(x)[0]
+    want = _brute_force_path_log_prob(model, params, np.asarray(x[0]), np.asarray(data.inputs[0]))
+    np.testing.assert_allclose(float(got), want, rtol=1e-9)
+
+
+def test_zero_weights_reduce_to_slds():
+    """W = 0, r = 0, R = log P: the recurrent chain, the program's density and the collapsed filter are the SLDS's."""
+    model, data, truth, params = _model_and_draw("recurrent", T=8)
+    P = np.array([[0.9, 0.1], [0.3, 0.7]])
+    params = dict(params, transition_weights=jnp.zeros((2, 2)), transition_bias=jnp.zeros(2), transition_state_logits=jnp.log(P))
+    slds = SLDS(2, 2, obs_dim=3)
+    slds_params = {k: v for k, v in params.items() if not k.startswith("transition_")}
+    slds_params["transition_matrix"] = jnp.asarray(P)
+    x = params["x"]
+    np.testing.assert_allclose(model.path_distribution(params, data).log_prob(x), slds.path_distribution(slds_params, data).log_prob(x), rtol=1e-10)
+    # the two programs differ only in the transition sites' priors
+    t_sites = ["transition_weights", "transition_bias", "transition_state_logits"]
+
+    @jax.jit
+    def ours(params):
+        value, trace = log_density(model.program, (data,), {}, params)
+        return value - sum(trace[s]["fn"].log_prob(params[s]).sum() for s in t_sites)
+
+    @jax.jit
+    def theirs(p):
+        value, trace = log_density(slds.program, (data,), {}, p)
+        return value - trace["transition_matrix"]["fn"].log_prob(p["transition_matrix"]).sum()
+
+    np.testing.assert_allclose(float(ours(params)), float(theirs(slds_params)), rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(model.log_likelihood)(params, data), jax.jit(slds.log_likelihood)(slds_params, data), rtol=1e-9, atol=1e-9)
+
+
+def test_time_varying_transition_matrices_are_stochastic():
+    rng = np.random.default_rng(0)
+    for kind in ("recurrent", "recurrent_only", "sticky"):
+        model = RSLDS(3, 2, obs_dim=3, transitions=kind, input_dim=1)
+        data = model.prepare(rng.standard_normal((2, 20, 3)), inputs=rng.standard_normal((2, 20, 1)))
+        params = {k: jnp.asarray(v) for k, v in model.default_params(jax.random.PRNGKey(0)).items()}
+        params["transition_input_weights"] = jnp.ones((3, 1))
+        params["x"] = jnp.asarray(3.0 * rng.standard_normal((2, 20, 2)))
+        P = np.asarray(model.transition_matrices(params, data))
+        assert P.shape == (2, 19, 3, 3)
+        np.testing.assert_allclose(P.sum(-1), 1.0, rtol=1e-12)
+        assert np.all(P > 0)
+        if kind == "recurrent_only":  # rows do not depend on the previous regime
+            np.testing.assert_allclose(P[:, :, 0], P[:, :, 1])
+
+
+def test_laplace_x_step_is_the_kalman_smoother_for_one_regime():
+    """K = 1, Gaussian emissions: one Newton step lands on the smoother mean; J^-1 is its covariance."""
+    model, data, truth, params = _model_and_draw("recurrent_only", K=1, T=30, B=1)
+    p = model.params_to_em(params)
+    tp = model._transitions(params)
+    y, mask, tm, u = (jnp.asarray(a)[0] for a in (data.y, data.mask, data.time_mask, jnp.zeros((1, 30, 0))))
+    gamma = jnp.ones((30, 1))
+    _, J_diag, J_lower, h = lem.gaussian_potentials(p, gamma, y, mask, tm, u, "gaussian", None)
+    mu = lem.x_step("recurrent_only", tp, J_diag, J_lower, h, jnp.zeros((30, 2)), jnp.ones((29, 1, 1)), tm, u, 1)
+    post = sw.gaussian_chain_posterior(J_diag, J_lower, h)
+    lg = LGSSMParams(p["initial_mean"], p["initial_cov"], p["dynamics_matrices"][0], p["dynamics_biases"][0], p["dynamics_covs"][0],
+                     p["emission_matrix"], p["emission_bias"], p["emission_cov"])
+    smooth = lgssm_smoother(lg, y, mask)
+    np.testing.assert_allclose(mu, smooth.smoothed_means, rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(post.covs, smooth.smoothed_covs, rtol=1e-8, atol=1e-10)
+
+
+def test_laplace_x_step_finds_the_mode_with_recurrent_term():
+    """With W != 0 the x-objective is not quadratic; damped Newton reaches a stationary point (the max)."""
+    model, data, truth, params = _model_and_draw("recurrent", K=3, T=40, B=1)
+    params = dict(params, transition_weights=3.0 * params["transition_weights"])
+    p = model.params_to_em(params)
+    tp = model._transitions(params)
+    y, mask, tm = (jnp.asarray(a)[0] for a in (data.y, data.mask, data.time_mask))
+    u = jnp.zeros((40, 0))
+    gamma = jax.nn.one_hot(jnp.asarray(truth["states"][0]), 3)
+    pairwise = gamma[:-1, :, None] * gamma[1:, None, :]
+    _, J_diag, J_lower, h = lem.gaussian_potentials(p, gamma, y, mask, tm, u, "gaussian", None)
+
+    def phi(x):
+        return -0.5 * jnp.sum(x * lem.chain_matvec(J_diag, J_lower, x)) + jnp.sum(h * x) + lem.transition_term("recurrent", tp, x, pairwise, tm, u)
+
+    mu = lem.x_step("recurrent", tp, J_diag, J_lower, h, jnp.zeros((40, 2)), pairwise, tm, u, 12)
+    assert float(jnp.max(jnp.abs(jax.grad(phi)(mu)))) < 1e-6
+    assert phi(mu) >= phi(jnp.asarray(params["x"][0]))
+
+
+def test_chain_solve_matches_dense():
+    rng = np.random.default_rng(0)
+    T, D = 6, 2
+    M = rng.standard_normal((T * D, T * D))
+    band = np.kron(np.eye(T) + np.eye(T, k=1) + np.eye(T, k=-1), np.ones((D, D)))
+    J = M @ M.T * band + T * D * np.eye(T * D)
+    J = J * band
+    J_diag = np.stack([J[t * D:(t + 1) * D, t * D:(t + 1) * D] for t in range(T)])
+    J_lower = np.stack([J[(t + 1) * D:(t + 2) * D, t * D:(t + 1) * D] for t in range(T - 1)])
+    b = rng.standard_normal((T, D))
+    np.testing.assert_allclose(lem.chain_solve(jnp.asarray(J_diag), jnp.asarray(J_lower), jnp.asarray(b)).ravel(), np.linalg.solve(J, b.ravel()), rtol=1e-9)
+    np.testing.assert_allclose(lem.chain_matvec(jnp.asarray(J_diag), jnp.asarray(J_lower), jnp.asarray(b)).ravel(), J @ b.ravel(), rtol=1e-12)
+
+
+def test_fast_path_elbo_below_exact_marginal_when_weights_vanish():
+    """W = 0: the rSLDS is an SLDS whose exact log p(y) follows from Kalman filters over all K^T paths;
+    the fast path's objective (an ELBO, no approximation left when W = 0 and emissions are Gaussian)
+    must stay below it."""
+    model, data, truth, params = _model_and_draw("recurrent", K=2, T=6, B=1)
+    P = np.array([[0.8, 0.2], [0.4, 0.6]])
+    params = dict(params, transition_weights=jnp.zeros((2, 2)), transition_bias=jnp.zeros(2), transition_state_logits=jnp.log(P))
+    params.pop("x")
+    _, hist = model.em(data, params=params, learn=(), num_iters=10)
+    slds_params = {k: v for k, v in params.items() if not k.startswith("transition_")}
+    sp = SLDS(2, 2, obs_dim=3).switching_params({**slds_params, "transition_matrix": jnp.asarray(P)}, data)
+    exact = float(sw.exact_log_likelihood_by_enumeration(jax.tree.map(lambda a: a[0], sp), jnp.asarray(data.y[0]), jnp.asarray(data.mask[0])))
+    elbo = hist["log_likelihoods"] - float(model.em_log_prior_value({**params, "transition_matrix": jnp.asarray(P)}, 3)) \
+        - float(lem.transition_log_prior(model._transitions(params), model.transition_prior()))
+    assert np.all(np.diff(elbo) >= -1e-8)
+    assert elbo[-1] <= exact + 1e-8
+    assert elbo[-1] > exact - 5.0  # and it is a reasonable bound
+
+
+@pytest.mark.parametrize("emission", ["gaussian", "bernoulli"])
+def test_fast_path_objective_never_decreases(emission):
+    model, data, truth, params = _model_and_draw("recurrent", emission=emission, K=2, N=6, T=50, B=2)
+    out, hist = model.em(data, key=jax.random.PRNGKey(1), num_iters=6, num_restarts=2)
+    trace = hist["log_likelihoods"]
+    assert np.isfinite(trace).all() and np.all(np.diff(trace) >= -1e-6 * np.abs(trace[:-1]).max())
+    assert out["x"].shape == (2, 50, 2) and out["q_state_probs"].shape == (2, 50, 2)
+    np.testing.assert_allclose(out["q_state_probs"].sum(-1), 1.0, rtol=1e-8)
+    assert "transition_weights" in out and "transition_matrix" not in out
+
+
+def test_recurrent_filter_is_exact_for_two_steps_without_recurrence():
+    model, data, truth, params = _model_and_draw("recurrent_only", T=2, B=1)
+    params = dict(params, transition_weights=jnp.zeros((2, 2)))
+    sp = jax.tree.map(lambda a: a[0], model.switching_params(params, data))
+    lls = recurrent_gaussian_sum_filter("recurrent_only", model._transitions(params), sp, jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
+    P = jax.nn.softmax(jnp.broadcast_to(params["transition_bias"], (2, 2)), -1)
+    exact = sw.exact_log_likelihood_by_enumeration(sp._replace(transition_matrix=P), jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
+    np.testing.assert_allclose(float(lls.sum()), float(exact), rtol=1e-10)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="transitions"):
+        RSLDS(2, 2, obs_dim=3, transitions="markov")
+    with pytest.raises(ValueError, match="emission"):
+        RSLDS(2, 2, obs_dim=3, emission="gamma")
+    with pytest.raises(ValueError, match="stickiness"):
+        RSLDS(2, 2, obs_dim=3, transitions="sticky", stickiness=0.0)
+    with pytest.raises(ValueError, match="num_states"):
+        RSLDS(0, 2, obs_dim=3)
+    model = RSLDS(2, 2, obs_dim=3, emission="bernoulli")
+    with pytest.raises(DataError, match="y"):
+        model.prepare(np.full((1, 5, 3), 0.5))
+    with pytest.raises(NotImplementedError, match="em"):
+        RSLDS(2, 2, obs_dim=3, emission="poisson").em(RSLDS(2, 2, obs_dim=3, emission="poisson").prepare(np.ones((1, 5, 3))))
+
+
+def test_config_round_trip():
+    model = RSLDS(3, 2, obs_dim=4, transitions="sticky", emission="bernoulli", stickiness=1.5)
+    again = RSLDS(**model.config())
+    assert again.config() == model.config()
+
+
+def test_datasets_shapes():
+    from ppl_switch.datasets.lorenz import simulate_lorenz_bernoulli
+    from ppl_switch.datasets.rslds_nascar import simulate_rslds_nascar
+
+    d = simulate_rslds_nascar(seed=0, num_timesteps=500, obs_dim=7)
+    assert d["y"].shape == (1, 500, 7) and d["states"].shape == (1, 500) and d["latents"].shape == (1, 500, 2)
+    x, z = d["latents"][0], d["states"][0]
+    # the regime is decided by the previous location (sharp logits): right turn iff x1 > 2 ...
+    right = x[:-1, 0] > 2.05
+    assert np.mean(z[1:][right] == 0) > 0.99
+    assert np.abs(x).max() < 4  # the track stays put
+    lz = simulate_lorenz_bernoulli(seed=0, num_timesteps=1000, num_neurons=20)
+    assert lz["y"].shape == (1, 1000, 20) and set(np.unique(lz["y"])) <= {0.0, 1.0}
+    assert not lz["mask"][0, 750:850].any() and lz["mask"][0, :750].all() and lz["mask"][0, 850:].all()
+    np.testing.assert_allclose(lz["latents"][0].std(0), 1.0, rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_nascar_recovery():
+    from ppl_switch.analysis.metrics import affine_aligned_r2, matched_state_accuracy
+    from ppl_switch.datasets.rslds_nascar import simulate_rslds_nascar
+
+    d = simulate_rslds_nascar(seed=0, num_timesteps=2000)
+    model = RSLDS(4, 2, obs_dim=10, transitions="recurrent_only")
+    out, hist = model.em(model.prepare(d["y"]), key=jax.random.PRNGKey(0), num_iters=50, num_restarts=3)
+    assert matched_state_accuracy(d["states"][0], out["q_state_probs"][0].argmax(-1), 4) > 0.9
+    assert affine_aligned_r2(out["x"][0], d["latents"][0]) > 0.95
