@@ -10,7 +10,13 @@ import os
 import shutil
 import tempfile
 
-import jax
+# XLA's multithreaded Eigen pool on CPU can wedge (all threads idle, the program never returns; seen
+# here in the SLDS EM loop and a parallel Kalman scan); single-threaded Eigen avoids it. Must be set
+# before JAX starts its CPU backend.
+if "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
