@@ -10,13 +10,8 @@ import os
 import shutil
 import tempfile
 
-# XLA's multithreaded Eigen pool on CPU can wedge (all threads idle, the program never returns; seen
-# here in the SLDS EM loop and a parallel Kalman scan); single-threaded Eigen avoids it. Must be set
-# before JAX starts its CPU backend.
-if "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-
-import jax  # noqa: E402
+import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/__init__.py) before JAX starts
+import jax
 
 jax.config.update("jax_enable_x64", True)
 
