@@ -10,7 +10,11 @@ Test trials: ``new-path`` = generator seed 1 (a new latent path); ``same-path`` 
 fresh observation noise (the released code's standard-NASCAR protocol, whose test trial shares the
 training path). Soft-sticky always uses generator seed 1 for the test trial, as the paper does.
 
-Usage: python benchmarks/gdm.py [--variants standard soft] [--seeds 0 1 2] [--num-steps 4000]
+``--model mixture`` runs the 3-level mixture model (``GDMMixture``, eq. 2.2 / App. C, with its
+``MixtureGuide``; float64) instead, reporting the new-path test accuracy and wall time (the paper gives no
+numbers for it).
+
+Usage: python benchmarks/gdm.py [--model gdm|mixture] [--variants standard soft] [--seeds 0 1 2] [--num-steps 4000]
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from ppl_switch.analysis.gdm_metrics import (  # noqa: E402
 )
 from ppl_switch.analysis.metrics import knn_classify  # noqa: E402
 from ppl_switch.datasets.nascar import nascar  # noqa: E402
+from ppl_switch.guides.gdm_guides import MixtureGuide  # noqa: E402
 from ppl_switch.models.gdm import GDM, fit_gdm_svi  # noqa: E402
+from ppl_switch.models.gdm_mixture import GDMMixture  # noqa: E402
 
 
 def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000) -> dict:
@@ -64,6 +70,22 @@ def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000)
     return out
 
 
+def run_mixture_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000) -> dict:
+    """The 3-level mixture model on the same train/new-path test pair: accuracy and wall time."""
+    soft = variant == "soft"
+    start = time.perf_counter()
+    train = nascar(0, num_timesteps, soft_sticky=soft)
+    C = train.params["emission_matrix"]
+    test = nascar(1, num_timesteps, soft_sticky=soft, emission_matrix=C)
+    model = GDMMixture(num_states=4, latent_dim=2, obs_dim=C.shape[0])
+    fit = fit_gdm_svi(model, train.y, guide=MixtureGuide(model, seed=seed), seed=seed, num_steps=num_steps)
+    accuracy = inferred_state_accuracy(
+        fit.soft_states()[0], train.states, fit.soft_states(model.prepare(test.y))[0], test.states
+    )
+    return {"variant": variant, "seed": seed, "steps": fit.num_steps, "fit_time": fit.wall_time,
+            "acc_new-path": accuracy, "total_time": time.perf_counter() - start}
+
+
 def summarise(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k not in ("variant", "seed")]
     return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0) for k in keys}
@@ -71,17 +93,21 @@ def summarise(rows: list[dict]) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["gdm", "mixture"], default="gdm")
     parser.add_argument("--variants", nargs="+", default=["standard", "soft"], choices=["standard", "soft"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--num-steps", type=int, default=4000)
     parser.add_argument("--num-timesteps", type=int, default=1000)
     parser.add_argument("--out", default=None, help="write the per-seed rows and summaries as JSON")
     args = parser.parse_args(argv)
+    if args.model == "mixture":
+        jax.config.update("jax_enable_x64", True)
+    run = run_mixture_seed if args.model == "mixture" else run_seed
     results = {}
     for variant in args.variants:
         rows = []
         for seed in args.seeds:
-            row = run_seed(variant, seed, args.num_steps, args.num_timesteps)
+            row = run(variant, seed, args.num_steps, args.num_timesteps)
             print(json.dumps(row), flush=True)
             rows.append(row)
         results[variant] = {"rows": rows, "summary": summarise(rows)}

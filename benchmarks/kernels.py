@@ -1,10 +1,17 @@
 """Time the message-passing kernels (HMM and Kalman, sequential and parallel) against dynamax.
 
-    python benchmarks/kernels.py                      # full sizes (T up to 1e5), writes benchmarks/kernels.json
-    python benchmarks/kernels.py --max-T 10000 --repeats 3
+    python benchmarks/kernels.py                                   # all sizes, writes benchmarks/kernels.json
+    python benchmarks/kernels.py --only hmm --max-T 10000 --repeats 3
+    python benchmarks/kernels.py --only kalman --interleave 4 2 10000 --repeats 30   # D N T, one process
 
-Compile time is excluded (each kernel is called once, then timed); the figure is the median of repeats.
-The markdown tables printed at the end are what benchmarks/results.md records, with the machine line.
+Each (family, size, T, implementation) runs in its own subprocess with a time-out (``--timeout``), so an
+implementation that hangs or runs out of memory is recorded as such and the run goes on (jaxlib's
+batched LAPACK has hung inside dynamax's parallel Kalman smoother here). In the subprocess each kernel is
+jit-compiled and called once (compile time excluded), then called ``--repeats`` times; we record the
+median and the minimum wall-clock time and the minimum process CPU time per call. On a shared machine
+the CPU time is the steadiest figure (XLA runs single-threaded on CPU here: ``import ppl_switch``
+disables Eigen's thread pool). The markdown tables printed at the end are what benchmarks/results.md
+records, with the machine line.
 """
 
 from __future__ import annotations
@@ -13,13 +20,17 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import hmm_kernels  # noqa: E402
-import kalman_kernels  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+HMM_SIZES = ((25,),)  # K
+KALMAN_SIZES = ((4, 2), (10, 50))  # (D, N)
+IMPLS = ("ours_seq", "dynamax_seq", "ours_par", "dynamax_par")
 
 
 def machine_line() -> str:
@@ -35,45 +46,141 @@ def machine_line() -> str:
     return f"{cpu}; {os.cpu_count()} cores; jax {jax.__version__}; devices: {devices}"
 
 
-def markdown_table(rows: list[dict], keys: list[str]) -> str:
-    """Pivot rows into one line per (keys..., T) with a column per impl and ratios ours/dynamax."""
-    impls = sorted({r["impl"] for r in rows})
-    groups: dict[tuple, dict[str, float]] = {}
+def time_call(fn: Callable, args: tuple, repeats: int) -> dict:
+    """Compile with one call, then time ``repeats`` calls (seconds): median/min wall, min CPU."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return {"wall_median": statistics.median(wall), "wall_min": min(wall), "cpu_min": min(cpu)}
+
+
+def worker(family: str, impl: str, size: tuple[int, ...], num_timesteps: int, repeats: int) -> list[dict]:
+    """Time both kernels of one implementation at one size; runs inside the subprocess."""
+    import jax
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ppl_switch  # noqa: F401  (sets the single-threaded Eigen flag before any compilation)
+
+    module = __import__(f"{family}_kernels")
+    args = module.problem(num_timesteps, *size)
+    return [
+        {"family": family, "kernel": kernel, "impl": impl, "size": list(size), "T": num_timesteps,
+         **time_call(jax.jit(fn), args, repeats)}
+        for kernel, fn in module.kernels(impl).items()
+    ]
+
+
+def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats: int, impls=("ours_seq", "dynamax_seq")):
+    """Time the kernels of ``impls`` alternately in this process (min CPU time per call, seconds): on a
+    loaded machine this compares implementations under the same conditions, at the risk of a hang."""
+    import jax
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    module = __import__(f"{family}_kernels")
+    args = module.problem(num_timesteps, *size)
+    fns = {(impl, k): jax.jit(fn) for impl in impls for k, fn in module.kernels(impl).items()}
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    cpu = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            c0 = time.process_time()
+            jax.block_until_ready(fn(*args))
+            cpu[key].append(time.process_time() - c0)
+    return [{"family": family, "kernel": k, "impl": impl, "size": list(size), "T": num_timesteps, "cpu_min": min(c)}
+            for (impl, k), c in cpu.items()]
+
+
+def run_isolated(family: str, impl: str, size, num_timesteps: int, repeats: int, timeout: float) -> list[dict]:
+    """:func:`worker` in a subprocess; a time-out or crash becomes a row with ``"failed"`` set."""
+    spec = json.dumps([family, impl, list(size), num_timesteps, repeats])
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", spec], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        failed = f"timed out after {timeout:.0f} s"
+    else:
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        failed = f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"
+    print(f"  {family} {impl} size={size} T={num_timesteps}: {failed}", file=sys.stderr, flush=True)
+    return [{"family": family, "kernel": k, "impl": impl, "size": list(size), "T": num_timesteps, "failed": failed}
+            for k in ("filter", "smoother")]
+
+
+def markdown_table(rows: list[dict], field: str) -> str:
+    """One line per (kernel, size, T): ``field`` in ms per implementation, then ours/dynamax ratios."""
+    cells: dict[tuple, dict[str, str | float]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), {})[r["impl"]] = r["seconds"]
-    header = keys + [f"{i} (ms)" for i in impls]
-    ratio_cols = [(ours, ref) for ours in impls if not ours.startswith("dynamax") for ref in impls if ref.startswith("dynamax")]
-    ratio_cols = [(o, r) for o, r in ratio_cols if o.split("_")[-1] == r.split("_")[-1]]
-    header += [f"{o}/{r}" for o, r in ratio_cols]
+        key = (r["kernel"], tuple(r["size"]), r["T"])
+        cells.setdefault(key, {})[r["impl"]] = "failed" if "failed" in r else r[field]
+    header = ["kernel", "size", "T"] + [f"{i} (ms)" for i in IMPLS] + ["seq ours/dynamax", "par ours/dynamax"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, times in sorted(groups.items()):
-        cells = [str(k) for k in key] + [f"{1e3 * times[i]:.3f}" if i in times else "-" for i in impls]
-        cells += [f"{times[o] / times[r]:.2f}" if o in times and r in times else "-" for o, r in ratio_cols]
-        lines.append("| " + " | ".join(cells) + " |")
+
+    def ms(v):
+        return "-" if v is None else (v if isinstance(v, str) else f"{1e3 * v:.2f}")
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) else "-"
+
+    for (kernel, size, T), t in sorted(cells.items()):
+        line = [kernel, "x".join(map(str, size)), str(T)] + [ms(t.get(i)) for i in IMPLS]
+        line += [ratio(t.get("ours_seq"), t.get("dynamax_seq")), ratio(t.get("ours_par"), t.get("dynamax_par"))]
+        lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["hmm", "kalman"], default=None)
     parser.add_argument("--max-T", type=int, default=100_000, help="largest series length")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--only", choices=["hmm", "kalman"], default=None)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per implementation and size")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--out", default=str(Path(__file__).with_name("kernels.json")))
+    parser.add_argument("--interleave", nargs="+", type=int, metavar="N",
+                        help="SIZE... T: time ours_seq and dynamax_seq of --only alternately in one process")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    lengths = tuple(t for t in (100, 1_000, 10_000, 100_000) if t <= args.max_T)
+    if args.worker:
+        print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    if args.interleave:
+        sys.path.insert(0, str(ROOT))
+        import ppl_switch  # noqa: F401  (single-threaded Eigen, as in the workers)
 
-    results = {"machine": machine_line(), "command": "python " + " ".join(sys.argv)}
-    if args.only in (None, "hmm"):
-        results["hmm"] = hmm_kernels.run(lengths=lengths, repeats=args.repeats)
-    if args.only in (None, "kalman"):
-        results["kalman"] = kalman_kernels.run(lengths=lengths, repeats=args.repeats)
+        rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats)
+        print(markdown_table(rows, "cpu_min"))
+        return
+
+    lengths = [t for t in (100, 1_000, 10_000, 100_000) if t <= args.max_T]
+    families = {"hmm": HMM_SIZES, "kalman": KALMAN_SIZES}
+    rows = []
+    for family, sizes in families.items():
+        if args.only not in (None, family):
+            continue
+        for size in sizes:
+            for T in lengths:
+                for impl in args.impls:
+                    rows += run_isolated(family, impl, size, T, args.repeats, args.timeout)
+                    print(json.dumps(rows[-1]), flush=True)
+    results = {"machine": machine_line(), "command": "python " + " ".join(sys.argv), "rows": rows}
     Path(args.out).write_text(json.dumps(results, indent=1))
-
-    print(f"machine: {results['machine']}\ncommand: {results['command']}\n")
-    if "hmm" in results:
-        print(markdown_table(results["hmm"], ["kernel", "T"]) + "\n")
-    if "kalman" in results:
-        print(markdown_table(results["kalman"], ["kernel", "D", "N", "T"]))
+    print(f"\nmachine: {results['machine']}\ncommand: {results['command']}")
+    for field in ("cpu_min", "wall_median"):
+        for family in families:
+            family_rows = [r for r in rows if r["family"] == family]
+            if family_rows:
+                print(f"\n{family}, {field}\n" + markdown_table(family_rows, field))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def run_fit(model, data: dict, method: str, *, seed: int, quiet: bool, args) -> 
     common = dict(mask=data.get("mask"), lengths=data.get("lengths"), inputs=data.get("inputs"), seed=seed)
     if method == "svi":
         return infer.fit_svi(model, data["y"], num_steps=args.num_steps, learning_rate=args.learning_rate,
-                             progress_bar=not quiet, x64=args.x64, **common)
+                             num_draws=args.num_draws, progress_bar=not quiet, x64=args.x64, **common)
     if method == "nuts":
         return infer.fit_nuts(model, data["y"], num_warmup=args.num_warmup, num_samples=args.num_samples,
                               num_chains=args.num_chains, progress_bar=not quiet, x64=args.x64, **common)
@@ -80,13 +80,28 @@ def run_fit(model, data: dict, method: str, *, seed: int, quiet: bool, args) -> 
 
 
 def cmd_fit(args) -> None:
+    from ppl_switch.analysis.fit_fixed_points import add_fit_fixed_points
+
     data = _load_data_arg(args.data, args.seed, args)
     model = build_model(args.model, data, num_states=args.num_states, latent_dim=args.latent_dim,
                         options=dict(args.option or []))
     start = time.perf_counter()
     fit = run_fit(model, data, args.method, seed=args.seed, quiet=args.quiet, args=args)
+    fit.idata = add_fit_fixed_points(fit)  # the derived fixed_points group, for models that have fixed points
     fit.save(args.out)
     print(f"fitted {args.model} with {args.method} in {time.perf_counter() - start:.1f} s; wrote {args.out}")
+
+
+FIT_OUTPUT = """output groups: posterior, log_likelihood (trial, time), posterior_predictive, observed_data,
+constant_data, sample_stats (nuts); posterior_states (state_probs: trial, time, state) for models with
+discrete or relaxed states; fixed_points for models with fixed points (at zero additive input):
+  lds            fixed_point (chain, draw, latent)
+  slds, rslds    fixed_point (chain, draw, state, latent)
+  arhmm          fixed_point (chain, draw, state, obs)
+  gdm            fixed_point (chain, draw, state, latent) in the projected space F y; fixed_point_obs (..., obs)
+  clds           fixed_points (chain, draw, condition, latent) on a grid over the observed inputs
+  gpslds, gpsde  location (sample, root, latent); a flow_field group when latent_dim = 2
+  hmm            no fixed_points group"""
 
 
 def cmd_simulate(args) -> None:
@@ -172,7 +187,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", type=_parse_option, action="append", help="simulator option name=value")
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("fit", help="fit a model and write InferenceData (.nc)")
+    p = sub.add_parser("fit", help="fit a model and write InferenceData (.nc)", epilog=FIT_OUTPUT,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--data", required=True, help="a built-in dataset name, a .npz or a .csv file")
     p.add_argument("--method", choices=["svi", "nuts", "em"], default="svi")
@@ -183,6 +199,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", type=_parse_option, action="append", help="model option name=value (repeatable)")
     p.add_argument("--num-steps", type=int, default=2000, help="SVI steps")
     p.add_argument("--learning-rate", type=float, default=1e-2, help="SVI learning rate")
+    p.add_argument("--num-draws", type=int, default=200, help="SVI: posterior draws from the fitted guide")
     p.add_argument("--num-warmup", type=int, default=500)
     p.add_argument("--num-samples", type=int, default=500)
     p.add_argument("--num-chains", type=int, default=1)

@@ -226,7 +226,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="bases\\['A'\\]"):
         CLDS(input_dim=1, bases={"A": FourierBasis(columns=(1,))})
     with pytest.raises(ValueError, match="emission"):
-        CLDS(emission="poisson")
+        CLDS(emission="negative_binomial")
 
 
 # ----- datasets and analyses -------------------------------------------------------------------------
@@ -288,6 +288,38 @@ def test_r2_and_co_smoothing_oracles(small_data):
     assert cs["r2"].shape == (2,) and cs["mean_r2"] > 1 - 1e-6
     joint = co_smoothing(clean, params, noiseless, held_out=[0], jointly=True)
     np.testing.assert_allclose(joint["r2"], co_smoothing(clean, params, noiseless, held_out=[0])["r2"])
+
+
+def test_forecast_co_smoothing_matches_a_step_by_step_oracle(small_data):
+    """k-step predictions of held-out neurons from the held-in neurons' past, against a host loop over
+    t and k with the filtered means and the model's A(u), b(u), C(u)."""
+    from ppl_switch.analysis.clds_analysis import forecast_co_smoothing
+    from ppl_switch.ops.kalman import lgssm_filter
+
+    model, data, truth = small_data
+    params = truth["params"]
+    held_out = [1, 3]
+    out = forecast_co_smoothing(model, params, data, horizons=(0, 2), held_out=held_out)
+    mask = np.asarray(data.mask).copy()
+    mask[..., held_out] = False
+    y = np.asarray(data.y)
+    K, T, _ = y.shape
+    for k in (0, 2):
+        preds = np.zeros((K, T - k, len(held_out)))
+        for i in range(K):
+            u = jnp.asarray(data.inputs[i])
+            x = np.asarray(lgssm_filter(model.lgssm(params, u), jnp.asarray(y[i]), jnp.asarray(mask[i])).filtered_means)
+            f = {n: np.asarray(v) for n, v in model.parameter_functions(params, u).items()}
+            for t in range(T - k):
+                z = x[t]
+                for s in range(t, t + k):
+                    z = f["A"][s] @ z + f["b"][s]
+                preds[i, t] = (f["C"][t + k] @ z)[held_out]
+        expected = r2_score(y[:, k:][..., held_out], preds, axis=(0, 1))
+        np.testing.assert_allclose(out["r2"][k], expected, rtol=1e-8)
+    assert out["mean_r2"][0] > out["mean_r2"][2]  # the past predicts the present better than the future
+    with pytest.raises(ValueError, match="horizons"):
+        forecast_co_smoothing(model, params, data, horizons=(T,))
 
 
 def test_tuning_curves_shapes(small_data):

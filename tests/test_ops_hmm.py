@@ -238,6 +238,19 @@ def test_logits_entry_point_matches_and_has_stable_gradients():
     np.testing.assert_allclose(grad0, posterior0 - jax.nn.softmax(initial_logits), atol=1e-10)
 
 
+def test_impossible_step_gives_minus_inf_and_zero_marginals_not_nan():
+    # state 1 is unreachable from state 0 and step 1 rules out state 0: p(y) = 0 exactly
+    initial = jnp.array([1.0, 0.0])
+    transition = jnp.eye(2)
+    ll = jnp.array([[0.0, 0.0], [-jnp.inf, 0.0], [0.0, 0.0]])
+    for parallel in (False, True):
+        filtered = hmm_filter(initial, transition, ll, parallel=parallel)
+        smoothed = hmm_smoother(initial, transition, ll, parallel=parallel)
+        assert filtered.log_normalizer == -np.inf and smoothed.log_normalizer == -np.inf
+        np.testing.assert_array_equal(filtered.filtered_probs, [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+        np.testing.assert_array_equal(smoothed.smoothed_probs, np.zeros((3, 2)))
+
+
 def test_single_step_series():
     initial, transition, ll = random_hmm(12, num_steps=1)
     log_z, _, probs = brute_force(initial, transition, ll)

@@ -1,9 +1,12 @@
 """Parameter recovery with NUTS on data simulated from known parameters (slow; run with -m slow).
 
-Criterion: after aligning labels to the truth, the number of scalar parameters whose true value lies inside
-the central 94% posterior interval is at least the 1% quantile of Binomial(P, 0.94) (what a calibrated
-posterior achieves 99% of the time, treating the P scalars as independent), and the split R-hat of every
-scalar is < 1.01.
+Criterion (issue 3: "true values inside 94% intervals for >= 90% of scalar parameters; R-hat < 1.01"):
+each model is fitted to ``len(SEEDS)`` independently simulated datasets; after aligning labels to the
+truth, the true value of at least 90% of all scalar parameters, pooled over the datasets, lies inside its
+central 94% posterior interval, and the split R-hat of every scalar of every fit is < 1.01. Pooling over
+replications is what makes the 90% threshold a fair test: for one dataset of P = 26 scalars a calibrated
+posterior falls below 90% about 20% of the time, for three datasets (P = 78) about 5% of the time. Each
+dataset must also reach the 1% quantile of Binomial(P, 0.94) on its own.
 For the LDS only quantities invariant to the orthogonal change of latent basis are identified, so the
 check runs on :meth:`LDS.invariants`.
 
@@ -28,6 +31,7 @@ from ppl_switch.models import HMM, LDS
 pytestmark = pytest.mark.slow
 
 NUM_CHAINS, NUM_WARMUP, NUM_SAMPLES = 2, 500, 500
+SEEDS = (11, 12, 13)
 
 
 def _scalars(samples: dict, truth: dict, names) -> tuple[np.ndarray, np.ndarray]:
@@ -71,9 +75,9 @@ def _fit(model, data):
     return fit
 
 
-def test_hmm_recovers_parameters():
+def _hmm_replication(seed: int) -> tuple[int, int]:
     model = HMM(num_states=2, obs_dim=2)
-    data, truth = model.simulate(jax.random.PRNGKey(11), 4, 100)
+    data, truth = model.simulate(jax.random.PRNGKey(seed), 4, 100)
     fit = _fit(model, data)
     samples = {k: np.asarray(v) for k, v in fit.samples.items()}
     # align the (already draw-consistent) labels with the truth by the posterior-mean means
@@ -85,14 +89,12 @@ def test_hmm_recovers_parameters():
     samples = model.permute_states(samples, perm)
     names = ["initial_probs", "transition_matrix", "means", "scales", "corr_cholesky"]
     draws, values = _scalars(samples, truth["params"], names)
-    coverage, r_hat = _check(draws, values, "hmm")
-    _assert_calibrated(coverage, values.size)
-    assert r_hat < 1.01
+    return _checked_replication(draws, values, f"hmm seed {seed}")
 
 
-def test_lds_recovers_identified_parameters():
+def _lds_replication(seed: int) -> tuple[int, int]:
     model = LDS(latent_dim=2, obs_dim=3)
-    data, truth = model.simulate(jax.random.PRNGKey(12), 3, 100)
+    data, truth = model.simulate(jax.random.PRNGKey(seed), 3, 100)
     fit = _fit(model, data)
     samples = {k: np.asarray(v) for k, v in fit.samples.items()}
     post = {k: np.asarray(v) for k, v in model.invariants(samples).items()}
@@ -102,6 +104,20 @@ def test_lds_recovers_identified_parameters():
     post["emission_gram"] = post["emission_gram"][..., iu[0], iu[1]]
     true["emission_gram"] = true["emission_gram"][iu]
     draws, values = _scalars(post, true, list(post))
-    coverage, r_hat = _check(draws, values, "lds invariants")
+    return _checked_replication(draws, values, f"lds invariants seed {seed}")
+
+
+def _checked_replication(draws: np.ndarray, values: np.ndarray, label: str) -> tuple[int, int]:
+    """Per-dataset checks (R-hat, binomial floor); returns (number inside, number of scalars)."""
+    coverage, r_hat = _check(draws, values, label)
     _assert_calibrated(coverage, values.size)
-    assert r_hat < 1.01
+    assert r_hat < 1.01, f"{label}: max split R-hat {r_hat:.4f}"
+    return round(coverage * values.size), values.size
+
+
+@pytest.mark.parametrize("replication", [_hmm_replication, _lds_replication], ids=["hmm", "lds"])
+def test_recovers_parameters_pooled_over_datasets(replication):
+    counts = np.array([replication(seed) for seed in SEEDS])
+    inside, total = counts.sum(0)
+    print(f"\npooled over seeds {SEEDS}: {inside}/{total} = {inside / total:.3f} inside their 94% intervals")
+    assert inside >= 0.9 * total, f"{inside}/{total} inside their 94% intervals; the issue asks for >= 90%"

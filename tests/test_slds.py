@@ -311,6 +311,31 @@ def test_em_objective_is_non_decreasing_and_padding_invariant():
     np.testing.assert_allclose(padded, unpadded, rtol=1e-10)
 
 
+def test_em_start_fits_one_shared_lds_first():
+    """The restarts' base: EM of one LDS (equal regimes, uniform q(z)); its objective never decreases and
+    it moves the observation noise out of Q, where the least-squares start puts it."""
+    from ppl_switch.models.slds import _compiled_em, _em_initial_params, _single_lds_fit
+
+    sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
+    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
+    data = model.prepare(sim["y"])
+    base = {k: jnp.asarray(v) for k, v in _em_initial_params(model, data, np.random.default_rng(0)).items()}
+    learn = frozenset(sw.EM_GROUPS) - {"emission_matrix"}
+    run = _compiled_em(learn, 30, True, True, False)
+    args = (jnp.asarray(data.y), jnp.asarray(data.mask), jnp.asarray(data.time_mask), jnp.zeros((1, 150, 0)), model.em_prior(2))
+    uniform = jnp.full((1, 1, 150, 2), 0.5)
+    _, trace, _ = run(jax.tree.map(lambda a: a[None], base), uniform, *args)
+    trace = np.asarray(trace[0])
+    assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1])), np.diff(trace).min()
+    fitted = _single_lds_fit(run, base, *args)
+    for name in ("dynamics_matrices", "dynamics_biases", "dynamics_covs"):
+        np.testing.assert_allclose(fitted[name][0], fitted[name][1], rtol=1e-12, atol=1e-12)
+    # truth: Q = 0.03 I, R = 0.2 I; the least-squares start has Q ~ 0.35 I (noise in the dynamics)
+    q0, q1 = np.trace(np.asarray(base["dynamics_covs"][0])) / 2, np.trace(np.asarray(fitted["dynamics_covs"][0])) / 2
+    r1 = np.trace(np.asarray(fitted["emission_cov"])) / 2
+    assert q0 > 0.2 and q1 < 0.1 and 0.1 < r1 < 0.3, (q0, q1, r1)
+
+
 def test_em_known_parameters_recovers_tutorial_states():
     sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
@@ -320,6 +345,17 @@ def test_em_known_parameters_recovers_tutorial_states():
     assert np.all(np.diff(hist["log_likelihoods"]) >= -1e-9)
     acc = _accuracy(sim["states"][0], out["q_state_probs"][0].argmax(-1), 2)
     assert acc > 0.85, acc
+
+
+@pytest.mark.slow
+def test_em_learned_parameters_segment_the_tutorial_series():
+    """Learned parameters, tutorial T = 150 (seed 0): 0.78 measured (the single-LDS start); 0.53 without it."""
+    sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
+    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
+    out, hist = model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=100, num_restarts=4)
+    trace = hist["log_likelihoods"]
+    assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1]))
+    assert _accuracy(sim["states"][0], out["q_state_probs"][0].argmax(-1), 2) > 0.7
 
 
 @pytest.mark.slow
@@ -349,10 +385,11 @@ def test_fit_em_returns_fit_with_states():
 
 
 @pytest.mark.slow
-def test_svi_with_gauss_markov_guide_runs_and_decodes():
+@pytest.mark.parametrize("path_parameterisation", ["centred", "whitened"])
+def test_svi_with_gauss_markov_guide_runs_and_decodes(path_parameterisation):
     from ppl_switch.infer import fit_svi
 
-    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
+    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation)
     sim = simulate_slds_tutorial(seed=2, num_timesteps=40)
     guide = model.default_guide(sim["y"])
     fit = fit_svi(model, sim["y"], guide=guide, num_steps=200, learning_rate=0.02, num_draws=20, x64=True, progress_bar=False)
@@ -362,19 +399,57 @@ def test_svi_with_gauss_markov_guide_runs_and_decodes():
 
 
 @pytest.mark.slow
-def test_nuts_smoke():
+@pytest.mark.parametrize("path_parameterisation", ["centred", "whitened"])
+def test_nuts_smoke(path_parameterisation):
     from ppl_switch.infer import fit_nuts
 
-    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
+    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation)
     sim = simulate_slds_tutorial(seed=2, num_timesteps=30)
     init = model.init_values(sim["y"])
     fit = fit_nuts(model, sim["y"], num_warmup=50, num_samples=50, init_params={k: v for k, v in init.items()}, progress_bar=False, x64=True)
     assert fit.samples["x"].shape == (1, 50, 1, 30, 2)
+    if path_parameterisation == "whitened":  # x is the deterministic image of the sampled innovations
+        data = model.prepare(sim["y"])
+        draw = {k: v[0, -1] for k, v in fit.samples.items()}
+        np.testing.assert_allclose(model.path_innovations(draw, data), draw["x_innovations"], atol=1e-8)
+
+
+def test_whitened_path_is_an_exact_change_of_variables():
+    """x = f(e) is invertible, log|det df/de| matches the dense Jacobian, and the whitened program's
+    density is the centred one plus that log-determinant (ragged trials, inputs, K = 3)."""
+    from numpyro.infer.util import log_density
+
+    from ppl_switch.models.slds import WhitenedSwitchingChain
+
+    centred = SLDS(num_states=3, latent_dim=2, obs_dim=2, input_dim=1)
+    whitened = SLDS(num_states=3, latent_dim=2, obs_dim=2, input_dim=1, path_parameterisation="whitened")
+    params = _random_params(centred, seed=4)
+    data, truth = centred.simulate(jax.random.PRNGKey(1), 3, 5, params=params, lengths=[5, 3, 1])
+    p = {k: jnp.asarray(v) for k, v in truth["params"].items()}
+    chain = WhitenedSwitchingChain(centred.path_distribution(p, data))
+    x = jnp.asarray(truth["latents"])
+    e = chain.to_innovations(x)
+    np.testing.assert_allclose(chain.to_path(e), x, atol=1e-12)
+    jac = jax.jacfwd(chain.to_path)(e)  # (B, T, D, B, T, D)
+    for b in range(3):
+        dense = np.asarray(jac[b, :, :, b]).reshape(10, 10)
+        np.testing.assert_allclose(chain.log_abs_det_jacobian()[b], np.linalg.slogdet(dense)[1], rtol=1e-10)
+    lw = jax.jit(lambda v: log_density(whitened.program, (data,), {}, v)[0])({**p, "x_innovations": e})
+    lc = jax.jit(lambda v: log_density(centred.program, (data,), {}, v)[0])(p)
+    np.testing.assert_allclose(lw - lc, jnp.sum(chain.log_abs_det_jacobian()), rtol=1e-10)
+    # the start values and the SVI guide use the innovations site
+    start = whitened.latent_site_values(dict(truth["params"]), data)
+    np.testing.assert_allclose(start["x_innovations"], e, atol=1e-12)
+    guide = whitened.default_guide(data, init_values=truth["params"])
+    assert guide.path_site == "x_innovations"
+    np.testing.assert_allclose(guide.init_values["x_innovations"], e, atol=1e-12)
 
 
 def test_bad_arguments_are_named():
     with pytest.raises(DataError, match="num_states"):
         SLDS(num_states=0, latent_dim=2)
+    with pytest.raises(ValueError, match="path_parameterisation"):
+        SLDS(num_states=2, latent_dim=2, path_parameterisation="noncentered")
     with pytest.raises(ValueError, match="emission"):
         SLDS(num_states=2, latent_dim=2, emission="bernoulli")
     with pytest.raises(ValueError, match="emission_matrix"):

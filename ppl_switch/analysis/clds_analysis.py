@@ -23,6 +23,7 @@ __all__ = [
     "dynamics_on_grid",
     "fixed_point_dataset",
     "fixed_points",
+    "forecast_co_smoothing",
     "band_coverage",
     "over_draws",
     "r2_score",
@@ -113,7 +114,8 @@ def r2_score(y, y_hat, mask=None, axis=None):
 def co_smoothing(model, params: Mapping, data: SequenceData, held_out: Optional[Sequence[int]] = None,
                  num_held_out: int = 5, jointly: bool = False) -> dict:
     """Co-smoothing R^2 (Pei et al. 2021, as in the CLDS paper): predict each held-out neuron of the
-    test trials from the other neurons.
+    test trials from the other neurons. With Poisson emissions the latents come from the Laplace
+    smoother and the prediction is the expected count (:meth:`CLDS.predict_observations`).
 
     For each held-out neuron n (by default the ``num_held_out`` neurons of highest variance in ``data``)
     the latents are smoothed with neuron n masked out, and y_n is predicted as C_n(u_t) E[x_t | y_{-n}]
@@ -150,12 +152,82 @@ def co_smoothing(model, params: Mapping, data: SequenceData, held_out: Optional[
     return {"held_out": held_out, "r2": r2, "mean_r2": float(np.mean(r2)), "predictions": preds}
 
 
+def _top_variance_neurons(data: SequenceData, num: int) -> np.ndarray:
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+    N = y.shape[-1]
+    if not 1 <= num <= N - 1:
+        raise ValueError(f"num_held_out: expected 1..{N - 1} (some neurons must stay observed), got {num}")
+    var = np.array([np.var(y[..., n][mask[..., n]]) for n in range(N)])
+    return np.argsort(-var)[:num]
+
+
+def forecast_co_smoothing(model, params: Mapping, data: SequenceData, horizons: Sequence[int] = (0, 1, 5),
+                          held_out: Optional[Sequence[int]] = None, num_held_out: int = 5) -> dict:
+    """Causal co-smoothing: predict held-out neurons ``k`` steps ahead from the held-in neurons' past.
+
+    The held-out neurons (default: the ``num_held_out`` of highest variance) are masked on every test
+    trial; the Kalman filter runs on the held-in neurons; for each horizon k the filtered mean
+    E[x_t | y^in_{1:t}] is propagated k steps with the model's own dynamics at the known conditions,
+    x_{s+1} = A(u_s) x_s + b(u_s), and y_{t+k} of the held-out neurons is predicted as
+    C(u_{t+k}) x_{t+k} + d(u_{t+k}). k = 0 is filtered (causal) co-smoothing. Unlike smoothed
+    co-smoothing, which mostly measures how well the held-in neurons pin down x_t, this depends on the
+    learned dynamics. Gaussian emissions only (Kalman filter).
+
+    Returns {"held_out": (H,), "horizons": list, "r2": {k: (H,) per-neuron R^2 over the steps t + k
+    inside the trials}, "mean_r2": {k: mean}}.
+    """
+    from ppl_switch.ops.kalman import lgssm_filter
+
+    if getattr(model, "emission", "gaussian") != "gaussian":
+        raise ValueError("model: forecast_co_smoothing needs Gaussian emissions (Kalman filter)")
+    horizons = [int(k) for k in horizons]
+    if not horizons or min(horizons) < 0 or max(horizons) >= data.num_timesteps:
+        raise ValueError(f"horizons: expected integers in [0, {data.num_timesteps - 1}], got {horizons}")
+    held_out = _top_variance_neurons(data, num_held_out) if held_out is None else np.asarray(held_out, dtype=int)
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+    held_in_mask = mask.copy()
+    held_in_mask[..., held_out] = False
+    K = max(horizons)
+
+    @jax.jit
+    def predictions(held_in_mask):
+        def one(yk, mk, u):
+            lg = model.lgssm(params, u)
+            x = lgssm_filter(lg, yk, mk).filtered_means  # (T, D)
+            f = model.parameter_functions(params, u)
+            A, b, C = f["A"], f["b"], f["C"]
+            T = x.shape[0]
+            C = jnp.broadcast_to(C, (T,) + C.shape[-2:])
+            d = f["d"] if "d" in f else jnp.zeros(C.shape[:2], x.dtype)
+            d = jnp.broadcast_to(d, C.shape[:2])
+            A = jnp.broadcast_to(A, (T,) + A.shape[-2:])
+            b = jnp.broadcast_to(b, (T,) + b.shape[-1:])
+            out = []
+            for k in range(K + 1):  # x now holds E[x_{t+k} | y_{1:t}] at row t (valid for t + k < T)
+                out.append(jnp.einsum("tnd,td->tn", jnp.roll(C, -k, 0), x) + jnp.roll(d, -k, 0))
+                x = jnp.einsum("tij,tj->ti", jnp.roll(A, -k, 0), x) + jnp.roll(b, -k, 0)
+            return jnp.stack(out)  # (K + 1, T, N): row k, step t predicts y_{t+k}
+
+        return jax.vmap(one)(jnp.asarray(data.y), held_in_mask, jnp.asarray(data.inputs))
+
+    pred = np.asarray(predictions(jnp.asarray(held_in_mask)))  # (trials, K + 1, T, N)
+    r2, mean_r2 = {}, {}
+    T = y.shape[1]
+    for k in horizons:
+        target = y[:, k:][..., held_out]
+        m = mask[:, k:][..., held_out]
+        r2[k] = r2_score(target, pred[:, k, : T - k][..., held_out], m, axis=(0, 1))
+        mean_r2[k] = float(np.mean(r2[k]))
+    return {"held_out": held_out, "horizons": horizons, "r2": r2, "mean_r2": mean_r2}
+
+
 def tuning_curves(model, params: Mapping, data: SequenceData, num_bins: int = 50, column: int = 0,
                   period: float = 2 * math.pi) -> dict:
     """Model and empirical tuning curves over one angular condition column (paper Eq. 14).
 
     Model: E[y | theta] = C(theta) E[x | theta] + d(theta), with E[x | theta] the average smoothed mean
-    over time steps whose condition falls in the bin. Empirical: average observed y per bin.
+    over time steps whose condition falls in the bin (Poisson emissions: bin_size link(...) of that,
+    with the Laplace posterior means). Empirical: average observed y per bin.
     Returns {"centers": (B,), "model": (B, N), "empirical": (B, N), "counts": (B,)} (NaN in empty bins).
     """
     means = np.asarray(model.smooth(params, data)[0])
@@ -183,6 +255,10 @@ def tuning_curves(model, params: Mapping, data: SequenceData, num_bins: int = 50
     curve = np.einsum("bnd,bd->bn", np.asarray(f["C"]) if np.ndim(f["C"]) == 3 else np.asarray(f["C"]), ex)
     if "d" in f:
         curve = curve + np.asarray(f["d"])
+    if getattr(model, "emission", "gaussian") == "poisson":  # rate at the mean log-rate
+        from ppl_switch.ops.sde import inverse_link
+
+        curve = model.bin_size * np.asarray(inverse_link(model.link)(jnp.asarray(curve)))
     return {"centers": centers, "model": curve, "empirical": emp, "counts": counts}
 
 

@@ -17,6 +17,10 @@ Two recipes:
 * ``recipe="paper"``: bump tuning C_i(theta) = (1 + cos((theta - xi_i)/gamma)) e1(theta)' on
   |theta - xi_i| < gamma pi (wrapped difference), peaks xi_i regular on [-pi, pi), gamma = 0.5;
   theta step sd 0.5; x_1 ~ N(e1(theta_1), I).
+
+``emission="poisson"`` keeps the latent dynamics and draws spike counts instead of Gaussian rates
+(not in the paper, which fits smoothed rates): y_t ~ Poisson(baseline_rate * exp(C(theta_t) x_t)),
+i.e. log-rate C x + log(baseline_rate) (exp link, unit bins), the same C as the Gaussian recipe.
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ def simulate_head_direction(
     width: float = 0.5,
     theta=None,
     emission_matrix=None,
+    emission: str = "gaussian",
+    baseline_rate: float = 2.0,
+    emission_noise_scale=None,
 ) -> dict:
     """Simulate the ring-attractor benchmark.
 
@@ -82,12 +89,21 @@ def simulate_head_direction(
     same path repeated over the trials of one condition); ``emission_matrix`` (N, 2) replaces the random
     C of the "code" recipe (to share it between a training and a test set).
 
+    ``emission_noise_scale`` sets the observation noise sd separately (default ``noise_scale``, which
+    always sets the latent noise). ``emission="poisson"`` draws counts y ~ Poisson(baseline_rate * exp(C x)) instead of C x + noise
+    (``noise_scale`` then only sets the latent noise).
+
     Returns a dict with ``y`` (trials, time, neurons), ``inputs`` (trials, time, 1) head direction wrapped
     to [0, 2 pi), ``latents`` (trials, time, 2), and ``truth`` = {"emission_matrix" ((N, 2) for
-    recipe "code"), "epsilon", "dynamics_cov", "emission_cov", "initial_cov", "recipe"}.
+    recipe "code"), "epsilon", "dynamics_cov", "emission_cov" (None for Poisson), "initial_cov",
+    "recipe", "emission", "emission_bias" ((N,) log baseline rate for Poisson, else None)}.
     """
     if recipe not in ("code", "paper"):
         raise ValueError(f"recipe: expected 'code' or 'paper', got {recipe!r}")
+    if emission not in ("gaussian", "poisson"):
+        raise ValueError(f"emission: expected 'gaussian' or 'poisson', got {emission!r}")
+    if not (np.isfinite(baseline_rate) and baseline_rate > 0):
+        raise ValueError(f"baseline_rate: expected a positive number, got {baseline_rate!r}")
     for name, value in (("num_trials", num_trials), ("num_timesteps", num_timesteps), ("num_neurons", num_neurons)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
@@ -95,6 +111,9 @@ def simulate_head_direction(
         raise ValueError(f"epsilon: expected a number in (0, 1), got {epsilon!r}")
     if not noise_scale > 0:
         raise ValueError(f"noise_scale: expected a positive number, got {noise_scale!r}")
+    emission_noise_scale = noise_scale if emission_noise_scale is None else emission_noise_scale
+    if not emission_noise_scale > 0:
+        raise ValueError(f"emission_noise_scale: expected a positive number, got {emission_noise_scale!r}")
     rng = np.random.default_rng(seed)
     step_sd = (0.4 if recipe == "code" else 0.5) if step_sd is None else float(step_sd)
     K, T, N = int(num_trials), int(num_timesteps), int(num_neurons)
@@ -118,14 +137,21 @@ def simulate_head_direction(
     else:
         C = None
         mean = np.einsum("ktnd,ktd->ktn", bump_tuning(theta, N, width), x)
-    y = mean + noise_scale * rng.standard_normal((K, T, N))
+    if emission == "poisson":
+        bias = np.full(N, math.log(baseline_rate))
+        y = rng.poisson(np.exp(mean + bias)).astype(float)
+    else:
+        bias = None
+        y = mean + emission_noise_scale * rng.standard_normal((K, T, N))
     truth = {
         "emission_matrix": C,
         "epsilon": epsilon,
         "dynamics_cov": noise_scale**2 * np.eye(2),
-        "emission_cov": noise_scale**2 * np.ones(N),
+        "emission_cov": emission_noise_scale**2 * np.ones(N) if emission == "gaussian" else None,
         "initial_cov": s0 * np.eye(2),
         "recipe": recipe,
         "width": width,
+        "emission": emission,
+        "emission_bias": bias,
     }
     return {"y": y, "inputs": theta[..., None], "latents": x, "truth": truth}

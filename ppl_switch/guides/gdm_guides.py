@@ -12,7 +12,10 @@ Encoders are written in pure JAX with ``numpyro.param`` (no NN library: the GRU 
 ``ppl_switch.guides.gru``), so the guide adds no dependency. Guide parameters are global, so a new trial
 is encoded by :meth:`encode` without any optimisation (amortisation).
 
-Both guides take the program's signature ``(data, *, temperature=None, record_log_lik=False)``.
+:class:`MixtureGuide` (the 3-level model, paper App. C) adds a Gauss–Markov path guide for the latent x
+and lets the z encoder also read x_{t-1}.
+
+All guides take the program's signature ``(data, *, temperature=None, record_log_lik=False)``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from ppl_switch.data import SequenceData
 from ppl_switch.distributions.relaxed import RelaxedMarkovChain
 from ppl_switch.guides.gru import bigru_scan, gru_init
 
-__all__ = ["LinearGuide", "BiGRUGuide"]
+__all__ = ["LinearGuide", "BiGRUGuide", "MixtureGuide"]
 
 MAP_SUFFIX = "_map"
 
@@ -132,3 +135,82 @@ class BiGRUGuide(_AmortisedGuide):
         fwd = {k: enc[f"fwd_{k}"] for k in ("W", "U", "b")}
         bwd = {k: enc[f"bwd_{k}"] for k in ("W", "U", "b")}
         return bigru_scan(fwd, bwd, y) @ enc["L"].T + enc["l"]
+
+
+class MixtureGuide(LinearGuide):
+    """Guide for the 3-level mixture GDM (:class:`~ppl_switch.models.gdm_mixture.GDMMixture`)::
+
+        q(x, z) = q(x) q(z | x, y)
+        q(x)         = Gauss–Markov chain per trial (block-tridiagonal precision, ``gauss_markov_chain``)
+        q(z | x, y)  = GS chain, logits W y_t + b + W_x x_{t-1} (+ B z_{t-1} if sticky)
+
+    The paper (App. C) orders it q(z | x) q(x | z) with x's chain built from the sampled z; here x is
+    drawn first from a free-form Gauss–Markov chain (the same family, with time-varying rather than
+    z-indexed transition parameters) and z then conditions on x_{t-1} as in the paper's q(z_t | z_{t-1},
+    x_{t-1}), so that one reparameterised pass samples both without a block-tridiagonal solve per draw.
+    The z encoder is amortised; q(x) has per-trial parameters (initialised at pinv(C) (y - d), the
+    paper's "initialize the samples for x using observation y").
+    """
+
+    path_prefix = "x_path"
+
+    def __init__(self, model, *, sticky: bool = False, seed: int = 0, init_scale: float = 0.8, path_init_scale: float = 0.1):
+        super().__init__(model, sticky=sticky, seed=seed, init_scale=init_scale)
+        self.path_init_scale = float(path_init_scale)
+
+    def init_encoder(self, rng, obs_dim):
+        out = super().init_encoder(rng, obs_dim)
+        out["Wx"] = np.zeros((self.model.num_states, self.model.latent_dim))
+        return out
+
+    def encoder_logits(self, enc, y, x):
+        """(..., T, K) logits from y_t and x_{t-1} (no x term at t = 1)."""
+        drive = (x[..., :-1, :] @ enc["Wx"].T)
+        drive = jnp.concatenate([jnp.zeros_like(drive[..., :1, :]), drive], -2)
+        return y @ enc["W"].T + enc["b"] + drive
+
+    @staticmethod
+    def initial_path(data: SequenceData, params):
+        """(trials, time, D) pinv(C) (y - d) from ``<site>_map`` emission values, 0 where unobserved.
+        NumPy values of C (the guide's init) are inverted in NumPy: no SVD is compiled for the init."""
+        C = params["emission_matrix" + MAP_SUFFIX]
+        pinv = np.linalg.pinv(C) if isinstance(C, np.ndarray) else jnp.linalg.pinv(C)
+        d = jnp.asarray(params["emission_bias" + MAP_SUFFIX], dtype=data.y.dtype)
+        centred = jnp.where(data.mask, data.y - d, 0.0)
+        return centred @ jnp.asarray(pinv, dtype=data.y.dtype).T
+
+    def path_guide(self, data: SequenceData, init):
+        from ppl_switch.guides.gauss_markov import gauss_markov_chain
+
+        B, T, _ = data.y.shape
+        return gauss_markov_chain(
+            self.path_prefix, B, T, self.model.latent_dim,
+            init_loc=self.initial_path(data, init), init_scale=self.path_init_scale, time_mask=data.time_mask,
+        )
+
+    def __call__(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False):
+        init = self.init_values(data.obs_dim)
+        for name, shape in self.model.site_shapes(data.obs_dim).items():
+            value = numpyro.param(name + MAP_SUFFIX, jnp.asarray(init[name + MAP_SUFFIX], dtype=data.y.dtype))
+            numpyro.sample(name, dist.Delta(value, event_dim=len(shape)))
+        enc = {
+            k[len(self.prefix) :]: numpyro.param(k, jnp.asarray(v, dtype=data.y.dtype))
+            for k, v in init.items()
+            if k.startswith(self.prefix)
+        }
+        q_x = self.path_guide(data, init)
+        with numpyro.plate("trial", data.num_trials):
+            x = numpyro.sample("x", q_x)
+            numpyro.sample("z", self.posterior(enc, data, x, temperature))
+
+    def posterior(self, enc, data: SequenceData, x, temperature=None) -> RelaxedMarkovChain:
+        tau = self.model.temperature if temperature is None else temperature
+        return RelaxedMarkovChain(tau, self.encoder_logits(enc, data.y, x), enc.get("B"), data.time_mask)
+
+    def encode(self, svi_params, data: SequenceData, key, num_samples: int = 20, temperature=None, x=None):
+        """(num_samples, trials, time, K) soft states given a latent path ``x`` (trials, time, D); by
+        default pinv(C) (y - d) with the fitted C, d, so that a new trial is encoded without optimisation."""
+        if x is None:
+            params = {k: v for k, v in svi_params.items() if k.endswith(MAP_SUFFIX)}
+            x = self.initial_path(data, params)
+        return self.posterior(self.encoder_params(svi_params), data, x, temperature).sample(key, (int(num_samples),))

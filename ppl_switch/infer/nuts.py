@@ -35,22 +35,35 @@ def _sample_stats(extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def _diagnostics(stats: Mapping[str, np.ndarray], samples: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def _diagnostics(stats: Mapping[str, np.ndarray]) -> dict[str, Any]:
     diverging = stats["diverging"]
-    out = {
+    return {
         "num_divergences": int(diverging.sum()),
         "divergences_per_chain": diverging.sum(axis=1).tolist(),
         "mean_acceptance_rate": float(np.mean(stats["acceptance_rate"])),
         "step_size_per_chain": stats["step_size"][:, -1].tolist(),
         "num_max_tree_depth": int((stats["tree_depth"] >= MAX_TREE_DEPTH).sum()),
     }
+
+
+def _convergence(samples: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """min bulk ESS and max split R-hat over all scalar entries of (chain, draw, ...) draws.
+
+    Computed on the draws as written, i.e. after relabelling, so label switching between chains does
+    not show up as non-convergence.
+    """
     r_hats, ess = [], []
     for value in samples.values():
         value = np.asarray(value, dtype=float)
-        if value.shape[1] >= 4:
+        value = value.reshape(value.shape[:2] + (-1,))
+        # entries constant by construction (e.g. the unit diagonal of a correlation Cholesky factor)
+        # have no ESS or R-hat; skipping them keeps the 0/0 out of the diagnostics
+        value = value[..., np.ptp(value, axis=(0, 1)) > 0]
+        if value.shape[1] >= 4 and value.shape[-1] > 0:
             ess.append(np.min(effective_sample_size(value)))
             if value.shape[0] > 1:
                 r_hats.append(np.max(split_gelman_rubin(value)))
+    out = {}
     if ess:
         out["min_ess"] = float(np.nanmin(ess))
     if r_hats:
@@ -132,7 +145,7 @@ def fit_nuts(
     draws = mcmc.get_samples(group_by_chain=True)
     samples = {name: np.asarray(draws[name]) for name in names if name in draws}
     stats = _sample_stats(mcmc.get_extra_fields(group_by_chain=True))
-    diagnostics = _diagnostics(stats, samples)
+    diagnostics = _diagnostics(stats)
     if diagnostics["num_divergences"]:
         warnings.warn(
             f"NUTS: {diagnostics['num_divergences']} divergent transitions after warmup "
@@ -152,7 +165,7 @@ def fit_nuts(
         "relabel": bool(relabel),
         "init_params": None if init_params is None else sorted(init_params),
     }
-    return assemble_fit(
+    fit = assemble_fit(
         model,
         data,
         "nuts",
@@ -163,3 +176,5 @@ def fit_nuts(
         config=config,
         relabel=relabel,
     )
+    fit.diagnostics.update(_convergence(fit.samples))
+    return fit

@@ -12,6 +12,7 @@ from ppl_switch.models.arhmm import ARHMM
 from ppl_switch.models.base import Model
 from ppl_switch.models.clds import CLDS
 from ppl_switch.models.gdm import GDM
+from ppl_switch.models.gdm_mixture import GDMMixture
 from ppl_switch.models.gpslds import GPSDE, GPSLDS
 from ppl_switch.models.hmm import HMM
 from ppl_switch.models.lds import LDS
@@ -19,7 +20,7 @@ from ppl_switch.models.rslds import RSLDS
 from ppl_switch.models.slds import SLDS
 
 #: name -> model class
-MODELS: dict[str, type[Model]] = {"hmm": HMM, "arhmm": ARHMM, "lds": LDS, "slds": SLDS, "gdm": GDM, "clds": CLDS,
+MODELS: dict[str, type[Model]] = {"hmm": HMM, "arhmm": ARHMM, "lds": LDS, "slds": SLDS, "gdm": GDM, "gdm_mixture": GDMMixture, "clds": CLDS,
                                  "gpslds": GPSLDS, "gpsde": GPSDE, "rslds": RSLDS}
 
 
@@ -49,4 +50,4 @@ def get_model(name: str, **config) -> Model:
     return cls(**config)
 
 
-__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "CLDS", "GPSLDS", "GPSDE", "RSLDS", "get_model", "model_options"]
+__all__ = ["MODELS", "Model", "HMM", "ARHMM", "LDS", "SLDS", "GDM", "GDMMixture", "CLDS", "GPSLDS", "GPSDE", "RSLDS", "get_model", "model_options"]

@@ -235,6 +235,7 @@ class RSLDS(SLDS):
     def config(self) -> dict[str, Any]:
         out = super().config()
         out.pop("transition_concentration")
+        out.pop("path_parameterisation")  # the rSLDS path is always centred (its Laplace EM works on x)
         out["transitions"] = self.transitions
         return out
 

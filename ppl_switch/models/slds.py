@@ -26,6 +26,9 @@ The continuous path ``x`` (trials, T, D) is one block site. Its density p(x | th
 out with the HMM forward algorithm of :mod:`ppl_switch.ops.hmm` -- the per-regime "observation"
 log-likelihoods are log N(x_t; A_k x_{t-1} + b_k, Q_k) -- so NUTS and SVI see a continuous model and no
 enumeration is needed. Steps past a trial's length get x_t ~ N(0, I), independent of everything else.
+With ``path_parameterisation="whitened"`` the sample site is instead the path's innovations under the
+regime-averaged dynamics (:class:`WhitenedSwitchingChain`, same model, better coordinates for NUTS) and
+``x`` is a deterministic site.
 
 Inference paths: NUTS over parameters and x; SVI with :meth:`SLDS.default_guide` (mean-field normal over
 parameters and a Gauss–Markov chain over x, :mod:`ppl_switch.guides.gauss_markov`); structured
@@ -45,6 +48,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
+from jax.scipy.linalg import solve_triangular
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.guides.init import init_to_values_then_median
@@ -157,6 +161,80 @@ class SwitchingLinearChain(dist.Distribution):
         return xs.reshape(tuple(sample_shape) + self.batch_shape + self.event_shape)
 
 
+class WhitenedSwitchingChain(dist.Distribution):
+    """The same path as :class:`SwitchingLinearChain`, in whitened (non-centred) coordinates e.
+
+    The path is an invertible affine map of e under the regime-averaged ("reference") dynamics
+    A = mean_k A_k, b_t = mean_k b_{t,k}, L = mean_k L_k (L_k the Cholesky factors of Q_k)::
+
+        x_1 = m0 + L0 e_1,    x_t = A x_{t-1} + b_{t-1} + L e_t    (inside a trial; x_t = e_t past its end)
+
+    and log p(e) = log p_x(x(e)) + log|det dx/de| with p_x the regimes-summed-out path density, so the
+    model (and its posterior) is unchanged; only the coordinates NUTS moves in differ. In these
+    coordinates the two troublesome directions of the centred path leave x: scaling the dynamics noise
+    (the funnel between Q_k and the increments of x) and shifting the whole path by a constant (with
+    m0, b_k, d compensating, a direction the likelihood cannot see) move only parameters, not the T*D
+    coordinates of the path. Batch shape (trials,), event shape (T, D).
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.real, 2)
+
+    def __init__(self, chain: SwitchingLinearChain, *, validate_args=None):
+        self.chain = chain
+        self.reference_matrix = jnp.mean(chain.dynamics_matrices, 0)  # (D, D)
+        self.reference_scale_tril = jnp.mean(chain.dynamics_scale_trils, 0)  # (D, D), positive diagonal
+        self.reference_biases = jnp.mean(chain.dynamics_biases, -2)  # (B, T-1, D)
+        super().__init__(batch_shape=chain.batch_shape, event_shape=chain.event_shape, validate_args=validate_args)
+
+    def to_path(self, e):
+        """(B, T, D) innovations -> (B, T, D) path x (sequential, O(T D^2))."""
+        A, L = self.reference_matrix, self.reference_scale_tril
+        x1 = self.chain.initial_mean + e[:, 0] @ self.chain.initial_scale_tril.T
+
+        def step(x_prev, inp):
+            e_t, b_t, inside = inp  # (B, D), (B, D), (B,)
+            x_t = jnp.where(inside[:, None], x_prev @ A.T + b_t + e_t @ L.T, e_t)
+            return x_t, x_t
+
+        if e.shape[1] == 1:
+            return x1[:, None]
+        inputs = (jnp.swapaxes(e[:, 1:], 0, 1), jnp.swapaxes(self.reference_biases, 0, 1), self.chain.time_mask[:, 1:].T)
+        _, rest = jax.lax.scan(step, x1, inputs)
+        return jnp.concatenate([x1[:, None], jnp.swapaxes(rest, 0, 1)], 1)
+
+    def to_innovations(self, x):
+        """(B, T, D) path -> (B, T, D) innovations (the inverse of :meth:`to_path`, vectorised)."""
+        A, L = self.reference_matrix, self.reference_scale_tril
+        e1 = _solve_lower(self.chain.initial_scale_tril, x[:, 0] - self.chain.initial_mean)
+        resid = x[:, 1:] - x[:, :-1] @ A.T - self.reference_biases
+        rest = jnp.where(self.chain.time_mask[:, 1:, None], _solve_lower(L, resid), x[:, 1:])
+        return jnp.concatenate([e1[:, None], rest], 1)
+
+    def log_abs_det_jacobian(self):
+        """(B,) log|det dx/de|: log|L0| + (length - 1) log|L| per trial."""
+        log_L0 = jnp.sum(jnp.log(jnp.diagonal(self.chain.initial_scale_tril)))
+        log_L = jnp.sum(jnp.log(jnp.diagonal(self.reference_scale_tril)))
+        steps = jnp.sum(self.chain.time_mask[:, 1:], -1)
+        return log_L0 + steps * log_L
+
+    def log_prob(self, e):
+        return self.chain.log_prob(self.to_path(e)) + self.log_abs_det_jacobian()
+
+    def sample(self, key, sample_shape=()):
+        x = self.chain.sample(key, sample_shape)
+        if not sample_shape:
+            return self.to_innovations(x)
+        flat = x.reshape((-1,) + self.batch_shape + self.event_shape)
+        return jax.vmap(self.to_innovations)(flat).reshape(x.shape)
+
+
+def _solve_lower(L, v):
+    """L^{-1} v for a lower-triangular (D, D) L and v (..., D)."""
+    flat = v.reshape(-1, v.shape[-1])
+    return solve_triangular(L, flat.T, lower=True).T.reshape(v.shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # The model
 
@@ -181,6 +259,10 @@ class SLDS(Model):
         transition_concentration: alpha > 0, Dirichlet mass on every entry of P.
         emission_matrix: optional known (N, D) readout C; then C is not a parameter (removes the
             latent-basis non-identifiability, e.g. C = I for directly observed noisy states).
+        path_parameterisation: "centred" (the path x is the sample site) or "whitened" (the site is
+            ``x_innovations``, the path's innovations under the regime-averaged dynamics, see
+            :class:`WhitenedSwitchingChain`; ``x`` is then a deterministic site). Same model, different
+            coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation ridge.
     """
 
     name = "slds"
@@ -198,7 +280,11 @@ class SLDS(Model):
         stickiness: float = 10.0,
         transition_concentration: float = 1.0,
         emission_matrix=None,
+        path_parameterisation: str = "centred",
     ):
+        if path_parameterisation not in ("centred", "whitened"):
+            raise ValueError(f"path_parameterisation: expected 'centred' or 'whitened', got {path_parameterisation!r}")
+        self.path_parameterisation = path_parameterisation
         self.num_states = check_positive_int(num_states, "num_states")
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
         self.obs_dim = check_optional_dim(obs_dim, "obs_dim")
@@ -236,6 +322,7 @@ class SLDS(Model):
             "link": self.link, "bin_size": self.bin_size, "stickiness": self.stickiness,
             "transition_concentration": self.transition_concentration,
             "emission_matrix": None if self.fixed_emission_matrix is None else self.fixed_emission_matrix.tolist(),
+            "path_parameterisation": self.path_parameterisation,
         }
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
@@ -251,6 +338,8 @@ class SLDS(Model):
             "x": ("trial", "time", "latent"),
             "q_state_probs": ("trial", "time", "state"),
         }
+        if self.path_parameterisation == "whitened":
+            dims["x_innovations"] = ("trial", "time", "latent")
         if self.latent_dim > 1:
             dims["dynamics_corr_chol"] = ("state", "latent", "latent_prev")
         if self.input_dim:
@@ -355,8 +444,13 @@ class SLDS(Model):
 
     def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
         params = self._sample_params(data.obs_dim)
+        chain = self.path_distribution(params, data)
         with numpyro.plate("trial", data.num_trials):
-            x = numpyro.sample("x", self.path_distribution(params, data))
+            if self.path_parameterisation == "whitened":
+                whitened = WhitenedSwitchingChain(chain)
+                x = numpyro.deterministic("x", whitened.to_path(numpyro.sample("x_innovations", whitened)))
+            else:
+                x = numpyro.sample("x", chain)
         y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
         mean = x @ self._emission_matrix(params).T + params["emission_bias"]
         if self.emission == "poisson":
@@ -392,6 +486,30 @@ class SLDS(Model):
         em["dynamics_matrices"] = A
         out = self.params_from_em(em)
         out["x"] = _least_squares_latents(em, data)
+        if self.path_parameterisation == "whitened":
+            out["x_innovations"] = self.path_innovations(out, data)
+        return out
+
+    def path_innovations(self, params, data: SequenceData) -> np.ndarray:
+        """(B, T, D) whitened innovations of the path ``params["x"]`` (:class:`WhitenedSwitchingChain`)."""
+        data = data if isinstance(data, SequenceData) else self.prepare(data)
+        p = {k: jnp.asarray(v) for k, v in params.items() if k != "q_state_probs"}
+        whitened = WhitenedSwitchingChain(self.path_distribution(p, data))
+        return np.asarray(whitened.to_innovations(jnp.asarray(params["x"])))
+
+    def latent_site_values(self, params, data) -> dict[str, np.ndarray]:
+        """Site-form values (e.g. ``fit_em(...).params``) as a start for the program's latent sites:
+        drops EM-only outputs, moves probabilities off the simplex boundary (the EM's MAP may put exactly
+        0 on a transition, which has no unconstrained value) and, for ``path_parameterisation=
+        "whitened"``, adds ``x_innovations`` computed from ``x``; pass the result as ``init_params`` to
+        ``fit_nuts``."""
+        out = {k: np.asarray(v) for k, v in params.items() if k != "q_state_probs"}
+        for name in ("initial_probs", "transition_matrix"):
+            if name in out:
+                v = out[name] + 1e-3
+                out[name] = v / v.sum(-1, keepdims=True)
+        if self.path_parameterisation == "whitened" and "x" in out:
+            out["x_innovations"] = self.path_innovations(out, data)
         return out
 
     # ----- quantities from one draw -------------------------------------------------------------
@@ -633,9 +751,10 @@ class SLDS(Model):
         Args:
             data: validated SequenceData (``fit_em`` passes it).
             key: PRNG key for the restarts' random initial regime paths.
-            params: optional site-form starting (or known) parameters. Without them, ``num_restarts``
-                starts from :meth:`init_values`-style PCA/AR(1) fits with random sticky regime paths
-                are run and the one with the highest objective kept.
+            params: optional site-form starting (or known) parameters. Without them, a PCA/AR(1)
+                start is refined by EM of one LDS shared by the regimes (for K > 1), and ``num_restarts``
+                runs from it are made, with regime paths from k-means on the local dynamics of its
+                smoothed path (all but one) and a random sticky path; the highest objective is kept.
             learn: which groups the M-step updates, a subset of ``("initial", "transitions",
                 "dynamics", "emission_matrix", "emission_bias", "emission_cov")``; default all (the
                 emission matrix only if it is not fixed), or none when ``params`` are given.
@@ -684,12 +803,16 @@ class SLDS(Model):
             seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
             rng = np.random.default_rng(seed)
             base = {k: jnp.asarray(v, dtype) for k, v in _em_initial_params(self, data, rng).items()}
-            # starts: k-means on local dynamics (all but one restart) and random sticky segments
+            needs_init_step = True
+            run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
+            if K > 1:  # fit one shared LDS first: the least-squares start puts the observation noise into Q
+                base = _single_lds_fit(run, base, y, m, tm, u, prior)
+            # starts: k-means on local dynamics of the LDS-smoothed path (all but one restart) and random
+            # sticky segments
             starts = _local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
             starts = starts[: num_restarts - 1] + [_random_sticky_paths(rng, B, T, K)]
             p0 = [base] * len(starts)
             gammas = [jnp.asarray(g, dtype) for g in starts]
-            needs_init_step = True
         run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
         # restarts one after another through the same compiled run (a leading axis of one): the
         # same total work on CPU as a vmap over restarts, with a restart's memory only
@@ -725,6 +848,28 @@ def _compiled_em(learn: frozenset, num_iters: int, diagonal: bool, init_step: bo
 
 
 _EM_CACHE: dict = {}
+
+_REGIME_KEYS = ("dynamics_matrices", "dynamics_biases", "input_matrices", "dynamics_covs")
+
+
+def _single_lds_fit(run, base, y, m, tm, u, prior):
+    """EM of one linear dynamical system shared by all regimes, through the compiled EM ``run``.
+
+    With equal regimes, a uniform q(z), uniform pi0 and a doubly stochastic P (as in ``base``) every
+    regime receives the same statistics, so the structured mean-field EM is exact EM for one LDS. The
+    fitted regimes are averaged (rounding may break the symmetry slightly) and the chain is reset to the
+    sticky start, so that the restarts only inherit the LDS's noise split, dynamics and readout."""
+    B, T = y.shape[:2]
+    K = base["transition_matrix"].shape[0]
+    uniform = jnp.full((1, B, T, K), 1.0 / K, y.dtype)
+    p_fit, _, _ = run(jax.tree.map(lambda a: a[None], base), uniform, y, m, tm, u, prior)
+    p_fit = jax.tree.map(lambda a: a[0], p_fit)
+    out = dict(base)
+    for name in ("initial_mean", "initial_cov", "emission_matrix", "emission_bias", "emission_cov"):
+        out[name] = p_fit[name]
+    for name in _REGIME_KEYS:
+        out[name] = jnp.broadcast_to(jnp.mean(p_fit[name], 0), base[name].shape)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -867,36 +1012,43 @@ def _random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.
 
 
 class SLDSGuide:
-    """AutoNormal over the parameters (x hidden from it) and a Gauss–Markov chain over x.
+    """AutoNormal over the parameters (the path hidden from it) and a Gauss–Markov chain over the path
+    site: x, or ``x_innovations`` for a whitened model (a Gauss–Markov family in those coordinates).
 
     Called with the program's signature. ``init_values`` (site dict, e.g. from ``fit_em``) or ``data``
-    (PCA start, :meth:`SLDS.init_values`) set where the optimisation starts.
+    (PCA start, :meth:`SLDS.init_values`) set where the optimisation starts; for a whitened model pass
+    ``data`` with ``init_values`` so that the start of x can be turned into innovations.
     """
 
     def __init__(self, model: SLDS, data=None, init_values=None, init_scale: float = 0.05):
         self.model = model
         self.init_scale = float(init_scale)
+        # the guide's path site: the path itself, or its innovations for a whitened model
+        self.path_site = "x_innovations" if model.path_parameterisation == "whitened" else "x"
         if init_values is None and data is not None:
             init_values = model.init_values(data)
+        elif init_values is not None and data is not None:
+            init_values = model.latent_site_values(init_values, data)
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {k: v for k, v in (self.init_values or {}).items() if k not in ("x", "q_state_probs")}
+        values = {k: v for k, v in (self.init_values or {}).items() if k not in ("x", "x_innovations", "q_state_probs")}
         if not values:  # prior medians, but regimes made distinct so that they can separate
             K, D = model.num_states, model.latent_dim
             values = {"dynamics_matrix": 0.95 * np.stack([_block_rotation(D, 0.1 * (k - (K - 1) / 2)) for k in range(K)])}
         self.parameter_guide = AutoNormal(
-            handlers.block(model.program, hide=["x"]), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
+            handlers.block(model.program, hide=["x", "x_innovations"]), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "SLDSGuide"
 
     def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
         out = self.parameter_guide(data, record_log_lik=record_log_lik)
         B, T = data.y.shape[:2]
-        x0 = None if self.init_values is None or "x" not in self.init_values else self.init_values["x"]
+        site = self.path_site
+        x0 = None if self.init_values is None or site not in self.init_values else self.init_values[site]
         chain = gauss_markov_chain(
-            "x", B, T, self.model.latent_dim, init_loc=x0, init_scale=self.init_scale, time_mask=data.time_mask
+            site, B, T, self.model.latent_dim, init_loc=x0, init_scale=self.init_scale, time_mask=data.time_mask
         )
         with numpyro.plate("trial", B):
-            out["x"] = numpyro.sample("x", chain)
+            out[site] = numpyro.sample(site, chain)
         return out
 
     def sample_posterior(self, key, params, *args, sample_shape=(), **kwargs):
@@ -906,4 +1058,4 @@ class SLDSGuide:
         return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)
 
 
-__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain"]
+__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain", "WhitenedSwitchingChain"]

@@ -18,7 +18,7 @@ K-vector product, a K x K matrix-vector product and one division -- no logs or e
 transition matrix are fine (values and gradients stay finite). The one regime this cannot represent is
 a step where every state the chain can reach has a likelihood below ``exp(-87)`` (float32) or
 ``exp(-708)`` (float64) relative to the best state; that step then underflows and the log normaliser
-is -inf.
+is -inf (filtered and smoothed probabilities are 0 there, and the gradient is NaN).
 
 Everything is jit-able and vmap-able; the public functions are jitted themselves (``parallel`` and
 ``num_samples`` are static), so eager calls compile once per input shape instead of op by op. Shapes are
@@ -147,6 +147,17 @@ def _safe_divide(x: Array, total: Array) -> Array:
     return x / jnp.where(total > 0, total, 1.0)
 
 
+def _normalise_step(x: Array, total: Array) -> Array:
+    """x / total inside a scan body, 0 where total == 0 (x is then all zeros: 0/0 -> 0).
+
+    Same values as :func:`_safe_divide`, but XLA's CPU backend keeps a plain division fused with the
+    reduction that produced ``total``, whereas guarding the divisor (where/maximum) adds a scalar
+    kernel per step and doubles the time of the sequential recursions (measured 28 vs 55 ms, K = 25,
+    T = 1e5). The gradient at an impossible step (log normaliser -inf) is NaN; elsewhere it is exact.
+    """
+    return jnp.nan_to_num(x / total, nan=0.0)
+
+
 def _transition_steps(inputs: _Inputs) -> Array:
     """(T-1, K, K) transition matrices, broadcasting a static one."""
     T, K = inputs.log_likelihoods.shape
@@ -172,7 +183,7 @@ def _forward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
         lik_t, A_prev = xs if inputs.time_varying else (xs, A)
         alpha = (filtered_prev @ A_prev) * lik_t
         c = alpha.sum()
-        filtered = _safe_divide(alpha, c)
+        filtered = _normalise_step(alpha, c)
         return filtered, (filtered, c)
 
     alpha0 = inputs.initial * lik[0]
@@ -206,7 +217,7 @@ def _backward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
         lik_next, A_t = xs if inputs.time_varying else (xs, A)
         b = A_t @ (lik_next * beta_next)
         s = b.sum()
-        b = _safe_divide(b, s)
+        b = _normalise_step(b, s)
         return b, (b, s)
 
     beta_last = jnp.full((K,), 1.0 / K, dtype=lik.dtype)
