@@ -98,6 +98,10 @@ def _affine_fixed_points(A, b):
 
 
 class TestFitFixedPointsSLDS:
+    # ~130 s of NumPyro compilation on 2 cores; the same group is checked in-process by
+    # tests/test_fixed_points.py, so the full CLI round trip runs under -m slow
+    pytestmark = pytest.mark.slow
+
     def test_fixed_point_of_each_regime_per_draw(self, tmp_path):
         fit = _fit_through_cli(tmp_path, "slds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1))
         fp = get_group(fit.idata, "fixed_points")
@@ -140,6 +144,8 @@ class TestFitFixedPointsCLDS:
 
 
 class TestFitFixedPointsGPSLDS:
+    pytestmark = pytest.mark.slow  # ~55 s of compilation; the root finder is tested directly below
+
     def test_flow_field_and_roots_of_the_drift(self, tmp_path):
         options = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)
         fit = _fit_through_cli(tmp_path, "gpslds", options)
