@@ -60,16 +60,21 @@ def time_call(fn: Callable, args: tuple, repeats: int) -> dict:
     return {"wall_median": statistics.median(wall), "wall_min": min(wall), "cpu_min": min(cpu)}
 
 
-def worker(family: str, impl: str, size: tuple[int, ...], num_timesteps: int, repeats: int) -> list[dict]:
-    """Time both kernels of one implementation at one size; runs inside the subprocess."""
-    import jax
-
+def _load_problem(family: str, size: tuple[int, ...], num_timesteps: int):
+    """(the ``{family}_kernels`` module, its problem's arguments) with the repository importable."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ppl_switch  # noqa: F401  (sets the single-threaded Eigen flag before any compilation)
 
     module = __import__(f"{family}_kernels")
-    args = module.problem(num_timesteps, *size)
+    return module, module.problem(num_timesteps, *size)
+
+
+def worker(family: str, impl: str, size: tuple[int, ...], num_timesteps: int, repeats: int) -> list[dict]:
+    """Time both kernels of one implementation at one size; runs inside the subprocess."""
+    import jax
+
+    module, args = _load_problem(family, size, num_timesteps)
     return [
         {"family": family, "kernel": kernel, "impl": impl, "size": list(size), "T": num_timesteps,
          **time_call(jax.jit(fn), args, repeats)}
@@ -82,10 +87,7 @@ def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats:
     loaded machine this compares implementations under the same conditions, at the risk of a hang."""
     import jax
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    module = __import__(f"{family}_kernels")
-    args = module.problem(num_timesteps, *size)
+    module, args = _load_problem(family, size, num_timesteps)
     fns = {(impl, k): jax.jit(fn) for impl in impls for k, fn in module.kernels(impl).items()}
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
@@ -155,9 +157,6 @@ def main(argv=None) -> None:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
     if args.interleave:
-        sys.path.insert(0, str(ROOT))
-        import ppl_switch  # noqa: F401  (single-threaded Eigen, as in the workers)
-
         rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats)
         print(markdown_table(rows, "cpu_min"))
         return

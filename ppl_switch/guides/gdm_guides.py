@@ -66,9 +66,15 @@ class _AmortisedGuide:
         return values
 
     def __call__(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False):
+        init, enc = self.point_estimates_and_encoder(data)
+        with numpyro.plate("trial", data.num_trials):
+            numpyro.sample("z", self.posterior(enc, data, temperature))
+
+    def point_estimates_and_encoder(self, data: SequenceData) -> tuple[dict, dict]:
+        """Register the model parameters as point estimates (Delta sites) and the encoder weights as
+        params; returns (the initial values, the encoder weights without their prefix)."""
         init = self.init_values(data.obs_dim)
-        shapes = self.model.site_shapes(data.obs_dim)
-        for name, shape in shapes.items():
+        for name, shape in self.model.site_shapes(data.obs_dim).items():
             value = numpyro.param(name + MAP_SUFFIX, jnp.asarray(init[name + MAP_SUFFIX], dtype=data.y.dtype))
             numpyro.sample(name, dist.Delta(value, event_dim=len(shape)))
         enc = {
@@ -76,8 +82,7 @@ class _AmortisedGuide:
             for k, v in init.items()
             if k.startswith(self.prefix)
         }
-        with numpyro.plate("trial", data.num_trials):
-            numpyro.sample("z", self.posterior(enc, data, temperature))
+        return init, enc
 
     def posterior(self, enc, data: SequenceData, temperature=None) -> RelaxedMarkovChain:
         tau = self.model.temperature if temperature is None else temperature
@@ -189,15 +194,7 @@ class MixtureGuide(LinearGuide):
         )
 
     def __call__(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False):
-        init = self.init_values(data.obs_dim)
-        for name, shape in self.model.site_shapes(data.obs_dim).items():
-            value = numpyro.param(name + MAP_SUFFIX, jnp.asarray(init[name + MAP_SUFFIX], dtype=data.y.dtype))
-            numpyro.sample(name, dist.Delta(value, event_dim=len(shape)))
-        enc = {
-            k[len(self.prefix) :]: numpyro.param(k, jnp.asarray(v, dtype=data.y.dtype))
-            for k, v in init.items()
-            if k.startswith(self.prefix)
-        }
+        init, enc = self.point_estimates_and_encoder(data)
         q_x = self.path_guide(data, init)
         with numpyro.plate("trial", data.num_trials):
             x = numpyro.sample("x", q_x)
