@@ -99,8 +99,8 @@ discrete or relaxed states; fixed_points for models with fixed points (at zero a
   slds, rslds    fixed_point (chain, draw, state, latent)
   arhmm          fixed_point (chain, draw, state, obs)
   gdm            fixed_point (chain, draw, state, latent) in the projected space F y; fixed_point_obs (..., obs)
-  clds           fixed_points (chain, draw, condition, latent) on a grid over the observed inputs
-  gpslds, gpsde  location (sample, root, latent); a flow_field group when latent_dim = 2
+  clds           fixed_point (chain, draw, condition, latent) on a grid over the observed inputs
+  gpslds, gpsde  fixed_point (sample, root, latent); a flow_field group when latent_dim = 2
   hmm            no fixed_points group"""
 
 

@@ -10,6 +10,10 @@ import os
 import shutil
 import tempfile
 
+# jaxlib 0.9 logs two C++ ERROR lines per executable it loads from the persistent cache (a CPU-feature
+# naming mismatch, harmless); at -s they bury the test output. Set before JAX loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
 import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/__init__.py) before JAX starts
 import jax
 

@@ -379,6 +379,6 @@ def test_config_round_trip_and_fit_em_runner(small_data):
     idata = add_fixed_points(fit, np.linspace(0, 2 * math.pi, 7))
     assert {"posterior", "log_likelihood", "fixed_points"} <= set(group_names(idata))
     fp = get_group(idata, "fixed_points")
-    assert fp["fixed_points"].shape == (1, 1, 7, 2)
+    assert fp["fixed_point"].shape == (1, 1, 7, 2) and fp["eigenvalue_real"].dims[-1] == "eig"
     np.testing.assert_allclose(get_group(idata, "log_likelihood")["y"].values[0, 0],
                                model.log_likelihood(fit.params, data), rtol=1e-8)

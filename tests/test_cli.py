@@ -133,14 +133,14 @@ class TestFitFixedPointsCLDS:
         options = dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})
         fit = _fit_through_cli(tmp_path, "clds", options)
         fp = get_group(fit.idata, "fixed_points")
-        assert fp["fixed_points"].dims == ("chain", "draw", "condition", "latent")
+        assert fp["fixed_point"].dims == ("chain", "draw", "condition", "latent")
         u = fp["condition_value"].values
         observed = np.asarray(fit.data.inputs)[np.asarray(fit.data.time_mask)]
         assert u.shape == (25, 1) and u.min() == observed.min() and u.max() == observed.max()
         for draw in (0, -1):
             f = fit.model.parameter_functions({k: v[0, draw] for k, v in fit.samples.items()}, u)
             expected = _affine_fixed_points(np.asarray(f["A"]), np.asarray(f["b"]))
-            np.testing.assert_allclose(fp["fixed_points"].values[0, draw], expected, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(fp["fixed_point"].values[0, draw], expected, rtol=1e-6, atol=1e-9)
 
 
 class TestFitFixedPointsGPSLDS:
@@ -150,17 +150,17 @@ class TestFitFixedPointsGPSLDS:
         options = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)
         fit = _fit_through_cli(tmp_path, "gpslds", options)
         fp, flow = get_group(fit.idata, "fixed_points"), get_group(fit.idata, "flow_field")
-        assert fp["location"].dims == ("sample", "root", "latent") and flow["drift_mean"].dims == ("x2", "x1", "latent")
+        assert fp["fixed_point"].dims == ("sample", "root", "latent") and flow["drift_mean"].dims == ("x2", "x1", "latent")
         draws = {k: v.reshape((-1,) + v.shape[2:]) for k, v in fit.samples.items() if k != "x"}
         assert fp.sizes["sample"] == len(draws["fixed_points"])
         X1, X2 = np.meshgrid(flow["x1"].values, flow["x2"].values)
         drift = jax.vmap(lambda p: fit.model.drift(p, np.stack([X1, X2], -1)))(draws)
         np.testing.assert_allclose(flow["drift_mean"].values, np.asarray(drift).mean(0), rtol=1e-6, atol=1e-9)
-        found = np.isfinite(fp["location"].values).all(-1)
+        found = np.isfinite(fp["fixed_point"].values).all(-1)
         np.testing.assert_array_equal(found.sum(-1), fp["num_roots"].values)
         for s, r in zip(*np.nonzero(found)):
             params = {k: v[s] for k, v in draws.items()}
-            assert np.linalg.norm(fit.model.drift(params, fp["location"].values[s, r])) < 1e-5
+            assert np.linalg.norm(fit.model.drift(params, fp["fixed_point"].values[s, r])) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_roots_of_a_one_dimensional_latent_sde_match_bisection():
                "rbf_weights": rng.standard_normal((1, S, 8, 1)), "x": np.broadcast_to(path, (1, S, 1, T, 1)).copy()}
     fit = _fit_from_draws(model, model.prepare(np.zeros((1, T, 2))), samples)
     fp = get_group(add_fit_fixed_points(fit), "fixed_points")
-    assert fp["location"].dims == ("sample", "root", "latent")
+    assert fp["fixed_point"].dims == ("sample", "root", "latent")
     grid = np.linspace(-2.4, 2.4, 2001)
     total = 0
     for s in range(S):
@@ -226,7 +226,7 @@ def test_roots_of_a_one_dimensional_latent_sde_match_bisection():
         values = np.asarray(model.drift(params, grid[:, None]))[:, 0]
         brackets = np.nonzero(np.sign(values[:-1]) != np.sign(values[1:]))[0]
         expected = sorted(brentq(f, grid[i], grid[i + 1], xtol=1e-12) for i in brackets)
-        found = np.sort(fp["location"].values[s, :, 0][np.isfinite(fp["location"].values[s, :, 0])])
+        found = np.sort(fp["fixed_point"].values[s, :, 0][np.isfinite(fp["fixed_point"].values[s, :, 0])])
         np.testing.assert_allclose(found, expected, atol=1e-6)
         total += len(expected)
     assert total >= 2  # the check is not vacuous

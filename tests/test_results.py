@@ -54,7 +54,7 @@ def hmm_parts():
         posterior_predictive=posterior_predictive_draws(model, samples, data, jax.random.PRNGKey(0)),
         posterior_states=posterior_states(model, samples, data),
         sample_stats={"diverging": np.zeros((C, D), bool), "lp": np.random.default_rng(1).normal(size=(C, D))},
-        extra_groups={"fixed_points": {"location": (("state", "latent"), np.zeros((2, 3)))}},
+        extra_groups={"fixed_points": {"fixed_point": (("state", "latent"), np.zeros((2, 3)))}},
     )
 
 
@@ -75,7 +75,7 @@ EXPECTED_DIMS = {
     ("posterior_states", "state_probs"): ("trial", "time", "state"),
     ("posterior_states", "viterbi"): ("chain", "draw", "trial", "time"),
     ("posterior_states", "state_samples"): ("chain", "draw", "trial", "time"),
-    ("fixed_points", "location"): ("state", "latent"),
+    ("fixed_points", "fixed_point"): ("state", "latent"),
 }
 
 

@@ -264,8 +264,8 @@ def tuning_curves(model, params: Mapping, data: SequenceData, num_bins: int = 50
 
 def fixed_point_dataset(model, samples: Mapping, u_grid, whiten: bool = False, sample_ndim: int = 2):
     """Per-draw fixed points, eigenvalues (modulus and real part), A(u) and b(u) on a condition grid,
-    as an ``xarray.Dataset`` with dims (chain, draw, condition, latent[, latent_from]) -- the derived
-    ``fixed_points`` group of a CLDS fit."""
+    as an ``xarray.Dataset`` with dims (chain, draw, condition, latent | eig[, latent_from]) -- the derived
+    ``fixed_points`` group of a CLDS fit; the fixed points are the variable ``fixed_point``, as for every model."""
     import xarray as xr
 
     u_grid = np.asarray(u_grid, dtype=float)
@@ -277,10 +277,10 @@ def fixed_point_dataset(model, samples: Mapping, u_grid, whiten: bool = False, s
     coords = {"condition": np.arange(u_grid.shape[0])}
     return xr.Dataset(
         {
-            "fixed_points": (lead + ("condition", "latent"), np.asarray(out["fixed_points"])),
-            "eigenvalue_modulus": (lead + ("condition", "eigen"), np.abs(eig)),
-            "eigenvalue_real": (lead + ("condition", "eigen"), eig.real),
-            "eigenvalue_imag": (lead + ("condition", "eigen"), eig.imag),
+            "fixed_point": (lead + ("condition", "latent"), np.asarray(out["fixed_points"])),
+            "eigenvalue_modulus": (lead + ("condition", "eig"), np.abs(eig)),
+            "eigenvalue_real": (lead + ("condition", "eig"), eig.real),
+            "eigenvalue_imag": (lead + ("condition", "eig"), eig.imag),
             "dynamics_matrix": (lead + ("condition", "latent", "latent_from"), np.asarray(out["A"])),
             "dynamics_bias": (lead + ("condition", "latent"), np.asarray(out["b"])),
             "condition_value": (("condition", "input"), u_grid),

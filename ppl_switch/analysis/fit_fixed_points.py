@@ -2,7 +2,8 @@
 dispatch over the model zoo that ``ppl-switch fit`` calls before writing its .nc.
 
 Each model reuses its own analysis helper where there is one, so the group has the schema its model card
-documents. The fixed point is taken at zero input where inputs enter the dynamics additively.
+documents; in every model the fixed points are the variable ``fixed_point``. The fixed point is taken at
+zero input where inputs enter the dynamics additively.
 
 =============  =====================================================  =======================================
 model          fixed point                                            dims of the fixed point variable
@@ -13,9 +14,9 @@ arhmm          y*_k = (I - sum_l A_kl)^-1 b_k; eigenvalues of the     ``fixed_po
                companion matrix (dim eig = lags * obs)
 gdm            x*_k = (I - F S_k)^-1 F b_k in the projected space     ``fixed_point`` (chain, draw, state, latent),
                x = F y, and y*_k = S_k x*_k + b_k                     ``fixed_point_obs`` (chain, draw, state, obs)
-clds           x*(u) = (I - A(u))^-1 b(u) on a grid of conditions     ``fixed_points`` (chain, draw, condition,
+clds           x*(u) = (I - A(u))^-1 b(u) on a grid of conditions     ``fixed_point`` (chain, draw, condition,
                spanning the observed inputs                           latent)
-gpslds, gpsde  roots of the drift f(x), Newton from a grid of starts  ``location`` (sample, root, latent); with
+gpslds, gpsde  roots of the drift f(x), Newton from a grid of starts  ``fixed_point`` (sample, root, latent); with
                in the box of the posterior mean path                  latent_dim 2 also a ``flow_field`` group
 hmm            none (no continuous dynamics): no group
 =============  =====================================================  =======================================
@@ -142,13 +143,5 @@ def _latent_sde_fixed_points(fit):
     per_axis = max(2, int(round(36 ** (1.0 / K))))
     axes = [np.linspace(lo[i], hi[i], per_axis) for i in range(K)]
     starts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, K)
-    fp = gp.fixed_points(fit.model, fit.samples, starts, region=(lo, hi))
-    R = min(6, fp["points"].shape[1])
-    ds = xr.Dataset({
-        "location": (("sample", "root", "latent"), fp["points"][:, :R]),
-        "eigenvalue_real": (("sample", "root", "latent"), fp["eigenvalues"][:, :R].real),
-        "eigenvalue_imag": (("sample", "root", "latent"), fp["eigenvalues"][:, :R].imag),
-        "stability": (("sample", "root"), fp["stability"][:, :R].astype(str)),
-        "num_roots": (("sample",), fp["num_roots"]),
-    })
+    ds = gp.fixed_point_dataset(fit.model, fit.samples, starts, (lo, hi))
     return replace_groups(fit.idata, {"fixed_points": ds})

@@ -224,7 +224,7 @@ def add_gpslds_summaries(fit, *, lo=None, hi=None, num: int = 30, eps: float = 0
 
     ``flow_field`` (dims x1, x2 = the grid axes, latent, state): ``drift_mean``, ``drift_var``,
     ``slow_point_probability`` (eps as attr), and for GPSLDS ``partition_mean``, ``most_likely_regime``.
-    ``fixed_points`` (dims sample, root, latent): ``location``, ``eigenvalue_real``, ``eigenvalue_imag``,
+    ``fixed_points`` (dims sample, root, latent): ``fixed_point``, ``eigenvalue_real``, ``eigenvalue_imag``,
     ``stability`` and ``num_roots``. The grid defaults to the range of the posterior mean path +- 10%.
     ``samples`` overrides the fit's draws (e.g. extra parameter draws from the guide).
     """
@@ -254,16 +254,25 @@ def add_gpslds_summaries(fit, *, lo=None, hi=None, num: int = 30, eps: float = 0
         flow["most_likely_regime"] = (("x2", "x1"), part["most_likely"].reshape(shape))
     flow_ds = xr.Dataset({k: xr.Variable(*v) for k, v in flow.items()}, coords={"x1": a, "x2": b}, attrs={"eps": eps})
     starts, _ = grid_points(lo, hi, num_starts)
-    fp = fixed_points(fit.model, samples, starts, region=(lo, hi))
+    fp_ds = fixed_point_dataset(fit.model, samples, starts, (lo, hi), max_roots)
+    return replace_groups(fit.idata, {"flow_field": flow_ds, "fixed_points": fp_ds})
+
+
+def fixed_point_dataset(model, samples, starts, region, max_roots: int = 6):
+    """Roots of the drift found from ``starts`` (S, K) inside ``region`` = (lo, hi), per draw, as the
+    ``fixed_points`` group: ``fixed_point`` (sample, root, latent; NaN where fewer roots were found),
+    ``eigenvalue_real``/``eigenvalue_imag`` of the drift Jacobian, ``stability`` and ``num_roots``."""
+    import xarray as xr
+
+    fp = fixed_points(model, samples, starts, region=region)
     R = min(max_roots, fp["points"].shape[1])
-    fp_ds = xr.Dataset({
-        "location": (("sample", "root", "latent"), fp["points"][:, :R]),
+    return xr.Dataset({
+        "fixed_point": (("sample", "root", "latent"), fp["points"][:, :R]),
         "eigenvalue_real": (("sample", "root", "latent"), fp["eigenvalues"][:, :R].real),
         "eigenvalue_imag": (("sample", "root", "latent"), fp["eigenvalues"][:, :R].imag),
         "stability": (("sample", "root"), fp["stability"][:, :R].astype(str)),
         "num_roots": (("sample",), fp["num_roots"]),
     })
-    return replace_groups(fit.idata, {"flow_field": flow_ds, "fixed_points": fp_ds})
 
 
 # --------------------------------------------------------------------------------------------------

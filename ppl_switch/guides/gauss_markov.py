@@ -92,7 +92,9 @@ class GaussMarkovChain(dist.Distribution):
         resid0 = value[..., 0, :] - self.initial_loc
         pred = jnp.einsum("...tij,...tj->...ti", self.transition_matrices, value[..., :-1, :]) + self.transition_offsets
         resid = value[..., 1:, :] - pred
-        w0 = solve_triangular(self.initial_scale_tril, resid0[..., None], lower=True)[..., 0]
+        # explicit broadcasting: jax < 0.10 needs equal batch ranks in triangular_solve
+        L0 = jnp.broadcast_to(self.initial_scale_tril, resid0.shape + resid0.shape[-1:])
+        w0 = solve_triangular(L0, resid0[..., None], lower=True)[..., 0]
         L = jnp.broadcast_to(self.transition_scale_trils, resid.shape + resid.shape[-1:])
         w = solve_triangular(L, resid[..., None], lower=True)[..., 0]
         T, D = self.event_shape

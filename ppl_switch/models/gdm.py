@@ -26,22 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-import numpyro.distributions as dist
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.distributions.relaxed import RelaxedMarkovChain, RelaxedOneHotCategorical
-from ppl_switch.guides.gru import gru_init, gru_scan
-from ppl_switch.models._common import permute_by_dims
-from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_poisson_log_prob
-from ppl_switch.models.base import Model
+from ppl_switch.distributions.relaxed import RelaxedOneHotCategorical
+from ppl_switch.guides.gru import gru_cell, gru_init, gru_scan
+from ppl_switch.models._common import require_obs_dim
+from ppl_switch.models._gdm_base import GDMBase
 
 __all__ = ["GDM"]
 
 TRANSITIONS = ("linear", "gru")
-EMISSIONS = ("gaussian", "poisson")
 
 
-class GDM(Model):
+class GDM(GDMBase):
     """The 2-level Gumbel Dynamical Model.
 
     Args:
@@ -61,6 +58,9 @@ class GDM(Model):
     """
 
     name = "gdm"
+    _config_keys = ("num_states", "latent_dim", "obs_dim", "input_dim", "emission", "sticky", "transition", "gru_hidden",
+                    "temperature", "train_projection", "constrain_gamma", "projection_seed", "prior_scale")
+    path_dims = {"z": ("trial", "time", "state")}
 
     def __init__(
         self,
@@ -78,44 +78,15 @@ class GDM(Model):
         projection_seed: int = 0,
         prior_scale: float = 5.0,
     ):
-        self.num_states = check_positive_int(num_states, "num_states")
-        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
-        self.obs_dim = None if obs_dim is None else check_positive_int(obs_dim, "obs_dim")
+        super().__init__(num_states, latent_dim, obs_dim, emission, sticky, temperature, prior_scale)
         self.input_dim = check_positive_int(input_dim, "input_dim", minimum=0)
-        if emission not in EMISSIONS:
-            raise ValueError(f"emission: expected one of {EMISSIONS}, got {emission!r}")
         if transition not in TRANSITIONS:
             raise ValueError(f"transition: expected one of {TRANSITIONS}, got {transition!r}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        if not float(prior_scale) > 0:
-            raise ValueError(f"prior_scale: expected a positive number, got {prior_scale!r}")
-        self.emission = emission
-        self.sticky = bool(sticky)
         self.transition = transition
         self.gru_hidden = check_positive_int(gru_hidden, "gru_hidden")
-        self.temperature = float(temperature)
         self.train_projection = bool(train_projection) or transition == "gru"
         self.constrain_gamma = bool(constrain_gamma)
         self.projection_seed = int(projection_seed)
-        self.prior_scale = float(prior_scale)
-
-    def config(self) -> dict[str, Any]:
-        return dict(
-            num_states=self.num_states,
-            latent_dim=self.latent_dim,
-            obs_dim=self.obs_dim,
-            input_dim=self.input_dim,
-            emission=self.emission,
-            sticky=self.sticky,
-            transition=self.transition,
-            gru_hidden=self.gru_hidden,
-            temperature=self.temperature,
-            train_projection=self.train_projection,
-            constrain_gamma=self.constrain_gamma,
-            projection_seed=self.projection_seed,
-            prior_scale=self.prior_scale,
-        )
 
     # ----- sites --------------------------------------------------------------------------------
     def site_shapes(self, obs_dim: int) -> dict[str, tuple[int, ...]]:
@@ -128,48 +99,25 @@ class GDM(Model):
             shapes.update(transition_weights=(K, D), transition_bias=(K,))
         else:
             shapes.update(gru_W=(3 * H, D), gru_U=(3 * H, H), gru_b=(3 * H,), readout_weights=(K, H), readout_bias=(K,))
-        if self.sticky:
-            shapes["stickiness"] = ()
-        if self.emission == "gaussian":
-            shapes["log_obs_var"] = (N,)
+        shapes.update(self._gamma_and_noise_shapes(N))
         if self.train_projection:
             shapes["projection"] = (D, N)
         return shapes
 
-    def site_dims(self) -> dict[str, tuple[str, ...]]:
-        dims = {
-            "init_logits": ("state",),
+    def _param_dims(self) -> dict[str, tuple[str, ...]]:
+        return {
+            **super()._param_dims(),
             "init_mean": ("state", "obs"),
             "dynamics": ("state", "obs", "latent"),
             "offsets": ("state", "obs"),
             "input_weights": ("state", "obs", "input"),
-            "transition_weights": ("state", "latent"),
-            "transition_bias": ("state",),
             "gru_W": ("gate_hidden", "latent"),
             "gru_U": ("gate_hidden", "hidden"),
             "gru_b": ("gate_hidden",),
             "readout_weights": ("state", "hidden"),
             "readout_bias": ("state",),
-            "stickiness": (),
-            "log_obs_var": ("obs",),
             "projection": ("latent", "obs"),
-            "z": ("trial", "time", "state"),
         }
-        shapes = self.site_shapes(self.obs_dim or 1)
-        return {k: v for k, v in dims.items() if k in shapes or k == "z"}
-
-    def site_priors(self) -> dict[str, str]:
-        """The priors of the parameter sites, in words (also used by the model card)."""
-        s = self.prior_scale
-        return {
-            name: ("Normal(0, 1)" if name == "stickiness" else f"Normal(-2, {s})" if name == "log_obs_var" else f"Normal(0, {s})")
-            for name in self.site_shapes(self.obs_dim or 1)
-        }
-
-    def _prior(self, name: str, shape):
-        loc = -2.0 if name == "log_obs_var" else 0.0
-        scale = 1.0 if name == "stickiness" else self.prior_scale
-        return dist.Normal(loc, scale).expand(shape).to_event(len(shape))
 
     def fixed_projection(self, obs_dim: int) -> np.ndarray:
         """The fixed random projection F (D, N) = 0.1 N(0, 1), drawn from ``projection_seed``."""
@@ -186,11 +134,6 @@ class GDM(Model):
     def projection(self, params, obs_dim: int):
         return params["projection"] if self.train_projection else jnp.asarray(self.fixed_projection(obs_dim))
 
-    def gamma(self, params):
-        if not self.sticky:
-            return 0.0
-        return jax.nn.sigmoid(params["stickiness"]) if self.constrain_gamma else params["stickiness"]
-
     def transition_base_logits(self, params, y):
         """(..., T, K) the part of the transition logits that does not depend on z: pi_1 at t = 1 and
         (1 - gamma) f(F y_{1:t-1}) at t >= 2. ``y`` is (..., T, N)."""
@@ -200,9 +143,7 @@ class GDM(Model):
         else:
             gru = {"W": params["gru_W"], "U": params["gru_U"], "b": params["gru_b"]}
             drive = gru_scan(gru, proj) @ params["readout_weights"].T + params["readout_bias"]
-        drive = (1.0 - self.gamma(params)) * drive
-        init = jnp.broadcast_to(params["init_logits"], y.shape[:-2] + (1, self.num_states))
-        return jnp.concatenate([init, drive], axis=-2)
+        return self._prepend_initial_logits(params, drive)
 
     def state_means(self, params, y, inputs=None):
         """(..., T, K, N) per-state emission means m_tk: mu_k at t = 1, S_k F y_{t-1} + b_k (+ V_k u_t) after."""
@@ -220,30 +161,16 @@ class GDM(Model):
 
     def emission_log_prob(self, params, z, data: SequenceData):
         """(..., trials, time) log p(y_t | y_{t-1}, z_t), 0 at unobserved entries."""
-        mean = self.mixed_mean(params, z, data.y, data.inputs)
-        if self.emission == "gaussian":
-            scale = jnp.exp(0.5 * params["log_obs_var"])
-            return masked_diag_normal_log_prob(data.y, data.mask, mean, scale)
-        return masked_poisson_log_prob(data.y, data.mask, jax.nn.softplus(mean))
+        return self._observation_log_prob(params, self.mixed_mean(params, z, data.y, data.inputs), data)
 
     def state_prior(self, params, data: SequenceData, temperature=None):
-        tau = self.temperature if temperature is None else temperature
-        coupling = self.gamma(params) if self.sticky else None
-        return RelaxedMarkovChain(tau, self.transition_base_logits(params, data.y), coupling, data.time_mask)
+        """p(z | y): the relaxed chain with logits driven by y_{t-1}."""
+        return self._relaxed_chain(params, self.transition_base_logits(params, data.y), data.time_mask, temperature)
 
     # ----- the program --------------------------------------------------------------------------
-    def program(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False) -> None:
-        params = {name: numpyro.sample(name, self._prior(name, shape)) for name, shape in self.site_shapes(data.obs_dim).items()}
-        with numpyro.plate("trial", data.num_trials):
-            z = numpyro.sample("z", self.state_prior(params, data, temperature))
-            mean = self.mixed_mean(params, z, data.y, data.inputs)
-            if self.emission == "gaussian":
-                obs_dist = dist.Normal(mean, jnp.exp(0.5 * params["log_obs_var"]))
-            else:
-                obs_dist = dist.Poisson(jax.nn.softplus(mean))
-            numpyro.sample("y", obs_dist.mask(data.mask).to_event(2), obs=data.y)
-        if record_log_lik:
-            numpyro.deterministic("log_lik", self.emission_log_prob(params, z, data))
+    def _sample_paths(self, params, data: SequenceData, temperature):
+        z = numpyro.sample("z", self.state_prior(params, data, temperature))
+        return self.mixed_mean(params, z, data.y, data.inputs)
 
     def default_guide(self):
         from ppl_switch.guides.gdm_guides import LinearGuide
@@ -268,43 +195,18 @@ class GDM(Model):
         return jnp.moveaxis(jnp.concatenate([z1[None], rest], 0), 0, -2)
 
     def _states(self, params, data):
+        """The draw's ``z`` if it has one, else :meth:`noise_free_path`."""
         return params["z"] if "z" in params else self.noise_free_path(params, data)
 
-    def log_likelihood(self, params, data: SequenceData) -> jax.Array:
-        """(trials, time) log p(y_t | y_{t-1}, z_t), 0 where unobserved.
-
-        The GDM's marginal over z has no closed form. Draws from the guide or NUTS carry z
-        (``params["z"]``) and the pointwise log-likelihood is conditional on it; a parameter set without
-        z uses :meth:`noise_free_path`.
-        """
-        return self.emission_log_prob(params, self._states(params, data), data)
-
-    def state_posterior(self, params, data: SequenceData) -> dict[str, jax.Array]:
-        """The draw's soft states ``params["z"]`` (or the noise-free prior path) and their argmax."""
-        z = self._states(params, data)
-        return {"state_probs": z, "viterbi": jnp.argmax(z, -1)}
-
-    def sample_states(self, key, params, data: SequenceData) -> jax.Array:
-        return self.state_posterior(params, data)["viterbi"]
-
-    def posterior_predictive(self, key, params, data: SequenceData) -> jax.Array:
-        """One replicate of y given the draw's z and the observed y_{t-1} (one-step-ahead replicate)."""
-        mean = self.mixed_mean(params, self._states(params, data), data.y, data.inputs)
-        if self.emission == "gaussian":
-            return mean + jnp.exp(0.5 * params["log_obs_var"]) * jax.random.normal(key, mean.shape, mean.dtype)
-        return jax.random.poisson(key, jax.nn.softplus(mean)).astype(mean.dtype)
+    def _observation_mean(self, params, data):
+        """sum_k z_tk m_tk with the observed y_{t-1}: the log-likelihood and the posterior-predictive
+        replicate are one step ahead given the draw's z."""
+        return self.mixed_mean(params, self._states(params, data), data.y, data.inputs)
 
     # ----- simulation ---------------------------------------------------------------------------
-    def default_params(self, key) -> dict[str, Any]:
+    def init_params(self, rng: np.random.Generator, obs_dim: int) -> dict[str, np.ndarray]:
         """The released code's initialisation: S_k = C Q_k (Q_k random orthogonal), mu ~ N(0,1),
         R ~ N(0,1), b = r = pi_1 = 0, gamma = 0.1, log sigma^2 = -1 + U(0,1)."""
-        if self.obs_dim is None:
-            raise ValueError("obs_dim: GDM was built with obs_dim=None; pass obs_dim to build default parameters")
-        seed = key if isinstance(key, (int, np.integer)) else np.asarray(jax.random.key_data(key)).ravel().tolist()
-        rng = np.random.default_rng(seed)
-        return self.init_params(rng, self.obs_dim)
-
-    def init_params(self, rng: np.random.Generator, obs_dim: int) -> dict[str, np.ndarray]:
         K, D, N = self.num_states, self.latent_dim, obs_dim
         C = rng.standard_normal((N, D))
         orth = [np.linalg.qr(rng.standard_normal((D, D)))[0] for _ in range(K)]
@@ -334,8 +236,7 @@ class GDM(Model):
         """Ancestral sampling of (z, y) jointly (y_{t-1} drives z_t and the mean of y_t)."""
         num_trials = check_positive_int(num_trials, "num_trials")
         num_timesteps = check_positive_int(num_timesteps, "num_timesteps")
-        if self.obs_dim is None:
-            raise ValueError("obs_dim: GDM was built with obs_dim=None; pass obs_dim to simulate")
+        require_obs_dim(self)
         key_params, key_path, key_inputs = jax.random.split(key, 3)
         if self.input_dim and inputs is None:  # no inputs given: standard-normal ones, returned in the data
             inputs = np.asarray(jax.random.normal(key_inputs, (num_trials, num_timesteps, self.input_dim)))
@@ -355,20 +256,15 @@ class GDM(Model):
         tau = self.temperature
         F = self.projection(params, N)
         gamma = self.gamma(params)
-        noise = jnp.exp(0.5 * params["log_obs_var"]) if self.emission == "gaussian" else None
 
         def emit(k, mean):
-            if self.emission == "gaussian":
-                return mean + noise * jax.random.normal(k, mean.shape, mean.dtype)
-            return jax.random.poisson(k, jax.nn.softplus(mean)).astype(mean.dtype)
+            return self._draw_observations(k, params, mean)
 
         def drive_logits(h, y_prev):
             x = F @ y_prev
             if self.transition == "linear":
                 return h, params["transition_weights"] @ x + params["transition_bias"]
             gru = {"W": params["gru_W"], "U": params["gru_U"], "b": params["gru_b"]}
-            from ppl_switch.guides.gru import gru_cell
-
             h = gru_cell(gru, h, x)
             return h, params["readout_weights"] @ h + params["readout_bias"]
 
@@ -393,14 +289,6 @@ class GDM(Model):
         h0 = jnp.zeros(self.gru_hidden)
         _, (zs, ys) = jax.lax.scan(step, (z1, y1, h0), (jax.random.split(key, num_timesteps - 1), inputs[1:]))
         return jnp.concatenate([y1[None], ys]), jnp.concatenate([z1[None], zs])
-
-    # ----- labels -------------------------------------------------------------------------------
-    def state_features(self, params) -> np.ndarray:
-        return np.concatenate([np.asarray(params["offsets"]), np.asarray(params["dynamics"]).reshape(self.num_states, -1)], -1)
-
-    def permute_states(self, params, perm) -> dict[str, Any]:
-        """Relabel every state axis. With a sticky prior this is exact; stickiness is permutation-free."""
-        return permute_by_dims(params, perm, self.site_dims())
 
 
 # ===== GS-BBVI training ==========================================================================

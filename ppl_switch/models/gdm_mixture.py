@@ -35,7 +35,7 @@ past a trial's length carry an N(0, I) density on x and no z term, so NUTS stays
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,17 +45,15 @@ import numpyro.distributions as dist
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.distributions.relaxed import RelaxedMarkovChain, RelaxedOneHotCategorical
-from ppl_switch.models._common import permute_by_dims
-from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_poisson_log_prob
-from ppl_switch.models.base import Model
+from ppl_switch.models._common import require_obs_dim
+from ppl_switch.models._gdm_base import GDMBase
 
 __all__ = ["GDMMixture"]
 
-EMISSIONS = ("gaussian", "poisson")
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class GDMMixture(Model):
+class GDMMixture(GDMBase):
     """The 3-level mixture Gumbel Dynamical Model (relaxed states z, latent path x, observations y).
 
     Args:
@@ -73,6 +71,8 @@ class GDMMixture(Model):
     """
 
     name = "gdm_mixture"
+    _config_keys = ("num_states", "latent_dim", "obs_dim", "emission", "sticky", "state_noise", "temperature", "prior_scale")
+    path_dims = {"x": ("trial", "time", "latent"), "z": ("trial", "time", "state")}
 
     def __init__(
         self,
@@ -85,38 +85,14 @@ class GDMMixture(Model):
         temperature: float = 0.99,
         prior_scale: float = 5.0,
     ):
-        self.num_states = check_positive_int(num_states, "num_states")
-        self.latent_dim = check_positive_int(latent_dim, "latent_dim")
-        self.obs_dim = None if obs_dim is None else check_positive_int(obs_dim, "obs_dim")
-        if emission not in EMISSIONS:
-            raise ValueError(f"emission: expected one of {EMISSIONS}, got {emission!r}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-        if not float(prior_scale) > 0:
-            raise ValueError(f"prior_scale: expected a positive number, got {prior_scale!r}")
-        self.emission = emission
-        self.sticky = bool(sticky)
+        super().__init__(num_states, latent_dim, obs_dim, emission, sticky, temperature, prior_scale)
         self.state_noise = bool(state_noise)
-        self.temperature = float(temperature)
-        self.prior_scale = float(prior_scale)
-
-    def config(self) -> dict[str, Any]:
-        return dict(
-            num_states=self.num_states,
-            latent_dim=self.latent_dim,
-            obs_dim=self.obs_dim,
-            emission=self.emission,
-            sticky=self.sticky,
-            state_noise=self.state_noise,
-            temperature=self.temperature,
-            prior_scale=self.prior_scale,
-        )
 
     # ----- sites --------------------------------------------------------------------------------
     def site_shapes(self, obs_dim: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the parameter sites (the paths are ``x`` (trials, time, D), ``z`` (trials, time, K))."""
         K, D, N = self.num_states, self.latent_dim, obs_dim
-        shapes = {
+        return {
             "init_logits": (K,),
             "init_mean": (K, D),
             "dynamics": (K, D, D),
@@ -126,50 +102,19 @@ class GDMMixture(Model):
             "transition_bias": (K,),
             "emission_matrix": (N, D),
             "emission_bias": (N,),
+            **self._gamma_and_noise_shapes(N),
         }
-        if self.sticky:
-            shapes["stickiness"] = ()
-        if self.emission == "gaussian":
-            shapes["log_obs_var"] = (N,)
-        return shapes
 
-    def site_dims(self) -> dict[str, tuple[str, ...]]:
-        dims = {
-            "init_logits": ("state",),
+    def _param_dims(self) -> dict[str, tuple[str, ...]]:
+        return {
+            **super()._param_dims(),
             "init_mean": ("state", "latent"),
             "dynamics": ("state", "latent", "latent_from"),
             "offsets": ("state", "latent"),
             "log_latent_var": ("state", "latent") if self.state_noise else ("latent",),
-            "transition_weights": ("state", "latent"),
-            "transition_bias": ("state",),
             "emission_matrix": ("obs", "latent"),
             "emission_bias": ("obs",),
-            "stickiness": (),
-            "log_obs_var": ("obs",),
-            "x": ("trial", "time", "latent"),
-            "z": ("trial", "time", "state"),
         }
-        shapes = self.site_shapes(self.obs_dim or 1)
-        return {k: v for k, v in dims.items() if k in shapes or k in ("x", "z")}
-
-    def site_priors(self) -> dict[str, str]:
-        """The priors of the parameter sites, in words (also used by the model card)."""
-        return {name: self._prior_words(name) for name in self.site_shapes(self.obs_dim or 1)}
-
-    def _prior_loc_scale(self, name: str):
-        if name == "stickiness":
-            return 0.0, 1.0
-        if name in ("log_obs_var", "log_latent_var"):
-            return -2.0, self.prior_scale
-        return 0.0, self.prior_scale
-
-    def _prior_words(self, name: str) -> str:
-        loc, scale = self._prior_loc_scale(name)
-        return f"Normal({loc:g}, {scale:g})"
-
-    def _prior(self, name: str, shape):
-        loc, scale = self._prior_loc_scale(name)
-        return dist.Normal(loc, scale).expand(shape).to_event(len(shape))
 
     # ----- data ---------------------------------------------------------------------------------
     def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:
@@ -178,14 +123,9 @@ class GDMMixture(Model):
         return super().prepare(y, mask=mask, lengths=lengths, inputs=None)
 
     # ----- deterministic pieces (jit/vmap-able) -------------------------------------------------
-    def gamma(self, params):
-        return params["stickiness"] if self.sticky else 0.0
-
     def transition_base_logits(self, params, x):
         """(..., T, K) the z-free part of the logits: pi_1 at t = 1, (1 - gamma)(R x_{t-1} + r) after."""
-        drive = (1.0 - self.gamma(params)) * (x[..., :-1, :] @ params["transition_weights"].T + params["transition_bias"])
-        init = jnp.broadcast_to(params["init_logits"], x.shape[:-2] + (1, self.num_states))
-        return jnp.concatenate([init, drive], axis=-2)
+        return self._prepend_initial_logits(params, x[..., :-1, :] @ params["transition_weights"].T + params["transition_bias"])
 
     def latent_means(self, params, z, x):
         """(..., T, D) mixed means of x_t: sum_k z_1k mu_k at t = 1, sum_k z_tk (A_k x_{t-1} + c_k) after."""
@@ -214,35 +154,21 @@ class GDMMixture(Model):
 
     def emission_log_prob(self, params, x, data: SequenceData):
         """(..., trials, time) log p(y_t | x_t), 0 at unobserved entries."""
-        mean = self.emission_mean(params, x)
-        if self.emission == "gaussian":
-            return masked_diag_normal_log_prob(data.y, data.mask, mean, jnp.exp(0.5 * params["log_obs_var"]))
-        return masked_poisson_log_prob(data.y, data.mask, jax.nn.softplus(mean))
+        return self._observation_log_prob(params, self.emission_mean(params, x), data)
 
     def state_prior(self, params, x, time_mask, temperature=None) -> RelaxedMarkovChain:
         """p(z | x): the relaxed chain with logits driven by x_{t-1}."""
-        tau = self.temperature if temperature is None else temperature
-        coupling = self.gamma(params) if self.sticky else None
-        return RelaxedMarkovChain(tau, self.transition_base_logits(params, x), coupling, time_mask)
+        return self._relaxed_chain(params, self.transition_base_logits(params, x), time_mask, temperature)
 
     # ----- the program --------------------------------------------------------------------------
-    def program(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False) -> None:
-        params = {name: numpyro.sample(name, self._prior(name, shape)) for name, shape in self.site_shapes(data.obs_dim).items()}
+    def _sample_paths(self, params, data: SequenceData, temperature):
         T, D = data.y.shape[1], self.latent_dim
         time_mask = data.time_mask
-        with numpyro.plate("trial", data.num_trials):
-            # placeholder of zero density: log p(x | z) is added below, once z is known
-            x = numpyro.sample("x", dist.Normal(0.0, 1.0).expand((T, D)).to_event(2).mask(False))
-            z = numpyro.sample("z", self.state_prior(params, x, time_mask, temperature))
-            numpyro.factor("x_dynamics", self.latent_log_prob(params, z, x, time_mask))
-            mean = self.emission_mean(params, x)
-            if self.emission == "gaussian":
-                obs_dist = dist.Normal(mean, jnp.exp(0.5 * params["log_obs_var"]))
-            else:
-                obs_dist = dist.Poisson(jax.nn.softplus(mean))
-            numpyro.sample("y", obs_dist.mask(data.mask).to_event(2), obs=data.y)
-        if record_log_lik:
-            numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
+        # placeholder of zero density: log p(x | z) is added below, once z is known
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0).expand((T, D)).to_event(2).mask(False))
+        z = numpyro.sample("z", self.state_prior(params, x, time_mask, temperature))
+        numpyro.factor("x_dynamics", self.latent_log_prob(params, z, x, time_mask))
+        return self.emission_mean(params, x)
 
     def default_guide(self):
         from ppl_switch.guides.gdm_guides import MixtureGuide
@@ -291,31 +217,14 @@ class GDMMixture(Model):
             return z, params["x"] if "x" in params else self.latent_mean_path(params, z)
         return self.noise_free_path(params, data.y.shape[0], data.y.shape[1])
 
-    def log_likelihood(self, params, data: SequenceData) -> jax.Array:
-        """(trials, time) log p(y_t | x_t) given the draw's x (conditional on the latent path)."""
-        return self.emission_log_prob(params, self._paths(params, data)[1], data)
+    def _states(self, params, data):
+        return self._paths(params, data)[0]
 
-    def state_posterior(self, params, data: SequenceData) -> dict[str, jax.Array]:
-        z = self._paths(params, data)[0]
-        return {"state_probs": z, "viterbi": jnp.argmax(z, -1)}
-
-    def sample_states(self, key, params, data: SequenceData) -> jax.Array:
-        return self.state_posterior(params, data)["viterbi"]
-
-    def posterior_predictive(self, key, params, data: SequenceData) -> jax.Array:
-        """One replicate of y given the draw's latent path x."""
-        mean = self.emission_mean(params, self._paths(params, data)[1])
-        if self.emission == "gaussian":
-            return mean + jnp.exp(0.5 * params["log_obs_var"]) * jax.random.normal(key, mean.shape, mean.dtype)
-        return jax.random.poisson(key, jax.nn.softplus(mean)).astype(mean.dtype)
+    def _observation_mean(self, params, data):
+        """C x + d of the draw's latent path x (so the log-likelihood is conditional on x)."""
+        return self.emission_mean(params, self._paths(params, data)[1])
 
     # ----- simulation ---------------------------------------------------------------------------
-    def default_params(self, key) -> dict[str, Any]:
-        if self.obs_dim is None:
-            raise ValueError("obs_dim: GDMMixture was built with obs_dim=None; pass obs_dim to build default parameters")
-        seed = key if isinstance(key, (int, np.integer)) else np.asarray(jax.random.key_data(key)).ravel().tolist()
-        return self.init_params(np.random.default_rng(seed), self.obs_dim)
-
     def init_params(self, rng: np.random.Generator, obs_dim: int) -> dict[str, np.ndarray]:
         """A_k = 0.95 x random orthogonal, c_k, mu_k ~ N(0, 1), C ~ N(0, 1), R ~ N(0, 1), d = r = pi_1 = 0,
         gamma = 0.1, log q = -4, log sigma^2 = -2."""
@@ -344,8 +253,7 @@ class GDMMixture(Model):
         num_timesteps = check_positive_int(num_timesteps, "num_timesteps")
         if inputs is not None:
             raise DataError("inputs: the gdm_mixture model takes no control inputs; pass inputs=None")
-        if self.obs_dim is None:
-            raise ValueError("obs_dim: GDMMixture was built with obs_dim=None; pass obs_dim to simulate")
+        require_obs_dim(self)
         key_params, key_path = jax.random.split(key)
         params = self.default_params(key_params) if params is None else params
         params = jax.tree.map(jnp.asarray, dict(params))
@@ -377,17 +285,4 @@ class GDMMixture(Model):
         _, (zs, xs) = jax.lax.scan(step, (z1, x1), jax.random.split(key, num_timesteps - 1))
         z = jnp.concatenate([z1[None], zs])
         x = jnp.concatenate([x1[None], xs])
-        mean = self.emission_mean(params, x)
-        if self.emission == "gaussian":
-            y = mean + jnp.exp(0.5 * params["log_obs_var"]) * jax.random.normal(key_y, mean.shape, mean.dtype)
-        else:
-            y = jax.random.poisson(key_y, jax.nn.softplus(mean)).astype(mean.dtype)
-        return z, x, y
-
-    # ----- labels -------------------------------------------------------------------------------
-    def state_features(self, params) -> np.ndarray:
-        return np.concatenate([np.asarray(params["offsets"]), np.asarray(params["dynamics"]).reshape(self.num_states, -1)], -1)
-
-    def permute_states(self, params, perm) -> dict[str, Any]:
-        """Relabel every state axis (exact: the stickiness term is permutation-free)."""
-        return permute_by_dims(params, perm, self.site_dims())
+        return z, x, self._draw_observations(key_y, params, self.emission_mean(params, x))

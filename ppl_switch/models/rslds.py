@@ -206,6 +206,12 @@ class RSLDS(SLDS):
     """
 
     name = "rslds"
+    # no transition_concentration (no Dirichlet on P) and no path_parameterisation: the rSLDS path is
+    # always centred (its Laplace EM works on x)
+    _config_keys = (
+        "num_states", "latent_dim", "obs_dim", "input_dim", "emission", "emission_cov", "link", "bin_size", "stickiness",
+        "emission_matrix", "transitions",
+    )
 
     def __init__(
         self,
@@ -231,13 +237,6 @@ class RSLDS(SLDS):
             raise ValueError(f"stickiness: 'sticky' transitions need a positive prior scale, got {stickiness!r}")
         self.emission = emission
         self.transitions = transitions
-
-    def config(self) -> dict[str, Any]:
-        out = super().config()
-        out.pop("transition_concentration")
-        out.pop("path_parameterisation")  # the rSLDS path is always centred (its Laplace EM works on x)
-        out["transitions"] = self.transitions
-        return out
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         dims = super().site_dims()

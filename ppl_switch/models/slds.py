@@ -39,7 +39,7 @@ filter :meth:`SLDS.filter` for online filtering and an approximate log p(y).
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +266,11 @@ class SLDS(Model):
     """
 
     name = "slds"
+    #: the constructor arguments :meth:`config` records, in order (a subclass lists its own)
+    _config_keys: ClassVar[tuple[str, ...]] = (
+        "num_states", "latent_dim", "obs_dim", "input_dim", "emission", "emission_cov", "link", "bin_size", "stickiness",
+        "transition_concentration", "emission_matrix", "path_parameterisation",
+    )
 
     def __init__(
         self,
@@ -316,14 +321,12 @@ class SLDS(Model):
             self.obs_dim = C.shape[0] if self.obs_dim is None else self.obs_dim
 
     def config(self) -> dict[str, Any]:
-        return {
-            "num_states": self.num_states, "latent_dim": self.latent_dim, "obs_dim": self.obs_dim,
-            "input_dim": self.input_dim, "emission": self.emission, "emission_cov": self.emission_cov,
-            "link": self.link, "bin_size": self.bin_size, "stickiness": self.stickiness,
-            "transition_concentration": self.transition_concentration,
-            "emission_matrix": None if self.fixed_emission_matrix is None else self.fixed_emission_matrix.tolist(),
-            "path_parameterisation": self.path_parameterisation,
-        }
+        return {key: self._config_value(key) for key in self._config_keys}
+
+    def _config_value(self, key: str):
+        if key == "emission_matrix":  # stored as an array, saved as nested lists (JSON)
+            return None if self.fixed_emission_matrix is None else self.fixed_emission_matrix.tolist()
+        return getattr(self, key)
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         dims = {

@@ -49,6 +49,13 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import cho_solve, solve_triangular
 
+from ppl_switch.ops.small_linalg import (
+    UNROLL_MAX,
+    cholesky_unrolled,
+    solve_lower_transpose_unrolled,
+    solve_lower_unrolled,
+)
+
 Array = jax.Array
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -236,6 +243,23 @@ def _mv(M: Array, v: Array) -> Array:
     return (M @ v[..., None])[..., 0]
 
 
+def _cholesky(S: Array) -> Array:
+    """Lower Cholesky factor; written out for small matrices so XLA fuses it into the scan step."""
+    return cholesky_unrolled(S) if S.shape[-1] <= UNROLL_MAX else jnp.linalg.cholesky(S)
+
+
+def _solve_lower(L: Array, B: Array) -> Array:
+    """L^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
+    return solve_lower_unrolled(L, B) if L.shape[-1] <= UNROLL_MAX else solve_triangular(L, B, lower=True)
+
+
+def _cho_solve(L: Array, B: Array) -> Array:
+    """(L L')^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
+    if L.shape[-1] <= UNROLL_MAX:
+        return solve_lower_transpose_unrolled(L, solve_lower_unrolled(L, B))
+    return cho_solve((L, True), B)
+
+
 def _sym(x: Array) -> Array:
     return 0.5 * (x + _mT(x))
 
@@ -321,10 +345,10 @@ def _condition(mean: Array, cov: Array, Z: Array, g: Array):
     the last two give the log-likelihood without any N-dimensional work.
     """
     D = mean.shape[-1]
-    L = jnp.linalg.cholesky(cov)
+    L = _cholesky(cov)
     M = jnp.eye(D, dtype=cov.dtype) + _mT(L) @ Z @ L
-    Lm = jnp.linalg.cholesky(M)
-    G = solve_triangular(Lm, _mT(L), lower=True)
+    Lm = _cholesky(M)
+    G = _solve_lower(Lm, _mT(L))
     v = G @ (g - Z @ mean)
     new_mean = mean + _mT(G) @ v
     new_cov = _mT(G) @ G
@@ -357,9 +381,9 @@ def _condition_whitened(mean: Array, cov: Array, C: Array, r: Array):
     """
     N = C.shape[-2]
     CP = C @ cov
-    Ls = jnp.linalg.cholesky(CP @ _mT(C) + jnp.eye(N, dtype=cov.dtype))
-    W = solve_triangular(Ls, CP, lower=True)
-    e = solve_triangular(Ls, r - C @ mean, lower=True)
+    Ls = _cholesky(CP @ _mT(C) + jnp.eye(N, dtype=cov.dtype))
+    We = _solve_lower(Ls, jnp.concatenate([CP, (r - C @ mean)[:, None]], -1))  # one solve for both
+    W, e = We[:, :-1], We[:, -1]
     new_mean = mean + _mT(W) @ e
     new_cov = _sym(cov - _mT(W) @ W)
     return new_mean, new_cov, -0.5 * (2.0 * jnp.log(jnp.diagonal(Ls)).sum() + e @ e)
@@ -429,9 +453,9 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
     Z = jnp.broadcast_to(info.Z, (T, D, D))
     g = info.g
 
-    L = jnp.linalg.cholesky(P)
-    Lm = jnp.linalg.cholesky(eye + _mT(L) @ Z @ L)
-    G = solve_triangular(Lm, _mT(L), lower=True)  # conditional cov = G'G
+    L = _cholesky(P)
+    Lm = _cholesky(eye + _mT(L) @ Z @ L)
+    G = _solve_lower(Lm, _mT(L))  # conditional cov = G'G
     Cf = _mT(G) @ G
     K = eye - Cf @ Z  # (P^-1 + Z)^-1 P^-1
     E = K @ F
@@ -497,8 +521,7 @@ def _backward_kernel(params: LGSSMParams, filt: FilterResult):
     A, _, Q = _dynamics(params)
     m, S = filt.filtered_means[:-1], filt.filtered_covs[:-1]
     mu_next, P_next = filt.predicted_means[1:], filt.predicted_covs[1:]
-    Lp = jnp.linalg.cholesky(P_next)
-    G = _mT(cho_solve((Lp, True), A @ S))  # S A' P^-1
+    G = _mT(_cho_solve(_cholesky(P_next), A @ S))  # S A' P^-1
     eye = jnp.eye(m.shape[-1], dtype=m.dtype)
     F = eye - G @ A
     W = _sym(F @ S @ _mT(F) + G @ Q @ _mT(G))

@@ -1,0 +1,60 @@
+"""Cholesky factorisation and triangular solves for small matrices, written out element by element.
+
+On CPU every ``jnp.linalg.cholesky`` / ``solve_triangular`` is a LAPACK custom call: XLA cannot fuse it
+with the arithmetic around it, and for a 2 x 2 or 4 x 4 matrix the call overhead dominates a Kalman scan
+step. Unrolled over the (static) matrix size, the same algorithms become a handful of elementwise
+operations that XLA fuses into the step. Use only for small sizes (see :data:`UNROLL_MAX`): the traced
+program grows as n^3.
+
+Both functions broadcast over leading batch axes and are differentiable (plain jnp arithmetic).
+A matrix that is not positive definite gives NaN entries, as the LAPACK path does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+#: largest matrix size for which the Kalman kernels use the unrolled versions
+UNROLL_MAX = 4
+
+
+def cholesky_unrolled(S: Array) -> Array:
+    """Lower Cholesky factor L of S = L L' (..., n, n), reading only the lower triangle of S."""
+    n = S.shape[-1]
+    L = [[None] * n for _ in range(n)]
+    for j in range(n):
+        pivot = S[..., j, j] - sum((L[j][k] ** 2 for k in range(j)), jnp.zeros_like(S[..., j, j]))
+        L[j][j] = jnp.sqrt(pivot)
+        for i in range(j + 1, n):
+            off = S[..., i, j] - sum((L[i][k] * L[j][k] for k in range(j)), jnp.zeros_like(S[..., i, j]))
+            L[i][j] = off / L[j][j]
+    zero = jnp.zeros_like(S[..., 0, 0])
+    rows = [jnp.stack([L[i][j] if j <= i else zero for j in range(n)], -1) for i in range(n)]
+    return jnp.stack(rows, -2)
+
+
+def solve_lower_unrolled(L: Array, B: Array) -> Array:
+    """X with L X = B by forward substitution; L (..., n, n) lower triangular, B (..., n, m)."""
+    n = L.shape[-1]
+    rows = []
+    for i in range(n):
+        acc = B[..., i, :]
+        for k in range(i):
+            acc = acc - L[..., i, k, None] * rows[k]
+        rows.append(acc / L[..., i, i, None])
+    return jnp.stack(rows, -2)
+
+
+def solve_lower_transpose_unrolled(L: Array, B: Array) -> Array:
+    """X with L' X = B by back substitution; L (..., n, n) lower triangular, B (..., n, m)."""
+    n = L.shape[-1]
+    rows = [None] * n
+    for i in reversed(range(n)):
+        acc = B[..., i, :]
+        for k in range(i + 1, n):
+            acc = acc - L[..., k, i, None] * rows[k]
+        rows[i] = acc / L[..., i, i, None]
+    return jnp.stack(rows, -2)
