@@ -3,6 +3,8 @@
     python benchmarks/gpslds.py                      # two rotations: gpSLDS and the RBF GP-SDE baseline
     python benchmarks/gpslds.py --limit-cycle        # App. D limit cycle with quadratic features
     GPSLDS_STEPS=300 python benchmarks/gpslds.py     # a shorter run
+    python benchmarks/gpslds.py --weights conjugate --seed 1 --no-baseline
+                                                     # A, e integrated out in closed form; data + SVI seed 1
 
 Metrics (all after affine alignment of the posterior-mean latents to the true latents):
 latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / sum|f|^2 on the 20x20 cells
@@ -35,15 +37,15 @@ from ppl_switch.infer import fit_svi  # noqa: E402
 from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
 
 
-def fit_model(model, y, steps, lr, seed, num_draws=20):
+def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None):
     data = model.prepare(y)
     init = model.init_values(data)
-    guide = model.default_guide(init_values=init)
+    guide = model.default_guide(init_values=init) if weights is None else model.default_guide(init_values=init, weights=weights)
     t0 = time.perf_counter()
     fit = fit_svi(model, data, guide=guide, num_steps=steps, learning_rate=lr, seed=seed, num_draws=num_draws,
                   progress_bar=False)
     wall = time.perf_counter() - t0
-    extra = guide.sample_parameters(jax.random.PRNGKey(seed + 1), fit.params, 200)
+    extra = guide.sample_parameters(jax.random.PRNGKey(seed + 1), fit.params, 200, data=data)
     return fit, extra, wall
 
 
@@ -91,11 +93,43 @@ def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0):
     return rows, regions, types
 
 
+def oracle_path_report(sim, seed, num_draws=200):
+    """Diagnostic: the weights' exact conditional p(A, e | true path, true W, tau, c) (prior M = I, sigma0 = 1)
+    -- the drift and fixed-point posterior the data allow when the path is known. No fitting."""
+    import jax.numpy as jnp
+
+    from ppl_switch.datasets.gpslds_synthetic import two_rotation_parameters
+    from ppl_switch.guides.conjugate_weights import ConjugateWeightsGuide
+
+    model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"], kernel="linear")
+    data = model.prepare(sim["y"])
+    theta = {k: jnp.asarray(v, float) for k, v in two_rotation_parameters().items()}
+    q = ConjugateWeightsGuide(model).weight_conditional(theta, jnp.asarray(sim["latents"], float), data)
+    w = q.sample(jax.random.PRNGKey(seed), (num_draws,))
+    extra = {k: np.asarray(v) for k, v in theta.items() if k not in ("regime_matrix", "regime_offset")}
+    extra = {k: np.broadcast_to(v, (num_draws,) + v.shape) for k, v in extra.items()}
+    extra.update({k: np.asarray(v) for k, v in model.weights_to_sites(w).items()})
+    cells, visited = ga.visited_cells(sim["latents"], -10.0, 10.0, 20, 20)
+    f = ga.drift_draws(model, extra, cells)
+    nmse = ga.dynamics_nmse(f.mean(0)[visited], np.asarray(two_rotation_drift(cells))[visited])
+    rows, _, _ = fixed_point_report(model, extra, np.eye(2), np.zeros(2), sim["truth"]["fixed_points_true"])
+    print(f"[oracle path] p(A, e | true x, true W, tau, c): dynamics NMSE (visited) {nmse:.4f}")
+    for r in rows:
+        if r["found"]:
+            print(f"[oracle path] true fp {np.round(r['true'], 3)} -> {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
+                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit-cycle", action="store_true")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--trials", type=int, default=30)
+    parser.add_argument("--weights", choices=["joint", "conjugate"], default="joint",
+                        help="gpSLDS guide for A, e: in the joint normal, or their exact conditional given the path")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the simulated data and of SVI")
+    parser.add_argument("--oracle-path", action="store_true",
+                        help="only the diagnostic: weights' exact conditional given the true path and partition")
     args = parser.parse_args()
     steps = int(os.environ.get("GPSLDS_STEPS", "1500"))
     lr = float(os.environ.get("GPSLDS_LR", "0.02"))
@@ -127,13 +161,16 @@ def main():
         print(f"total wall {time.perf_counter() - t_all:.1f}s")
         return
 
-    sim = simulate_gpslds_synthetic(seed=0, num_trials=args.trials)
+    sim = simulate_gpslds_synthetic(seed=args.seed, num_trials=args.trials)
     dt = sim["truth"]["dt"]
+    if args.oracle_path:
+        oracle_path_report(sim, args.seed)
+        return
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=dt)
-    fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0)
+    fit, extra, wall = fit_model(model, sim["y"], steps, lr, args.seed, weights=args.weights)
     res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift)
     rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
-    print(f"[gpslds] trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
+    print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
           f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
           f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f}")
     marks = np.linspace(0, steps - 1, 6).astype(int)
@@ -148,7 +185,7 @@ def main():
     print(f"[gpslds] stability types of roots: {types}")
     if not args.no_baseline:
         rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
-        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, 0)
+        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed)
         res_b = evaluate("gpsde-rbf", fit_b, extra_b, sim["latents"], two_rotation_drift)
         print(f"[gpsde-rbf] fit wall {wall_b:.1f}s; latent R2 {res_b['latent_r2']:.3f}; dynamics NMSE (visited) "
               f"{res_b['dynamics_nmse_visited']:.4f}; var f visited {res_b['var_f_visited']:.3g} vs unvisited "

@@ -6,7 +6,7 @@
 
 Each (family, size, T, implementation) runs in its own subprocess with a time-out (``--timeout``), so an
 implementation that hangs or runs out of memory is recorded as such and the run goes on (jaxlib's
-batched LAPACK has hung inside dynamax's parallel Kalman smoother here). In the subprocess each kernel is
+batched LAPACK hung inside dynamax's parallel Kalman smoother with jaxlib 0.10). In the subprocess each kernel is
 jit-compiled and called once (compile time excluded), then called ``--repeats`` times; we record the
 median and the minimum wall-clock time and the minimum process CPU time per call. On a shared machine
 the CPU time is the steadiest figure (XLA runs single-threaded on CPU here: ``import ppl_switch``
@@ -82,7 +82,7 @@ def worker(family: str, impl: str, size: tuple[int, ...], num_timesteps: int, re
     ]
 
 
-def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats: int, impls=("ours_seq", "dynamax_seq")):
+def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats: int, impls=IMPLS):
     """Time the kernels of ``impls`` alternately in this process (min CPU time per call, seconds): on a
     loaded machine this compares implementations under the same conditions, at the risk of a hang."""
     import jax
@@ -150,14 +150,14 @@ def main(argv=None) -> None:
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--out", default=str(Path(__file__).with_name("kernels.json")))
     parser.add_argument("--interleave", nargs="+", type=int, metavar="N",
-                        help="SIZE... T: time ours_seq and dynamax_seq of --only alternately in one process")
+                        help="SIZE... T: time the --impls of --only alternately in one process")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
         return
     if args.interleave:
-        rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats)
+        rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats, args.impls)
         print(markdown_table(rows, "cpu_min"))
         return
 

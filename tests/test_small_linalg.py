@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from jax.scipy.linalg import solve_triangular
 
-from ppl_switch.ops.small_linalg import cholesky_unrolled, solve_lower_unrolled
+from ppl_switch.ops.small_linalg import (
+    cholesky_unrolled,
+    solve_lower_transpose_unrolled,
+    solve_lower_unrolled,
+    solve_unrolled,
+)
 
 
 def _spd_batch(seed, batch, n):
@@ -22,6 +27,17 @@ def test_cholesky_and_solve_match_lapack(n):
     np.testing.assert_allclose(L, np.linalg.cholesky(S), rtol=1e-12, atol=1e-12)
     X = solve_lower_unrolled(L, jnp.asarray(B))
     np.testing.assert_allclose(X, solve_triangular(L, B, lower=True), rtol=1e-10, atol=1e-12)
+    Xt = solve_lower_transpose_unrolled(L, jnp.asarray(B))
+    np.testing.assert_allclose(Xt, solve_triangular(L, B, lower=True, trans="T"), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_general_solve_matches_lapack_and_pivots(n):
+    rng = np.random.default_rng(n)
+    A, B = rng.normal(size=(6, n, n)), rng.normal(size=(6, n, 2))
+    A[0] = np.eye(n)[::-1]  # zero on the diagonal: fails without row exchanges
+    A[1] = np.diag(np.full(n, 1e-9)) + np.eye(n)[::-1]  # tiny diagonal pivots: inaccurate without them
+    np.testing.assert_allclose(solve_unrolled(jnp.asarray(A), jnp.asarray(B)), np.linalg.solve(A, B), rtol=1e-9, atol=1e-9)
 
 
 def test_reads_only_the_lower_triangle():
@@ -41,6 +57,9 @@ def test_gradients_match_lapack():
     lapack = jax.grad(lambda S: loss(lambda L, B: solve_triangular(L, B, lower=True), jnp.linalg.cholesky, S))(S)
     unrolled = jax.grad(lambda S: loss(solve_lower_unrolled, cholesky_unrolled, S))(S)
     np.testing.assert_allclose(unrolled, lapack, rtol=1e-8, atol=1e-10)
+    A = S + jnp.asarray(np.random.default_rng(3).normal(size=(3, 3)))  # non-symmetric
+    np.testing.assert_allclose(jax.grad(lambda A: jnp.sum(solve_unrolled(A, B) ** 2))(A),
+                               jax.grad(lambda A: jnp.sum(jnp.linalg.solve(A, B) ** 2))(A), rtol=1e-8, atol=1e-10)
 
 
 def test_not_positive_definite_gives_nan():

@@ -34,7 +34,10 @@ Inference: NUTS on the program (small data, coarse dt); SVI with :class:`LatentS
 multivariate normal over all parameters (the fixed point c - A^{-1} e needs the correlations of c, A and
 e) and, per trial, the paper's Gauss–Markov family for q(x) -- the Euler discretisation of the linear
 SDE dx = (-A_t x + b_t) dt + L_t dW, i.e. x_{t+1} = (I - dt A_t) x_t + dt b_t + sqrt(dt) L_t eps --
-sampled by a parallel (associative) scan. Notes: /work/shared/reference/models/gpslds.md.
+sampled by a parallel (associative) scan. ``GPSLDS.default_guide(weights="conjugate")`` instead draws the
+linear weights (A, e) from their exact Gaussian conditional given the sampled path and the other parameters
+(:mod:`ppl_switch.guides.conjugate_weights`): the weights are integrated out of the ELBO in closed form.
+Notes: /work/shared/reference/models/gpslds.md.
 """
 
 from __future__ import annotations
@@ -478,6 +481,22 @@ class GPSLDS(_LatentSDEModel):
             raise ValueError(f"fixed_point_scale: expected a positive number, got {fixed_point_scale!r}")
         self.fixed_point_scale = float(fixed_point_scale)
 
+    def default_guide(self, data=None, *, init_values=None, init_scale: float = 0.05, weights: str = "joint"):
+        """The SVI guide: SDE-form Gauss–Markov chain over x and, for the parameters,
+
+        * ``weights="joint"``: :class:`LatentSDEGuide`, one joint normal over all parameters, A and e included;
+        * ``weights="conjugate"``: :class:`~ppl_switch.guides.conjugate_weights.ConjugateWeightsGuide`, a
+          joint normal over the other parameters and, for A and e, their exact Gaussian conditional given
+          the sampled path and parameters (the weights integrated out in closed form).
+        """
+        if weights == "joint":
+            return LatentSDEGuide(self, data=data, init_values=init_values, init_scale=init_scale)
+        if weights == "conjugate":
+            from ppl_switch.guides.conjugate_weights import ConjugateWeightsGuide
+
+            return ConjugateWeightsGuide(self, data=data, init_values=init_values, init_scale=init_scale)
+        raise ValueError(f"weights: expected 'joint' or 'conjugate', got {weights!r}")
+
     @property
     def num_features(self) -> int:
         return self.latent_dim + 1
@@ -532,6 +551,42 @@ class GPSLDS(_LatentSDEModel):
         pi = self.partition(params, x)
         d = x[..., None, :] - jnp.asarray(params["fixed_points"])
         return pi[..., None] * jnp.concatenate([d, jnp.ones(d.shape[:-1] + (1,), d.dtype)], -1)
+
+    # ----- the weights (A_j, e_j) are linear-Gaussian given the path (conjugate form)
+    @property
+    def num_weights(self) -> int:
+        """D = J (K+1): the drift weights per latent output dimension."""
+        return self.num_states * (self.latent_dim + 1)
+
+    def weight_prior_precision(self, params):
+        """(D,) prior precision of one output dimension's weights [A_j[k, :], e_j[k]]_j (regime-major)."""
+        K = self.latent_dim
+        if self.kernel == "full_linear":
+            m, s0 = jnp.asarray(params["slope_scales"]), jnp.asarray(params["offset_scale"])
+        else:
+            m, s0 = jnp.ones(K), jnp.asarray(1.0)
+        one = jnp.concatenate([1.0 / m**2, (1.0 / s0**2)[None]])
+        return jnp.tile(one, self.num_states)
+
+    def weight_regression_stats(self, params, x, data: SequenceData):
+        """:class:`~ppl_switch.ops.conjugate_drift.RegressionStats` of the path x (B, T, K): the Euler
+        increments minus the input term, regressed on Phi(x_t) flattened to (D,); padded steps excluded."""
+        from ppl_switch.ops.conjugate_drift import regression_stats
+
+        phi = self.weight_features(params, x[:, :-1])
+        phi = phi.reshape(phi.shape[:-2] + (self.num_weights,))
+        r = x[:, 1:] - x[:, :-1]
+        u = self.input_drift(params, data)
+        if u is not None:
+            r = r - self.dt * u[:, :-1]
+        return regression_stats(phi, r, jnp.asarray(data.time_mask)[:, 1:])
+
+    def weights_to_sites(self, weights):
+        """(..., K, D) weights, column k = output dimension k, -> {"regime_matrix": (..., J, K, K),
+        "regime_offset": (..., J, K)}."""
+        J, K = self.num_states, self.latent_dim
+        w = jnp.swapaxes(weights.reshape(weights.shape[:-1] + (J, K + 1)), -2, -3)  # (..., J, K, K+1)
+        return {"regime_matrix": w[..., :K], "regime_offset": w[..., K]}
 
     def _default_drift_params(self, key):
         """Regime j: a slowly decaying rotation (rate 2 /s, decay 0.5 /s) around a centre on a circle of
@@ -679,6 +734,8 @@ class LatentSDEGuide:
 
     #: A_t is stored in units of this many 1/time so that Adam moves it at a useful rate
     DRIFT_MATRIX_UNIT = 10.0
+    #: model sites the parameter guide does not see (drawn by the guide's own code)
+    HIDDEN_SITES = ("x",)
 
     def __init__(self, model: _LatentSDEModel, data=None, init_values=None, init_scale: float = 0.05):
         self.model = model
@@ -686,9 +743,9 @@ class LatentSDEGuide:
         if init_values is None and data is not None:
             init_values = model.init_values(data if isinstance(data, SequenceData) else model.prepare(data))
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {k: v for k, v in (self.init_values or {}).items() if k != "x"}
+        values = {k: v for k, v in (self.init_values or {}).items() if k not in self.HIDDEN_SITES}
         self.parameter_guide = AutoMultivariateNormal(
-            handlers.block(model.program, hide=["x"]), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
+            handlers.block(model.program, hide=list(self.HIDDEN_SITES)), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "LatentSDEGuide"
 
@@ -718,9 +775,9 @@ class LatentSDEGuide:
             out["x"] = numpyro.sample("x", chain)
         return out
 
-    def sample_parameters(self, key, params, num_samples: int) -> dict[str, np.ndarray]:
+    def sample_parameters(self, key, params, num_samples: int, data=None) -> dict[str, np.ndarray]:
         """``num_samples`` draws of the parameters (not x) from the fitted guide, {site: (num_samples, ...)}:
-        cheap extra draws for fixed-point and flow-field summaries."""
+        cheap extra draws for fixed-point and flow-field summaries (``data`` is not needed here)."""
         sub = {k: v for k, v in params.items() if not k.startswith("x_")}
         draws = self.parameter_guide.sample_posterior(key, sub, sample_shape=(num_samples,))
         return {k: np.asarray(v) for k, v in draws.items()}

@@ -54,6 +54,7 @@ from ppl_switch.ops.small_linalg import (
     cholesky_unrolled,
     solve_lower_transpose_unrolled,
     solve_lower_unrolled,
+    solve_unrolled,
 )
 
 Array = jax.Array
@@ -258,6 +259,11 @@ def _cho_solve(L: Array, B: Array) -> Array:
     if L.shape[-1] <= UNROLL_MAX:
         return solve_lower_transpose_unrolled(L, solve_lower_unrolled(L, B))
     return cho_solve((L, True), B)
+
+
+def _solve(A: Array, B: Array) -> Array:
+    """A^-1 B for general A (..., n, n) and B (..., n, m) (partial pivoting either way)."""
+    return solve_unrolled(A, B) if A.shape[-1] <= UNROLL_MAX else jnp.linalg.solve(A, B)
 
 
 def _sym(x: Array) -> Array:
@@ -471,7 +477,7 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
         E2, f2, C2, eta2, J2 = second
         I = jnp.broadcast_to(eye, C1.shape)
         rhs = jnp.concatenate([E1, (f1 + _mv(C1, eta2))[..., None], C1], -1)
-        X = jnp.linalg.solve(I + C1 @ J2, rhs)  # (I + C1 J2)^-1 [E1 | f1 + C1 eta2 | C1]
+        X = _solve(I + C1 @ J2, rhs)  # (I + C1 J2)^-1 [E1 | f1 + C1 eta2 | C1]
         XE, Xf, XC = X[..., :D], X[..., D], X[..., D + 1 :]
         E = E2 @ XE
         f = _mv(E2, Xf) + f2

@@ -58,3 +58,24 @@ def solve_lower_transpose_unrolled(L: Array, B: Array) -> Array:
             acc = acc - L[..., k, i, None] * rows[k]
         rows[i] = acc / L[..., i, i, None]
     return jnp.stack(rows, -2)
+
+
+def solve_unrolled(A: Array, B: Array) -> Array:
+    """X with A X = B by Gauss–Jordan elimination with partial pivoting; A (..., n, n), B (..., n, m).
+
+    The same pivoting rule as LAPACK's LU (largest magnitude in the column), so it is as robust for
+    general non-singular A; the row swaps are selects, so everything stays elementwise and fusable.
+    """
+    n = A.shape[-1]
+    rows = jnp.arange(n)[:, None]
+    Ab = jnp.concatenate([A, B], -1)
+    for k in range(n):
+        p = k + jnp.argmax(jnp.abs(Ab[..., k:, k]), axis=-1)  # (...,) pivot row
+        row_k = Ab[..., k, :]
+        row_p = jnp.take_along_axis(Ab, p[..., None, None], axis=-2)[..., 0, :]
+        Ab = jnp.where(rows == k, row_p[..., None, :], jnp.where(rows == p[..., None, None], row_k[..., None, :], Ab))
+        pivot_row = Ab[..., k, :] / Ab[..., k, k, None]
+        factors = jnp.where(rows[:, 0] == k, 0.0, Ab[..., :, k])
+        Ab = Ab - factors[..., :, None] * pivot_row[..., None, :]
+        Ab = jnp.where(rows == k, pivot_row[..., None, :], Ab)
+    return Ab[..., n:]
