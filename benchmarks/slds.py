@@ -2,7 +2,8 @@
 
 Paths: structured mean-field EM with the true parameters ("smf-known"), structured mean-field EM
 learning every parameter but C = I ("smf-learned", 4 restarts after a single-LDS fit), SVI with the
-default guide (mean-field parameters + Gauss–Markov chain over x, PCA/AR(1) start, learned parameters),
+default guide (mean-field parameters + Gauss–Markov chain over x, learned parameters; started at a
+PCA/AR(1) fit of the data, or with ``--svi-init em`` at the structured mean-field EM estimate),
 NUTS (learned parameters, path and parameters sampled, z summed out). State accuracy is the fraction of
 steps whose most probable regime matches the truth after the best permutation of labels. Wall times
 include compilation ("first call"); for the EM paths the time of a second, compiled call is also given.
@@ -18,6 +19,7 @@ Usage:
     python benchmarks/slds.py --paths nuts --T 150           # NUTS (2 chains) with R-hat, ESS/s, divergences
     python benchmarks/slds.py --paths nuts --T 150 --nuts-param centred --nuts-init pca   # the earlier NUTS set-up
     python benchmarks/slds.py --paths smf-known smf-learned svi --T 150 1000 10000 --seed 0
+    python benchmarks/slds.py --paths svi --T 150 1000 --svi-init em   # SVI started at the EM estimate
 Prints one JSON line per (path, T) and a markdown table.
 """
 
@@ -79,18 +81,23 @@ def run_em(T: int, seed: int, known: bool) -> dict:
     }
 
 
-def run_svi(T: int, seed: int, num_steps: int) -> dict:
+def run_svi(T: int, seed: int, num_steps: int, init_from: str = "pca") -> dict:
     from ppl_switch.infer import fit_svi
 
     sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
     model = model_for_tutorial()
     t0 = time.perf_counter()
-    guide = model.default_guide(sim["y"])
+    if init_from == "em":  # guide centred on the structured mean-field estimate (path = q(x) mean)
+        data = model.prepare(sim["y"])
+        est, _ = model.em(data, key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
+        guide = model.default_guide(init_values=model.latent_site_values(est, data))
+    else:
+        guide = model.default_guide(sim["y"])
     fit = fit_svi(model, sim["y"], guide=guide, num_steps=num_steps, learning_rate=0.01, num_draws=100, seed=seed,
                   x64=True, progress_bar=False)
     seconds = time.perf_counter() - t0
     probs = _state_probs(fit)
-    return {"path": "svi", "T": T, "seed": seed, "accuracy": state_accuracy(sim["states"][0], probs),
+    return {"path": f"svi (start: {init_from})", "T": T, "seed": seed, "accuracy": state_accuracy(sim["states"][0], probs),
             "seconds_first_call": seconds, "num_steps": num_steps, "final_loss": float(fit.losses[-1])}
 
 
@@ -185,6 +192,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--svi-steps", type=int, default=3000)
     parser.add_argument("--svi-max-T", type=int, default=1000, help="skip SVI above this T")
+    parser.add_argument("--svi-init", choices=["pca", "em"], default="pca",
+                        help="SVI guide start: PCA/AR(1) of the data, or the structured mean-field EM estimate")
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-samples", type=int, default=500)
     parser.add_argument("--nuts-chains", type=int, default=2)
@@ -204,7 +213,7 @@ def main(argv=None) -> list[dict]:
             elif path == "svi":
                 if T > args.svi_max_T:
                     continue
-                row = run_svi(T, args.seed, args.svi_steps)
+                row = run_svi(T, args.seed, args.svi_steps, args.svi_init)
             elif path == "nuts":
                 row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
                                args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws)
