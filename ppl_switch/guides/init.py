@@ -1,18 +1,41 @@
-"""Initialisation strategies shared by the default guides."""
+"""Initialisation strategies shared by the default guides.
+
+A numpyro init strategy is called once without a site (``strategy()``) and must then return a
+``functools.partial`` that numpyro calls per site; a plain closure would be replaced by whatever it
+returns for ``site=None``. Both strategies here therefore return partials of module-level functions.
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax.numpy as jnp
-from numpyro.infer.initialization import init_to_median
+from numpyro.infer.initialization import init_to_median, init_to_sample
 
 
-def init_to_values_then_median(values: dict):
-    """numpyro init strategy: ``values[name]`` for the latent sites named there, else the prior median."""
-    median = init_to_median(num_samples=15)
+def _values_then_median(site=None, *, values: dict, num_samples: int = 15):
+    if site is None:
+        return partial(_values_then_median, values=values, num_samples=num_samples)
+    if site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
+        return jnp.asarray(values[site["name"]])
+    return init_to_median(site, num_samples=num_samples)
 
-    def init(site=None):
-        if site is not None and site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
-            return jnp.asarray(values[site["name"]])
-        return median(site)
 
-    return init
+def init_to_values_then_median(values: dict, num_samples: int = 15):
+    """numpyro init strategy: ``values[name]`` (constrained space) for the latent sites named there, else
+    the prior median (of ``num_samples`` prior draws)."""
+    return partial(_values_then_median, values=dict(values), num_samples=num_samples)
+
+
+def _sample_named_then_median(site=None, *, names: tuple):
+    if site is None:
+        return partial(_sample_named_then_median, names=names)
+    if site["type"] == "sample" and not site["is_observed"] and site["name"] in names:
+        return init_to_sample(site)
+    return init_to_median(site)
+
+
+def init_to_sample_then_median(names) -> partial:
+    """numpyro init strategy: a prior draw for the latent sites in ``names`` (to break a symmetry, e.g. an
+    emission matrix whose prior median is 0), else the prior median."""
+    return partial(_sample_named_then_median, names=tuple(names))

@@ -32,9 +32,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoNormal
-from numpyro.infer.initialization import init_to_median, init_to_sample
 
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
+from ppl_switch.guides.init import init_to_sample_then_median
 from ppl_switch.models._common import check_nonneg_int, check_optional_dim, require_obs_dim
 from ppl_switch.models._emissions import masked_mvn_log_prob_cov
 from ppl_switch.models.base import Model
@@ -44,12 +44,6 @@ DYNAMICS_PRIOR_CENTER = 0.9
 DYNAMICS_PRIOR_SCALE = 0.5
 EMISSION_BIAS_PRIOR_SCALE = 5.0
 EMISSION_SCALE_PRIOR_SCALE = 2.0
-
-
-def _init_median_except_emissions(site=None):
-    if site is not None and site["name"] == "emission_matrix":
-        return init_to_sample(site)
-    return init_to_median(site)
 
 
 class LDS(Model):
@@ -119,7 +113,7 @@ class LDS(Model):
         """AutoNormal over all parameters, started at the prior median (A = 0.9 I, stable dynamics)
         except the emission matrix, started from a prior draw: C = 0 is a stationary point of the
         marginal likelihood (it is quadratic in C there), so starting exactly at it stalls."""
-        return AutoNormal(self.program, init_loc_fn=_init_median_except_emissions, init_scale=0.1)
+        return AutoNormal(self.program, init_loc_fn=init_to_sample_then_median(["emission_matrix"]), init_scale=0.1)
 
     # ----- the state space model of one parameter draw -----------------------------------------
     def lgssm_params(self, params, data: SequenceData) -> LGSSMParams:
