@@ -247,7 +247,7 @@ def test_recovers_the_two_rotation_system():
     sim = simulate_gpslds_synthetic(seed=0, num_trials=30)
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"])
     data = model.prepare(sim["y"])
-    guide = model.default_guide(init_values=model.init_values(data))
+    guide = model.default_guide(data)
     fit = fit_svi(model, data, guide=guide, num_steps=1500, learning_rate=0.02, num_draws=10, progress_bar=False)
     extra = guide.sample_parameters(jax.random.PRNGKey(1), fit.params, 100)
     x_hat = np.asarray(fit.samples["x"])[0].mean(0)

@@ -67,7 +67,7 @@ print("events:", sim["y"].shape, f"mean rate {sim['y'].mean() / dt:.1f} Hz")
 # %%
 model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=dt)
 data = model.prepare(sim["y"])
-guide = model.default_guide(init_values=model.init_values(data))
+guide = model.default_guide(data)  # path started from the data (PCA of smoothed activity), parameters at prior medians
 t0 = time.perf_counter()
 fit = fit_svi(model, data, guide=guide, num_steps=STEPS, learning_rate=0.02, num_draws=10, progress_bar=False)
 print(f"SVI: {STEPS} steps in {time.perf_counter() - t0:.1f} s, final loss {fit.losses[-1]:.1f}")
@@ -121,7 +121,7 @@ fig.savefig(os.path.join(OUT, "gpslds_flow.png"), dpi=80)
 # (skipped in the smoke run: the conformance suite covers both runners for both models)
 if not SMOKE:
     rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt, num_basis=6 if SMOKE else 10)
-    fit_rbf = fit_svi(rbf, data, guide=rbf.default_guide(init_values=rbf.init_values(data)), num_steps=STEPS,
+    fit_rbf = fit_svi(rbf, data, guide=rbf.default_guide(data), num_steps=STEPS,
                       learning_rate=0.02, num_draws=10, progress_bar=False)
     print("RBF GP-SDE final loss", round(float(fit_rbf.losses[-1]), 1))
 

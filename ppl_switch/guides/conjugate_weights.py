@@ -28,7 +28,7 @@ from numpyro import handlers
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
 from ppl_switch.data import SequenceData
-from ppl_switch.guides.init import init_to_values_then_median
+from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.models.gpslds import GPSLDS, LatentSDEGuide
 from ppl_switch.ops.conjugate_drift import weight_posterior
 
@@ -56,11 +56,12 @@ class ConjugateWeightsGuide(LatentSDEGuide):
         # The parameter guide's set-up runs the program with the hidden sites drawn from the prior; with
         # A, e ~ prior the prior path x (2500 steps) depends explosively on the visible parameters and its
         # gradient overflows in float32. Zero weights make f = 0 there: x is then free of the parameters.
-        values = {k: v for k, v in (self.init_values or {}).items() if k not in self.HIDDEN_SITES}
+        values = {} if init_values is None else {
+            k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}  # as in the base class
         J, K = model.num_states, model.latent_dim
         zero_weights = {"regime_matrix": np.zeros((J, K, K)), "regime_offset": np.zeros((J, K))}
         self.parameter_guide = AutoMultivariateNormal(
-            handlers.block(handlers.substitute(model.program, data=zero_weights), hide=list(self.HIDDEN_SITES)),
+            parameter_program(handlers.substitute(model.program, data=zero_weights), self.HIDDEN_SITES, self.init_values),
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale)
         self.__name__ = "ConjugateWeightsGuide"
 

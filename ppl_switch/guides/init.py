@@ -10,6 +10,8 @@ from __future__ import annotations
 from functools import partial
 
 import jax.numpy as jnp
+import numpy as np
+from numpyro import handlers
 from numpyro.infer.initialization import init_to_median, init_to_sample
 
 
@@ -39,3 +41,26 @@ def init_to_sample_then_median(names) -> partial:
     """numpyro init strategy: a prior draw for the latent sites in ``names`` (to break a symmetry, e.g. an
     emission matrix whose prior median is 0), else the prior median."""
     return partial(_sample_named_then_median, names=tuple(names))
+
+
+def parameter_program(program, hidden, init_values=None):
+    """``program`` as a guide's parameter block sees it when it sets itself up: the sites in ``hidden``
+    (the path, drawn by the guide's own code) blocked, and fixed at their start value in ``init_values``
+    where one of the right shape is given.
+
+    The set-up evaluates the program once at the start values and rejects them if the density or its
+    gradient is not finite. A hidden path would otherwise be a prior draw given the start parameters,
+    and a long prior path under a data-driven start drift can overflow (numpyro's "Cannot find valid
+    initial parameters"); the start path is the realistic one to check them against.
+    """
+    paths = {k: np.asarray(v) for k, v in (init_values or {}).items() if k in hidden}
+
+    def start_path(site):
+        value = paths.get(site["name"])
+        if value is not None and value.shape == tuple(site["fn"].shape(site["kwargs"].get("sample_shape", ()))):
+            return value
+        return None
+
+    if paths:
+        program = handlers.substitute(program, substitute_fn=start_path)
+    return handlers.block(program, hide=list(hidden))

@@ -44,12 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro import handlers
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, gauss_markov_chain
-from ppl_switch.guides.init import init_to_values_then_median
+from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob_cov, masked_poisson_log_prob
 from ppl_switch.models.base import Model, Params
 from ppl_switch.ops.basis import ConstantBasis, FourierBasis, basis_from_config, basis_to_config, evaluate
@@ -960,8 +959,9 @@ class CLDSPathGuide:
     and a Gauss–Markov chain over the paths x (:func:`ppl_switch.guides.gauss_markov.gauss_markov_chain`,
     padded steps decoupled). Called with the program's signature.
 
-    ``init_values`` (site dict, e.g. :meth:`CLDS.init_values`) or ``data`` (which computes them) set where
-    the optimisation starts; without either, the parameters start at prior medians and x at 0.
+    ``init_values`` (site dict, e.g. :meth:`CLDS.init_values`) sets where every site starts. ``data`` alone
+    starts the path at :meth:`CLDS.init_values` (Gaussian EM + Laplace) and the parameters at prior
+    medians; without either, the parameters start at prior medians and x at 0.
     """
 
     def __init__(self, model: CLDS, data=None, init_values=None, init_scale: float = 0.05):
@@ -969,12 +969,15 @@ class CLDSPathGuide:
             raise ValueError(f"init_scale: expected a positive number, got {init_scale!r}")
         self.model = model
         self.init_scale = float(init_scale)
+        # A data-driven start (``data`` only) sets the path; the parameters start at prior medians, as in the
+        # model card's measurements. Explicit ``init_values`` set every site.
+        path_only = init_values is None
         if init_values is None and data is not None:
             init_values = model.init_values(data)
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {k: v for k, v in (self.init_values or {}).items() if k != "x"}
+        values = {} if path_only else {k: v for k, v in self.init_values.items() if k != "x"}
         self.parameter_guide = AutoNormal(
-            handlers.block(model.program, hide=["x"]), init_loc_fn=init_to_values_then_median(values),
+            parameter_program(model.program, ("x",), self.init_values), init_loc_fn=init_to_values_then_median(values),
             init_scale=self.init_scale,
         )
         self.__name__ = "CLDSPathGuide"

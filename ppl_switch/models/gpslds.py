@@ -50,13 +50,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro import handlers
 from numpyro.contrib.hsgp.laplacian import eigenfunctions
 from numpyro.contrib.hsgp.spectral_densities import diag_spectral_density_squared_exponential
 from numpyro.distributions import constraints
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from ppl_switch.guides.init import init_to_values_then_median
+from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.data import SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.models._common import require_obs_dim
@@ -740,12 +739,17 @@ class LatentSDEGuide:
     def __init__(self, model: _LatentSDEModel, data=None, init_values=None, init_scale: float = 0.05):
         self.model = model
         self.init_scale = float(init_scale)
+        # A data-driven start (``data`` only) sets the path; the parameters start at prior medians, as in
+        # every measurement of the model card (the data-driven parameter start measured worse on the
+        # two-rotation benchmark, seed 0: NMSE 0.121 against 0.090). Explicit ``init_values`` set every site.
+        path_only = init_values is None
         if init_values is None and data is not None:
             init_values = model.init_values(data if isinstance(data, SequenceData) else model.prepare(data))
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {k: v for k, v in (self.init_values or {}).items() if k not in self.HIDDEN_SITES}
+        values = {} if path_only else {k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}
         self.parameter_guide = AutoMultivariateNormal(
-            handlers.block(model.program, hide=list(self.HIDDEN_SITES)), init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
+            parameter_program(model.program, self.HIDDEN_SITES, self.init_values),
+            init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "LatentSDEGuide"
 
