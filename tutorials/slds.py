@@ -98,7 +98,8 @@ print("filtered state accuracy:", matched_state_accuracy(z_true, np.asarray(filt
 # %% [markdown]
 # ## 5. SVI: Gauss–Markov path guide
 #
-# `model.default_guide(y)` starts from PCA / AR(1) values; x gets a linear-Gaussian chain guide whose
+# `model.default_guide(y)` starts the path from a PCA of y and the parameters at prior medians (pass
+# `init_values=`, e.g. an EM fit, to start every site there); x gets a linear-Gaussian chain guide whose
 # cost is linear in T. Regimes are decoded per posterior draw (exact given x).
 
 # %%
