@@ -25,10 +25,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.infer.autoguide import AutoMultivariateNormal
 
 from ppl_switch.data import SequenceData
-from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.models.gpslds import GPSLDS, LatentSDEGuide
 from ppl_switch.ops.conjugate_drift import weight_posterior
 
@@ -53,17 +51,15 @@ class ConjugateWeightsGuide(LatentSDEGuide):
         if not isinstance(model, GPSLDS):
             raise ValueError(f"model: expected a GPSLDS (linear drift weights), got {type(model).__name__}")
         super().__init__(model, data=data, init_values=init_values, init_scale=init_scale)
-        # The parameter guide's set-up runs the program with the hidden sites drawn from the prior; with
-        # A, e ~ prior the prior path x (2500 steps) depends explosively on the visible parameters and its
-        # gradient overflows in float32. Zero weights make f = 0 there: x is then free of the parameters.
-        values = {} if init_values is None else {
-            k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}  # as in the base class
-        J, K = model.num_states, model.latent_dim
+
+    def _visible_program(self):
+        # The parameter guide's set-up runs the program with the hidden sites drawn from the prior (the
+        # path too, unless a start path is given); with A, e ~ prior the prior path x (2500 steps) depends
+        # explosively on the visible parameters and its gradient overflows in float32. Zero weights make
+        # f = 0 there: x is then free of the parameters.
+        J, K = self.model.num_states, self.model.latent_dim
         zero_weights = {"regime_matrix": np.zeros((J, K, K)), "regime_offset": np.zeros((J, K))}
-        self.parameter_guide = AutoMultivariateNormal(
-            parameter_program(handlers.substitute(model.program, data=zero_weights), self.HIDDEN_SITES, self.init_values),
-            init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale)
-        self.__name__ = "ConjugateWeightsGuide"
+        return handlers.substitute(self.model.program, data=zero_weights)
 
     def weight_conditional(self, params, x, data: SequenceData) -> dist.Distribution:
         """p(w | x, theta) as a distribution over the flat weights (K, D): column k of the drift regression

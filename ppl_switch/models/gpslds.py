@@ -748,10 +748,15 @@ class LatentSDEGuide:
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
         values = {} if path_only else {k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}
         self.parameter_guide = AutoMultivariateNormal(
-            parameter_program(model.program, self.HIDDEN_SITES, self.init_values),
+            parameter_program(self._visible_program(), self.HIDDEN_SITES, self.init_values),
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
-        self.__name__ = "LatentSDEGuide"
+        self.__name__ = type(self).__name__
+
+    def _visible_program(self):
+        """The program the parameter guide sets itself up on, before the hidden sites are blocked
+        (subclasses pin sites here)."""
+        return self.model.program
 
     def path(self, data: SequenceData) -> SDEPathChain:
         """Register the q(x) parameters and return the chain distribution (call inside a guide)."""
