@@ -8,6 +8,7 @@ from numpyro.infer.util import log_density
 from scipy.stats import norm, poisson
 
 from ppl_switch.analysis.gdm_metrics import (
+    aligned_state_fixed_points,
     envelope_coverage,
     inferred_state_accuracy,
     one_step_envelope,
@@ -183,6 +184,47 @@ def test_nascar_generators_match_reference_statistics():
         nascar(0, emission_matrix=np.zeros((10, 3)))
 
 
+def test_reference_stream_reproduces_the_papers_trials():
+    """The released generator's draw order on numpy's legacy RandomState gives the paper's data: every
+    statistic the implementation notes recorded from the released code, to the digits recorded."""
+    soft = nascar(0, soft_sticky=True, stream="reference")
+    np.testing.assert_allclose(np.bincount(soft.states, minlength=4) / 1000, [0.132, 0.140, 0.380, 0.348], atol=1e-12)
+    assert np.sum(np.diff(soft.states) != 0) == 435 and abs(soft.soft_states.max(-1).mean() - 0.73) < 0.005
+    test = nascar(1, soft_sticky=True, emission_matrix=soft.params["emission_matrix"], stream="reference")
+    np.testing.assert_allclose(np.bincount(test.states, minlength=4) / 1000, [0.163, 0.177, 0.321, 0.339], atol=1e-12)
+    r2 = 1 - ((test.y - soft.y) ** 2).sum(0) / ((test.y - test.y.mean(0)) ** 2).sum(0)
+    assert abs(r2.mean() - 0.8005) < 5e-5  # "the test R² is simply 0.8"
+    std = nascar(0, stream="reference")
+    np.testing.assert_allclose(np.bincount(std.states, minlength=4) / 1000, [0.241, 0.217, 0.381, 0.161], atol=1e-12)
+    assert np.sum(np.diff(std.states) != 0) == 39
+    same_path = nascar(0, emission_matrix=std.params["emission_matrix"], stream="reference")
+    np.testing.assert_array_equal(same_path.latents, std.latents)  # the released standard test trial
+    assert np.abs(same_path.y - std.y).max() > 0.01  # ... with fresh observation noise
+    with pytest.raises(ValueError, match="stream"):
+        nascar(0, stream="legacy")
+    with pytest.raises(ValueError, match="key"):
+        nascar(jax.random.PRNGKey(0), stream="reference")
+
+
+def test_one_step_envelope_is_a_calibrated_predictive_at_the_true_parameters():
+    """Simulated from the model, with the true z_{t-1} and parameters, the one-step predictive of y_t
+    (transition spread + observation noise) covers ~all observations inside ±3 sd; the noise-free
+    envelope of the released code (transition spread only) is narrower by at least the noise."""
+    model = GDM(num_states=3, latent_dim=2, obs_dim=4)
+    params = dict(model.default_params(3))
+    params["log_obs_var"] = np.full(4, np.log(0.05**2))
+    data, truth = model.simulate(jax.random.PRNGKey(0), 2, 400, params=params)
+    z_true = np.asarray(truth["soft_states"])[None]  # one "encoder sample": the true path
+    args = (model, truth["params"], z_true, data, jax.random.PRNGKey(1))
+    mean, lo, hi = one_step_envelope(*args, num_branches=400)
+    coverage = envelope_coverage(lo, hi, data.y)
+    assert coverage > 0.97, coverage
+    _, lo0, hi0 = one_step_envelope(*args, num_branches=400, observation_noise=False)
+    half, half0 = np.asarray(hi - mean)[:, 1:], np.asarray(hi0 - mean)[:, 1:]
+    assert np.all(half >= half0) and np.all(half**2 >= half0**2 + 9 * 0.05**2 - 1e-5)
+    assert envelope_coverage(lo0, hi0, data.y) < coverage
+
+
 def test_fixed_points_from_app_b_correspondence():
     """S_k = C A_k, b_k = C c_k, F = pinv(C) makes F S_k = A_k: rotation states' fixed points are (±2, 0)."""
     truth = nascar(0).params
@@ -190,8 +232,26 @@ def test_fixed_points_from_app_b_correspondence():
     model = GDM(num_states=4, latent_dim=2, obs_dim=10, train_projection=True)
     params = dict(model.default_params(0))
     params.update(dynamics=np.einsum("nd,kde->kne", C, truth["dynamics"]), offsets=truth["offsets"] @ C.T, projection=np.linalg.pinv(C))
-    fps = np.asarray(state_fixed_points(model, {k: jnp.asarray(v) for k, v in params.items()}, 10))
+    jparams = {k: jnp.asarray(v) for k, v in params.items()}
+    fps = np.asarray(state_fixed_points(model, jparams, 10))
     np.testing.assert_allclose(fps[:2], [[2.0, 0.0], [-2.0, 0.0]], atol=1e-8)
+    # a soft state mixes the dynamics: x* = (I - sum z_k A_k)^{-1} sum z_k c_k
+    z = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.2, 0.3, 0.1, 0.4]])
+    A, c = truth["dynamics"], truth["offsets"]
+    direct = [np.linalg.solve(np.eye(2) - np.einsum("k,kij->ij", w, A), w @ c) if w[2] < 1 else None for w in z]
+    mixed = np.asarray(state_fixed_points(model, jparams, 10, z))
+    np.testing.assert_allclose(mixed[[0, 2]], np.stack([direct[0], direct[2]]), atol=1e-6)
+    # the same system seen in an affine frame u = M x + m (A' = M A M^-1, c' = M c + (I - A') m): its
+    # fixed points M x* + m are carried back to (±2, 0) by aligning F y = u to the positions x
+    x = nascar(0, stream="reference").latents
+    M, m = np.array([[0.3, -1.2], [0.8, 0.5]]), np.array([1.0, -2.0])
+    A_u = np.einsum("ij,kjl,lm->kim", M, A, np.linalg.inv(M))
+    c_u = c @ M.T + m - np.einsum("kij,j->ki", A_u, m)
+    framed = dict(jparams, dynamics=jnp.asarray(np.einsum("nd,kde->kne", C, A_u)), offsets=jnp.asarray(c_u @ C.T))
+    raw = np.asarray(state_fixed_points(model, framed, 10))
+    np.testing.assert_allclose(raw[:2], np.array([[2.0, 0.0], [-2.0, 0.0]]) @ M.T + m, atol=1e-6)
+    aligned = aligned_state_fixed_points(model, framed, (x @ M.T + m) @ C.T, x)
+    np.testing.assert_allclose(aligned[:2], [[2.0, 0.0], [-2.0, 0.0]], atol=1e-6)
 
 
 @pytest.fixture(scope="module")

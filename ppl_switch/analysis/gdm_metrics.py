@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppl_switch.analysis.metrics import knn_classify, r2_score
+from ppl_switch.analysis.metrics import affine_align, knn_classify, r2_score
 from ppl_switch.distributions.relaxed import RelaxedOneHotCategorical
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "predict_k_steps",
     "one_step_envelope",
     "state_fixed_points",
+    "aligned_state_fixed_points",
     "envelope_coverage",
 ]
 
@@ -87,12 +88,27 @@ def predict_k_steps(model, params, z, data, k: int, key, num_branches: int = 1, 
     return jnp.concatenate([pad, state[1]], axis=2)
 
 
-def one_step_envelope(model, params, z, data, key, num_branches: int = 10, width: float = 3.0):
-    """Paper Fig. 2C: ``samples`` encoder paths each branched ``num_branches`` times give one-step
-    predictions; returns (mean, lower, upper) of shape (trials, time, N) with mean ± width * std
-    (NaN at t = 0) and, when Gaussian, the observation noise is not added (as in the released code)."""
+def one_step_envelope(
+    model, params, z, data, key, num_branches: int = 10, width: float = 3.0, observation_noise: bool = True
+):
+    """One-step-ahead prediction envelope (paper Fig. 2C): each of the encoder paths ``z`` (samples,
+    trials, time, K) is branched ``num_branches`` times through the transition; returns (mean, lower,
+    upper) of shape (trials, time, N), mean ± width * std, NaN at t = 0.
+
+    ``observation_noise=True`` (default) gives the one-step posterior predictive of the observation
+    y_t: its variance is the spread of the predicted means plus the emission variance (sigma^2 for
+    Gaussian, the rate for Poisson, by the law of total variance), so coverage of observed y is a
+    calibration check. ``observation_noise=False`` is the released code's envelope: the spread of the
+    noise-free predicted means alone (transition uncertainty only), which is not an interval for y.
+    Poisson envelopes are on the rate scale (softplus of the mixed mean).
+    """
     pred = predict_k_steps(model, params, z, data, 1, key, num_branches)
-    mean, std = jnp.mean(pred, 0), jnp.std(pred, 0)
+    if model.emission != "gaussian":
+        pred = jax.nn.softplus(pred)
+    mean, var = jnp.mean(pred, 0), jnp.var(pred, 0)
+    if observation_noise:
+        var = var + (jnp.exp(params["log_obs_var"]) if model.emission == "gaussian" else mean)
+    std = jnp.sqrt(var)
     return mean, mean - width * std, mean + width * std
 
 
@@ -104,11 +120,28 @@ def envelope_coverage(lower, upper, y, dim=None) -> float:
     return float(np.mean((y >= lower) & (y <= upper)))
 
 
-def state_fixed_points(model, params, obs_dim: int):
-    """(K, D) per-state fixed points x*_k = (I - F S_k)^{-1} F b_k of x -> A_k x + c_k, A_k = F S_k,
-    c_k = F b_k (App. B correspondence), in the projected space."""
+def state_fixed_points(model, params, obs_dim: int, soft_states=None):
+    """Fixed points in the projected space of x -> A(z) x + c(z), A(z) = sum_k z_k F S_k,
+    c(z) = sum_k z_k F b_k (App. B correspondence).
+
+    ``soft_states=None``: (K, D), one per pure state, x*_k = (I - F S_k)^{-1} F b_k. Otherwise
+    ``soft_states`` (M, K) rows on the simplex, e.g. the mean soft state over a segment where the model
+    mixes states, gives (M, D) fixed points of the mixed dynamics."""
     F = model.projection(params, obs_dim)
     A = jnp.einsum("dn,kne->kde", F, params["dynamics"])
     c = params["offsets"] @ F.T
+    z = jnp.eye(A.shape[0]) if soft_states is None else jnp.asarray(soft_states, A.dtype)
+    A_z, c_z = jnp.einsum("mk,kde->mde", z, A), z @ c
     eye = jnp.eye(A.shape[-1])
-    return jnp.linalg.solve(eye - A, c[..., None])[..., 0]
+    return jnp.linalg.solve(eye - A_z, c_z[..., None])[..., 0]
+
+
+def aligned_state_fixed_points(model, params, y, reference, soft_states=None):
+    """:func:`state_fixed_points` carried into a reference frame (e.g. the true latent positions): the
+    projected space F y is identified only up to an affine map, so the least-squares affine map from
+    F y_t (T, D) to ``reference`` (T, d) on the same steps is applied. ``y``: (T, N); returns (K or M, d)."""
+    y = np.asarray(y, float)
+    F = np.asarray(model.projection(params, y.shape[-1]))
+    _, coef = affine_align(y @ F.T, reference)
+    fixed = np.asarray(state_fixed_points(model, params, y.shape[-1], soft_states))
+    return np.concatenate([fixed, np.ones((len(fixed), 1))], 1) @ coef

@@ -19,6 +19,13 @@ which are dropped.
   (0, -0.05), (0, 0.05), (0.05, 0), (-0.05, 0)) with tau = 0.99, scale = 0.02, gamma = 0.25.
 
 Optionally the speed factor s ~ U[speed_min, 1] is redrawn whenever argmax z_t changes.
+
+Random streams: ``stream="generator"`` (default) draws from ``numpy.random.Generator`` seeded by ``key``;
+``stream="reference"`` reproduces the draw order of the paper's released generator on numpy's legacy
+``RandomState(seed)`` (a speed draw before the loop, four uniforms per step turned into Gumbel noise as
+-log(-log(U + 1e-8) + 1e-8), a speed draw after every argmax switch, then C, then the observation noise),
+so that integer seeds give the paper's trials: soft-sticky seed 0 has 435 argmax switches and mean
+max_k z_t = 0.73, and the standard test trial of seed 0 shares the training path with fresh noise.
 """
 
 from __future__ import annotations
@@ -104,6 +111,7 @@ def nascar(
     gamma: Optional[float] = None,
     speed_min: float = 1.0,
     noise_seed: Optional[int] = None,
+    stream: str = "generator",
 ) -> NascarData:
     """Simulate one NASCAR trial.
 
@@ -120,7 +128,14 @@ def nascar(
         speed_min: s ~ U[speed_min, 1] redrawn at every switch of argmax z (1 = constant speed).
         noise_seed: if given, the observation noise comes from this seed instead of ``key``; with the same
             ``key`` this gives the released code's standard-NASCAR test trial (same latent path, new noise).
+        stream: ``"generator"`` (numpy Generator from ``key``) or ``"reference"`` (the released code's
+            legacy ``RandomState(key)`` draw order; ``key`` must be an int; the speed is then redrawn after
+            the step that switches, as there).
     """
+    if stream not in ("generator", "reference"):
+        raise ValueError(f"stream: expected 'generator' or 'reference', got {stream!r}")
+    if stream == "reference" and not isinstance(key, (int, np.integer)):
+        raise ValueError(f"key: stream='reference' needs an int seed, got {key!r}")
     if int(num_timesteps) < 1:
         raise ValueError(f"num_timesteps: expected an integer >= 1, got {num_timesteps}")
     if emission_matrix is None and int(obs_dim) < 1:
@@ -129,33 +144,42 @@ def nascar(
         raise ValueError(f"speed_min: expected a number in (0, 1], got {speed_min}")
     if noise_std < 0:
         raise ValueError(f"noise_std: expected a non-negative number, got {noise_std}")
-    rng = _rng(key)
+    rng = np.random.RandomState(int(key)) if stream == "reference" else _rng(key)
     p = nascar_parameters(soft_sticky)
     tau = p["temperature"] if temperature is None else float(temperature)
     scale = p["scale"] if scale is None else float(scale)
     gamma = p["gamma"] if gamma is None else float(gamma)
     if not tau > 0:
         raise ValueError(f"temperature: expected a positive number, got {temperature}")
-    if emission_matrix is None:
+    reference = stream == "reference"
+    if emission_matrix is not None:
+        emission_matrix = np.asarray(emission_matrix, dtype=float)
+        if emission_matrix.ndim != 2 or emission_matrix.shape[1] != 2:
+            raise ValueError(f"emission_matrix: expected shape (obs_dim, 2), got {emission_matrix.shape}")
+    elif not reference:  # the reference stream draws C after the path
         emission_matrix = rng.standard_normal((int(obs_dim), 2))
-    emission_matrix = np.asarray(emission_matrix, dtype=float)
-    if emission_matrix.ndim != 2 or emission_matrix.shape[1] != 2:
-        raise ValueError(f"emission_matrix: expected shape (obs_dim, 2), got {emission_matrix.shape}")
 
     A, c = p["dynamics"], p["offsets"]
     num_timesteps = int(num_timesteps)
-    z_prev, x_prev, speed = np.eye(4)[2], np.array([0.0, 1.0]), 1.0
+    z_prev, x_prev = np.eye(4)[2], np.array([0.0, 1.0])
+    speed = speed_min + (1.0 - speed_min) * rng.uniform() if reference else 1.0
     zs, xs = np.empty((num_timesteps, 4)), np.empty((num_timesteps, 2))
     for t in range(num_timesteps):
         logits = (1 - gamma) * scale * (p["logit_weights"] @ x_prev + p["logit_bias"]) + gamma * z_prev
-        scores = (logits + rng.gumbel(size=4)) / tau
+        gumbel = -np.log(-np.log(rng.uniform(size=4) + 1e-8) + 1e-8) if reference else rng.gumbel(size=4)
+        scores = (logits + gumbel) / tau
         z = np.exp(scores - scores.max())
         z /= z.sum()
-        if speed_min < 1.0 and np.argmax(z) != np.argmax(z_prev):
+        switched = np.argmax(z) != np.argmax(z_prev)
+        if not reference and speed_min < 1.0 and switched:
             speed = rng.uniform(speed_min, 1.0)
         x = np.einsum("k,kij,j->i", z, A, x_prev) + speed * (z @ c)
+        if reference and switched:  # drawn even at speed_min = 1, which keeps the stream aligned
+            speed = speed_min + (1.0 - speed_min) * rng.uniform()
         zs[t], xs[t] = z, x
         z_prev, x_prev = z, x
+    if emission_matrix is None:
+        emission_matrix = rng.standard_normal((int(obs_dim), 2))
     noise_rng = rng if noise_seed is None else np.random.default_rng(int(noise_seed))
     y = xs @ emission_matrix.T + noise_std * noise_rng.standard_normal((num_timesteps, emission_matrix.shape[0]))
     params = dict(p, emission_matrix=emission_matrix, noise_std=noise_std, temperature=tau, scale=scale, gamma=gamma)
