@@ -1,7 +1,7 @@
 """gpSLDS synthetic benchmarks (Hu et al. 2024, Sec. 4.1 and App. D): fit, then print the target metrics.
 
     python benchmarks/gpslds.py                      # two rotations: gpSLDS and the RBF GP-SDE baseline
-    python benchmarks/gpslds.py --limit-cycle        # App. D limit cycle with quadratic features
+    python benchmarks/gpslds.py --limit-cycle --latent-scales 1.5 3   # App. D limit cycle, quadratic features
     GPSLDS_STEPS=300 python benchmarks/gpslds.py     # a shorter run
     python benchmarks/gpslds.py --weights conjugate --seed 1 --no-baseline
                                                      # A, e integrated out in closed form; data + SVI seed 1
@@ -16,6 +16,7 @@ variance of f on visited vs unvisited cells; wall time. Nothing is written to re
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -37,15 +38,24 @@ from ppl_switch.infer import fit_svi  # noqa: E402
 from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
 
 
-def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None):
+def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scales=(3.0,)):
+    """Fit from the data-driven path start at each start scale (sd of the start path); keep the lowest
+    final loss (mean of the last 100 steps), like the paper's restarts. Parameters start at prior medians
+    (see LatentSDEGuide; the full data-driven start measured worse on seed 0: NMSE 0.121 against 0.090)."""
     data = model.prepare(y)
-    # data-driven path start, parameters at prior medians (see LatentSDEGuide; the full data-driven
-    # start, ``init_values=model.init_values(data)``, measured worse on seed 0: NMSE 0.121 against 0.090)
-    guide = model.default_guide(data) if weights is None else model.default_guide(data, weights=weights)
+    best = None
     t0 = time.perf_counter()
-    fit = fit_svi(model, data, guide=guide, num_steps=steps, learning_rate=lr, seed=seed, num_draws=num_draws,
-                  progress_bar=False)
+    for scale in latent_scales:
+        guide = model.default_guide(data, latent_scale=scale, **({} if weights is None else {"weights": weights}))
+        fit = fit_svi(model, data, guide=guide, num_steps=steps, learning_rate=lr, seed=seed, num_draws=num_draws,
+                      progress_bar=False)
+        loss = float(np.mean(np.asarray(fit.losses)[-100:]))
+        if len(latent_scales) > 1:
+            print(f"  start scale {scale}: final loss {loss:.1f}")
+        if best is None or loss < best[0]:
+            best = (loss, fit, guide)
     wall = time.perf_counter() - t0
+    _, fit, guide = best
     extra = guide.sample_parameters(jax.random.PRNGKey(seed + 1), fit.params, 200, data=data)
     return fit, extra, wall
 
@@ -121,9 +131,27 @@ def oracle_path_report(sim, seed, num_draws=200):
                   f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
 
 
+def limit_cycle_evidence(latents, drift, dt):
+    """How strongly the true path alone identifies the limit cycle: the Euler-increment log-likelihood
+    (Sigma = I) of the true drift minus that of the best single affine drift (least squares)."""
+    x0 = latents[:, :-1].reshape(-1, 2)
+    dx = (latents[:, 1:] - latents[:, :-1]).reshape(-1, 2)
+    design = np.concatenate([x0, np.ones((len(x0), 1))], 1)
+    coef, *_ = np.linalg.lstsq(design * dt, dx, rcond=None)
+
+    def loglik(f):
+        return -np.sum((dx - f * dt) ** 2) / (2 * dt)
+
+    return float(loglik(np.asarray(drift(x0))) - loglik(design @ coef))
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit-cycle", action="store_true")
+    parser.add_argument("--latent-scales", type=float, nargs="+", default=[3.0],
+                        help="sd of the data-driven start path; several = one fit each, the best final loss kept")
+    parser.add_argument("--alpha", type=float, default=4.0,
+                        help="limit cycle: radial growth / decay rate (1/s) of the reconstructed generator")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--weights", choices=["joint", "conjugate"], default="joint",
@@ -136,11 +164,18 @@ def main():
     lr = float(os.environ.get("GPSLDS_LR", "0.02"))
     t_all = time.perf_counter()
     if args.limit_cycle:
-        sim = simulate_gpslds_limit_cycle(seed=0, num_trials=args.trials)
+        sim = simulate_gpslds_limit_cycle(seed=0, num_trials=args.trials, alpha=args.alpha)
+        drift = functools.partial(limit_cycle_drift, alpha=args.alpha)
+        evidence = limit_cycle_evidence(sim["latents"], drift, sim["truth"]["dt"])
+        print(f"[limit cycle, alpha={args.alpha}] on the true path, Euler log-likelihood of the true drift minus "
+              f"the best single linear drift: {evidence:.1f} nats")
         model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"], features="quadratic")
-        fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0)
-        res = evaluate("gpslds-limit-cycle", fit, extra, sim["latents"], limit_cycle_drift, -5, 5)
+        fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0, weights=args.weights, latent_scales=args.latent_scales)
+        print(f"final loss (mean of the last 100 steps) {np.mean(np.asarray(fit.losses)[-100:]):.1f}")
+        res = evaluate("gpslds-limit-cycle", fit, extra, sim["latents"], drift, -5, 5)
         P, o = res["P"], res["o"]
+        print(f"[{res['name']}] alignment x_true = P x_model + o: singular values of P "
+              f"{np.round(np.linalg.svd(P, compute_uv=False), 3).tolist()} (1 = the model's latent scale is the truth's)")
         grid, _ = ga.grid_points(-4, 4, 81)
         pi = ga.partition_map(model, extra, (grid - o) @ np.linalg.inv(P).T)["mean"][:, 0].reshape(81, 81)
         # boundary cells: where the aligned pi crosses 0.5 between neighbours
@@ -168,7 +203,7 @@ def main():
         oracle_path_report(sim, args.seed)
         return
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=dt)
-    fit, extra, wall = fit_model(model, sim["y"], steps, lr, args.seed, weights=args.weights)
+    fit, extra, wall = fit_model(model, sim["y"], steps, lr, args.seed, weights=args.weights, latent_scales=args.latent_scales)
     res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift)
     rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
     print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "

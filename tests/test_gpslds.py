@@ -117,6 +117,28 @@ def test_sde_path_chain_is_the_gauss_markov_chain_with_mean_mbar():
     np.testing.assert_allclose(float(chain.log_prob(seq)[0]), ref, rtol=1e-9)
 
 
+def test_data_only_start_sets_the_quadratic_partition_at_the_median_radius():
+    """``default_guide(data)``: quadratic features start the partition at the circle through the start
+    path's median radius (half the steps on each side); linear features keep the prior median."""
+    from numpyro.infer import SVI, Trace_ELBO
+    import optax
+
+    linear = GPSLDS(num_states=2, latent_dim=2, obs_dim=4, dt=0.05, emission="gaussian")
+    assert linear.path_start_parameters(np.ones((1, 5, 2))) == {}
+    model = GPSLDS(num_states=2, latent_dim=2, obs_dim=4, dt=0.05, emission="gaussian", features="quadratic")
+    data, _ = model.simulate(jax.random.PRNGKey(2), 3, 40)
+    guide = model.default_guide(data)
+    svi = SVI(model.program, guide, optax.adam(1e-3), Trace_ELBO())
+    start = guide.parameter_guide.median(svi.get_params(svi.init(jax.random.PRNGKey(0), data)))
+    x0 = guide.init_values["x"]
+    r2 = (x0.reshape(-1, 2) ** 2).sum(-1)
+    expected = np.r_[np.median(r2), -1.0, -1.0][:, None] / r2.std()
+    np.testing.assert_allclose(start["partition_weights"], expected, rtol=1e-4)
+    np.testing.assert_allclose(start["temperature"], 0.5, rtol=1e-5)
+    inside = np.asarray(model.partition(start, jnp.asarray(x0))[..., 0] > 0.5)
+    assert abs(inside.mean() - 0.5) < 0.01
+
+
 # --------------------------------------------------------------------------------------------------
 # fixed points and slow points
 
