@@ -221,7 +221,7 @@ def main():
     print(f"[gpslds] stability types of roots: {types}")
     if not args.no_baseline:
         rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
-        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed)
+        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed, latent_scales=args.latent_scales)
         res_b = evaluate("gpsde-rbf", fit_b, extra_b, sim["latents"], two_rotation_drift)
         print(f"[gpsde-rbf] fit wall {wall_b:.1f}s; latent R2 {res_b['latent_r2']:.3f}; dynamics NMSE (visited) "
               f"{res_b['dynamics_nmse_visited']:.4f}; var f visited {res_b['var_f_visited']:.3g} vs unvisited "
