@@ -52,8 +52,9 @@ def state_accuracy(z_true: np.ndarray, probs: np.ndarray) -> float:
     return float(max(np.mean(np.asarray(p)[z_hat] == z_true) for p in itertools.permutations(range(K))))
 
 
-def model_for_tutorial(path_parameterisation: str = "centred") -> SLDS:
-    return SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation)
+def model_for_tutorial(path_parameterisation: str = "centred", dynamics_scale_prior="half_normal") -> SLDS:
+    return SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation,
+                dynamics_scale_prior=dynamics_scale_prior)
 
 
 def true_site_params(model: SLDS) -> dict:
@@ -113,13 +114,13 @@ def _state_probs(fit) -> np.ndarray:
 
 def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: int, init_from: str = "em",
              target_accept: float = 0.9, path_parameterisation: str = "whitened", em_restarts: int = 8,
-             save_draws: str = "") -> dict:
+             save_draws: str = "", dynamics_scale_prior="half_normal") -> dict:
     import arviz as az
 
     from ppl_switch.infer import fit_nuts
 
     sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
-    model = model_for_tutorial(path_parameterisation)
+    model = model_for_tutorial(path_parameterisation, dynamics_scale_prior)
     data = model.prepare(sim["y"])
     t0 = time.perf_counter()
     em_info = {}
@@ -172,7 +173,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
         for c in range(num_chains)
     ]
     return {
-        "path": f"nuts ({path_parameterisation}, start: {init_from})", "T": T, "seed": seed, "target_accept": target_accept,
+        "path": f"nuts ({path_parameterisation}, start: {init_from}, scale prior: {dynamics_scale_prior})", "T": T, "seed": seed, "target_accept": target_accept,
         "accuracy": state_accuracy(sim["states"][0], probs), "accuracy_per_chain": per_chain_accuracy,
         "seconds_first_call": seconds, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
         "max_rhat_params": rhat_params, "worst_rhat_sites": summary["r_hat"].dropna().sort_values().index[-3:].tolist(),
@@ -204,6 +205,8 @@ def main(argv=None) -> list[dict]:
                         help="path_parameterisation of the model NUTS samples")
     parser.add_argument("--nuts-target-accept", type=float, default=0.9)
     parser.add_argument("--nuts-save-draws", default="", help="write the relabelled NUTS draws and sample stats to this .npz")
+    parser.add_argument("--nuts-scale-prior", nargs=2, type=float, metavar=("SHAPE", "RATE"), default=None,
+                        help="Gamma(SHAPE, RATE) prior on the dynamics noise scales (boundary-avoiding) instead of HalfNormal(0.5)")
     args = parser.parse_args(argv)
     rows = []
     for T in args.T:
@@ -216,7 +219,8 @@ def main(argv=None) -> list[dict]:
                 row = run_svi(T, args.seed, args.svi_steps, args.svi_init)
             elif path == "nuts":
                 row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
-                               args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws)
+                               args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws,
+                               ("gamma", *args.nuts_scale_prior) if args.nuts_scale_prior else "half_normal")
             else:
                 raise SystemExit(f"--paths: unknown path {path!r}")
             print(json.dumps(row), flush=True)

@@ -5,6 +5,8 @@ the collapsed Gaussian-sum filter against exact enumeration, decoding, SVI/NUTS 
 from __future__ import annotations
 
 import itertools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,6 +131,26 @@ def test_program_log_density_is_priors_plus_path_plus_emissions():
 
     total, want = parts(params, data)
     np.testing.assert_allclose(total, want, rtol=1e-10)
+
+
+def test_gamma_scale_prior_changes_only_the_dynamics_scale_term():
+    from numpyro.infer.util import log_density
+
+    half = SLDS(num_states=2, latent_dim=2, obs_dim=3)
+    gamma = SLDS(num_states=2, latent_dim=2, obs_dim=3, dynamics_scale_prior=("gamma", 4.0, 16.0))
+    data, truth = half.simulate(jax.random.PRNGKey(1), 1, 5)
+    params = truth["params"]
+    s = jnp.asarray(params["dynamics_scales"])
+    want = jnp.sum(dist.Gamma(4.0, 16.0).log_prob(s) - dist.HalfNormal(0.5).log_prob(s))
+    got = log_density(gamma.program, (data,), {}, params)[0] - log_density(half.program, (data,), {}, params)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-8)
+    # the choice survives the JSON sidecar (tuples come back as lists)
+    assert SLDS(**json.loads(json.dumps(gamma.config()))).dynamics_scale_prior == ("gamma", 4.0, 16.0)
+    # zero density at s = 0 is the point of the option: shape <= 1 is refused, by name
+    with pytest.raises(ValueError, match="dynamics_scale_prior"):
+        SLDS(num_states=2, latent_dim=2, dynamics_scale_prior=("gamma", 1.0, 2.0))
+    with pytest.raises(ValueError, match="dynamics_scale_prior"):
+        SLDS(num_states=2, latent_dim=2, dynamics_scale_prior="inverse_gamma")
 
 
 def test_state_posterior_given_path_matches_enumeration():

@@ -7,7 +7,7 @@ Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, 
     A_k                ~ N(I, 0.5^2) elementwise (matrix normal, I x I)   dynamics_matrix        (K, D, D)
     b_k                ~ N(0, 1)                                         dynamics_bias          (K, D)
     B_k                ~ N(0, 1)                          if U > 0       dynamics_input_weights (K, D, U)
-    s_k                ~ HalfNormal(0.5)                                 dynamics_scales        (K, D)
+    s_k                ~ HalfNormal(0.5), or Gamma(a, b) (boundary-avoiding)  dynamics_scales   (K, D)
     L_k                ~ LKJCholesky(D, 2)                if D > 1       dynamics_corr_chol     (K, D, D)
     m0                 ~ N(0, 3^2)                                       initial_mean           (D,)
     s0                 ~ HalfNormal(1)                                   initial_scales         (D,)
@@ -66,6 +66,20 @@ EMISSION_BIAS_PRIOR_SCALE = 5.0
 EMISSION_SCALE_PRIOR_SCALE = 2.0
 LKJ_CONCENTRATION = 2.0
 _LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _check_scale_prior(prior):
+    """``"half_normal"`` or ``("gamma", shape, rate)`` with shape > 1 (zero density at s = 0)."""
+    if isinstance(prior, str) and prior == "half_normal":
+        return prior
+    if isinstance(prior, (tuple, list)) and len(prior) == 3 and prior[0] == "gamma":
+        shape, rate = float(prior[1]), float(prior[2])
+        if shape > 1.0 and rate > 0.0:
+            return ("gamma", shape, rate)
+    raise ValueError(
+        "dynamics_scale_prior: expected 'half_normal' or ('gamma', shape, rate) with shape > 1 and rate > 0 "
+        f"(a prior with zero density at scale 0), got {prior!r}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,13 +276,17 @@ class SLDS(Model):
             ``x_innovations``, the path's innovations under the regime-averaged dynamics, see
             :class:`WhitenedSwitchingChain`; ``x`` is then a deterministic site). Same model, different
             coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation ridge.
+        dynamics_scale_prior: prior of each dynamics noise scale s_kd: "half_normal" (HalfNormal(0.5),
+            the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
+            density at s = 0; Chung et al. 2013) that keeps NUTS out of the funnel toward Q_k -> 0 when the
+            data hardly separate dynamics noise from observation noise (model_cards/slds.md).
     """
 
     name = "slds"
     #: the constructor arguments :meth:`config` records, in order (a subclass lists its own)
     _config_keys: ClassVar[tuple[str, ...]] = (
         "num_states", "latent_dim", "obs_dim", "input_dim", "emission", "emission_cov", "link", "bin_size", "stickiness",
-        "transition_concentration", "emission_matrix", "path_parameterisation",
+        "transition_concentration", "emission_matrix", "path_parameterisation", "dynamics_scale_prior",
     )
 
     def __init__(
@@ -285,7 +303,9 @@ class SLDS(Model):
         transition_concentration: float = 1.0,
         emission_matrix=None,
         path_parameterisation: str = "centred",
+        dynamics_scale_prior="half_normal",
     ):
+        self.dynamics_scale_prior = _check_scale_prior(dynamics_scale_prior)
         if path_parameterisation not in ("centred", "whitened"):
             raise ValueError(f"path_parameterisation: expected 'centred' or 'whitened', got {path_parameterisation!r}")
         self.path_parameterisation = path_parameterisation
@@ -318,6 +338,13 @@ class SLDS(Model):
                 raise ValueError("emission_matrix: contains NaN or inf")
             self.fixed_emission_matrix = C
             self.obs_dim = C.shape[0] if self.obs_dim is None else self.obs_dim
+
+    def _dynamics_scale_dist(self) -> dist.Distribution:
+        """The prior of one dynamics noise scale s_kd."""
+        if self.dynamics_scale_prior == "half_normal":
+            return dist.HalfNormal(DYNAMICS_NOISE_PRIOR_SCALE)
+        _, shape, rate = self.dynamics_scale_prior
+        return dist.Gamma(shape, rate)
 
     def config(self) -> dict[str, Any]:
         return {key: self._config_value(key) for key in self._config_keys}
@@ -421,9 +448,7 @@ class SLDS(Model):
                 "dynamics_matrix", dist.Normal(jnp.broadcast_to(jnp.eye(D), (K, D, D)), DYNAMICS_PRIOR_SCALE).to_event(3)
             ),
             "dynamics_bias": numpyro.sample("dynamics_bias", normal(0.0, 1.0, [K, D])),
-            "dynamics_scales": numpyro.sample(
-                "dynamics_scales", dist.HalfNormal(DYNAMICS_NOISE_PRIOR_SCALE).expand([K, D]).to_event(2)
-            ),
+            "dynamics_scales": numpyro.sample("dynamics_scales", self._dynamics_scale_dist().expand([K, D]).to_event(2)),
             "initial_mean": numpyro.sample("initial_mean", normal(0.0, INITIAL_MEAN_PRIOR_SCALE, [D])),
             "initial_scales": numpyro.sample("initial_scales", dist.HalfNormal(1.0).expand([D]).to_event(1)),
             "emission_bias": numpyro.sample("emission_bias", normal(0.0, EMISSION_BIAS_PRIOR_SCALE, [N])),
