@@ -114,7 +114,7 @@ def _state_probs(fit) -> np.ndarray:
 
 def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: int, init_from: str = "em",
              target_accept: float = 0.9, path_parameterisation: str = "whitened", em_restarts: int = 8,
-             save_draws: str = "", dynamics_scale_prior="half_normal") -> dict:
+             save_draws: str = "", dynamics_scale_prior="half_normal", dense_params: bool = False) -> dict:
     import arviz as az
 
     from ppl_switch.infer import fit_nuts
@@ -136,7 +136,9 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
         warnings.simplefilter("ignore", RuntimeWarning)
         fit = fit_nuts(model, sim["y"], num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                        seed=seed, init_params={k: v for k, v in init.items()}, target_accept=target_accept,
-                       x64=True, progress_bar=False)
+                       x64=True, progress_bar=False,
+                       # one dense block over the parameters, the long path diagonal
+                       dense_mass=[tuple(k for k in init if k not in ("x", "x_innovations"))] if dense_params else False)
     seconds = time.perf_counter() - t0
     probs = _state_probs(fit)
     # eigenvalues of A_k (invariant to the latent basis); label-aligned draws
@@ -173,7 +175,8 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
         for c in range(num_chains)
     ]
     return {
-        "path": f"nuts ({path_parameterisation}, start: {init_from}, scale prior: {dynamics_scale_prior})", "T": T, "seed": seed, "target_accept": target_accept,
+        "path": f"nuts ({path_parameterisation}, start: {init_from}, scale prior: {dynamics_scale_prior}"
+                f"{', dense parameter mass' if dense_params else ''})", "T": T, "seed": seed, "target_accept": target_accept,
         "accuracy": state_accuracy(sim["states"][0], probs), "accuracy_per_chain": per_chain_accuracy,
         "seconds_first_call": seconds, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
         "max_rhat_params": rhat_params, "worst_rhat_sites": summary["r_hat"].dropna().sort_values().index[-3:].tolist(),
@@ -207,6 +210,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--nuts-save-draws", default="", help="write the relabelled NUTS draws and sample stats to this .npz")
     parser.add_argument("--nuts-scale-prior", nargs=2, type=float, metavar=("SHAPE", "RATE"), default=None,
                         help="Gamma(SHAPE, RATE) prior on the dynamics noise scales (boundary-avoiding) instead of HalfNormal(0.5)")
+    parser.add_argument("--nuts-dense-params", action="store_true",
+                        help="adapt one dense mass matrix over the parameter sites (the path stays diagonal)")
     args = parser.parse_args(argv)
     rows = []
     for T in args.T:
@@ -220,7 +225,8 @@ def main(argv=None) -> list[dict]:
             elif path == "nuts":
                 row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
                                args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws,
-                               ("gamma", *args.nuts_scale_prior) if args.nuts_scale_prior else "half_normal")
+                               ("gamma", *args.nuts_scale_prior) if args.nuts_scale_prior else "half_normal",
+                               args.nuts_dense_params)
             else:
                 raise SystemExit(f"--paths: unknown path {path!r}")
             print(json.dumps(row), flush=True)

@@ -489,6 +489,22 @@ def test_nuts_same_seed_same_draws_and_init_params():
         fit_nuts(model, y, target_accept=1.5, **kw)
 
 
+def test_nuts_dense_mass_blocks_and_tree_depth_cap():
+    y, _, _ = gaussian_data(num_trials=1, num_steps=20)
+    model = ToyGaussian()
+    kw = dict(num_warmup=30, num_samples=20, progress_bar=False, seed=3)
+    fit = fit_nuts(model, y, dense_mass=[("mu", "sigma")], max_tree_depth=2, **kw)
+    # at most 2**2 - 1 leapfrog steps per draw, and the run still targets the posterior (mu near the data mean)
+    assert int(np.max(get_group(fit.idata, "sample_stats")["n_steps"])) <= 3
+    assert abs(float(np.mean(fit.samples["mu"])) - float(np.mean(y))) < 0.5
+    with pytest.raises(ValueError, match="dense_mass"):
+        fit_nuts(model, y, dense_mass=[("mu", "nope")], **kw)
+    with pytest.raises(ValueError, match="dense_mass"):
+        fit_nuts(model, y, dense_mass="full", **kw)
+    with pytest.raises(DataError, match="max_tree_depth"):
+        fit_nuts(model, y, max_tree_depth=0, **kw)
+
+
 # ----- EM -----------------------------------------------------------------------------------------
 def test_fit_em_dispatches_to_model_em():
     y, mask, lengths = gaussian_data()

@@ -71,6 +71,19 @@ def _convergence(samples: Mapping[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+def _check_dense_mass(dense_mass, names):
+    """``dense_mass`` as NUTS takes it: a bool, or a list of tuples of latent site names."""
+    if isinstance(dense_mass, bool):
+        return dense_mass
+    if isinstance(dense_mass, (list, tuple)) and all(isinstance(b, (list, tuple)) and b for b in dense_mass):
+        blocks = [tuple(b) for b in dense_mass]
+        unknown = sorted({n for b in blocks for n in b} - set(names))
+        if not unknown:
+            return blocks
+        raise ValueError(f"dense_mass: {unknown} are not latent sites of the model (sites: {names})")
+    raise ValueError(f"dense_mass: expected True, False or a list of tuples of site names, got {dense_mass!r}")
+
+
 def fit_nuts(
     model,
     data,
@@ -88,6 +101,8 @@ def fit_nuts(
     x64: bool = False,
     relabel: bool = True,
     init_params: Optional[Mapping[str, Any]] = None,
+    dense_mass=False,
+    max_tree_depth: int = 10,
 ) -> Fit:
     """Sample the posterior of ``model`` given ``data`` with NUTS.
 
@@ -100,6 +115,11 @@ def fit_nuts(
         init_params: optional ``{site: value}`` in the constrained space to start every chain from
             (``init_to_value``); sites not given start from numpyro's default (uniform in (-2, 2)
             unconstrained).
+        dense_mass: False (diagonal mass matrix), True (one dense matrix over every latent
+            coordinate), or a list of tuples of site names, each adapted as one dense block (the other
+            sites diagonal), e.g. ``[("dynamics_matrix", "dynamics_scales")]`` for a model's parameters
+            next to a long path.
+        max_tree_depth: cap on the NUTS tree depth (at most 2**max_tree_depth - 1 leapfrog steps).
         x64, relabel, progress_bar: as in :func:`fit_svi`.
 
     Returns:
@@ -117,6 +137,7 @@ def fit_nuts(
         raise ValueError(f"chain_method: expected one of {CHAIN_METHODS}, got {chain_method!r}")
     if init_params is not None and not isinstance(init_params, Mapping):
         raise ValueError(f"init_params: expected a dict {{site: value}}, got {type(init_params).__name__}")
+    max_tree_depth = check_int(max_tree_depth, "max_tree_depth")
     set_x64(x64)
     data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
     dev = device_data(data)
@@ -125,8 +146,9 @@ def fit_nuts(
         unknown = sorted(set(init_params) - set(names))
         if unknown:
             raise ValueError(f"init_params: {unknown} are not latent sites of the model (sites: {names})")
+    dense_mass = _check_dense_mass(dense_mass, names)
 
-    kwargs = {"target_accept_prob": target_accept}
+    kwargs = {"target_accept_prob": target_accept, "dense_mass": dense_mass, "max_tree_depth": max_tree_depth}
     if init_params is not None:
         kwargs["init_strategy"] = init_to_value(values={k: np.asarray(v) for k, v in init_params.items()})
     mcmc = MCMC(
