@@ -60,11 +60,13 @@ def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scal
     return fit, extra, wall
 
 
-def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0):
+def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0, alignment=None):
+    """Latent R², dynamics NMSE on visited cells and var f, in the true frame: by default the affine map
+    regressed from the posterior mean path to the true one; ``alignment=(P, o)`` uses that map instead."""
     model = fit.model
     x_hat = np.asarray(fit.samples["x"])[0].mean(0)  # (B, T, K) posterior mean path
     r2 = affine_aligned_r2(x_hat.reshape(-1, 2), truth_x.reshape(-1, 2))
-    P, o = ga.align_latents(x_hat, truth_x)
+    P, o = ga.align_latents(x_hat, truth_x) if alignment is None else alignment
     Pinv = np.linalg.inv(P)
     cells, visited = ga.visited_cells(truth_x, lo, hi, 20, 20)
     z = (cells - o) @ Pinv.T  # cell centres in the model's coordinates
@@ -78,13 +80,18 @@ def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0):
     return out
 
 
-def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0):
+def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0, per_draw=None):
+    """Fixed points of every draw in ``extra``, carried to the true frame by (P, o), or by each draw's own
+    map when ``per_draw=(P_s (S, K, K), o_s (S, K))`` is given (alignment uncertainty enters the ellipses)."""
     Pinv = np.linalg.inv(P)
     starts_true, _ = ga.grid_points(lo, hi, 6)
     starts = (starts_true - o) @ Pinv.T
     corners = (np.array([[lo, lo], [lo, hi], [hi, lo], [hi, hi]]) - o) @ Pinv.T
     fp = ga.fixed_points(model, extra, starts, region=(corners.min(0), corners.max(0)))
-    pts = fp["points"] @ P.T + o  # true coordinates (NaN stays NaN)
+    if per_draw is None:
+        pts = fp["points"] @ P.T + o  # true coordinates (NaN stays NaN)
+    else:
+        pts = np.einsum("skj,smj->smk", per_draw[0], fp["points"]) + per_draw[1][:, None, :]
     inside = np.all((pts >= lo) & (pts <= hi), -1)
     pts = np.where(inside[..., None], pts, np.nan)
     regions = ga.fixed_point_regions(pts)
@@ -102,6 +109,29 @@ def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0):
         if s:
             types[s] = types.get(s, 0) + 1
     return rows, regions, types
+
+
+def emission_alignment_report(model, fit, extra, sim):
+    """The same metrics in the frame fixed by the readouts (P = C_true^+ C_hat, o = C_true^+ (d_hat - d_true)),
+    with each draw's fixed points carried by its own readout draw."""
+    truth = sim["truth"]
+    if "emission_matrix" not in extra:
+        return
+    P_s, o_s = ga.align_by_emissions(extra["emission_matrix"], extra["emission_bias"], truth["emission_matrix"], truth["emission_bias"])
+    P, o = P_s.mean(0), o_s.mean(0)
+    res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift, alignment=(P, o))
+    x_hat = np.asarray(fit.samples["x"])[0].mean(0)
+    P_r, o_r = ga.align_latents(x_hat, sim["latents"])
+    mse = {name: float(np.mean((x_hat @ A.T + b - sim["latents"]) ** 2)) for name, (A, b) in
+           {"readout": (P, o), "regression": (P_r, o_r)}.items()}
+    print(f"[gpslds, readout alignment] dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; latent MSE "
+          f"{mse['readout']:.4f} (regression alignment {mse['regression']:.4f}); singular values of P "
+          f"{np.round(np.linalg.svd(P, compute_uv=False), 3)} (regression {np.round(np.linalg.svd(P_r, compute_uv=False), 3)})")
+    rows, _, _ = fixed_point_report(model, extra, P, o, truth["fixed_points_true"], per_draw=(P_s, o_s))
+    for r in rows:
+        if r["found"]:
+            print(f"[gpslds, readout alignment] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
+                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
 
 
 def oracle_path_report(sim, seed, num_draws=200):
@@ -219,6 +249,7 @@ def main():
             print(f"[gpslds] true fp {r['true']}: no root found")
     print(f"[gpslds] root clusters (mean, share of draws): {[(np.round(c['mean'], 2).tolist(), round(c['fraction'], 2)) for c in regions]}")
     print(f"[gpslds] stability types of roots: {types}")
+    emission_alignment_report(model, fit, extra, sim)
     if not args.no_baseline:
         rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
         fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed, latent_scales=args.latent_scales)

@@ -255,6 +255,23 @@ def test_bad_configuration_and_data_are_named():
 
 
 # --------------------------------------------------------------------------------------------------
+def test_readout_alignment_recovers_a_known_affine_map_per_draw():
+    rng = np.random.default_rng(0)
+    C_true, d_true = rng.standard_normal((50, 2)), rng.standard_normal(50)
+    A = rng.standard_normal((4, 2, 2)) + 2 * np.eye(2)  # four draws of x_true = A x_hat + b
+    b = rng.standard_normal((4, 2))
+    C_hat = np.einsum("nk,skj->snj", C_true, A)  # C_hat x_hat + d_hat = C_true x_true + d_true
+    d_hat = d_true + b @ C_true.T
+    P, o = ga.align_by_emissions(C_hat, d_hat, C_true, d_true)
+    np.testing.assert_allclose(P, A, atol=1e-10)
+    np.testing.assert_allclose(o, b, atol=1e-10)
+    # one draw: plain (K, K), (K,)
+    P1, o1 = ga.align_by_emissions(C_hat[0], d_hat[0], C_true, d_true)
+    assert P1.shape == (2, 2) and o1.shape == (2,)
+    x_hat = rng.standard_normal((10, 2))
+    np.testing.assert_allclose(x_hat @ P1.T + o1, x_hat @ A[0].T + b[0], atol=1e-10)
+
+
 # recovery on the paper's benchmark (minutes): python -m pytest tests/test_gpslds.py -m slow
 
 

@@ -291,6 +291,20 @@ def align_latents(x_hat, x_true, mask=None):
     return coef[:K].T, coef[K]
 
 
+def align_by_emissions(C_hat, d_hat, C_true, d_true):
+    """Affine map x_true = P x_hat + o implied by two readouts of the same rates, C_hat x_hat + d_hat =
+    C_true x_true + d_true: P = C_true^+ C_hat, o = C_true^+ (d_hat - d_true) (the reference code's
+    alignment, with the offset it leaves out). Unlike :func:`align_latents` it does not use the inferred
+    paths, so smoothing error in q(x) does not enter it, and per-draw readouts give per-draw maps.
+
+    Shapes: C_hat (..., N, K), d_hat (..., N), C_true (N, K), d_true (N,); returns P (..., K, K), o (..., K).
+    """
+    pinv = np.linalg.pinv(np.asarray(C_true, float))
+    P = np.einsum("kn,...nj->...kj", pinv, np.asarray(C_hat, float))
+    o = np.einsum("kn,...n->...k", pinv, np.asarray(d_hat, float) - np.asarray(d_true, float))
+    return P, o
+
+
 def aligned_drift(f_hat_fn, P, o):
     """f in the true coordinates: f_true(x) = P f_hat(P^{-1} (x - o)) for x (..., K)."""
     Pinv = np.linalg.inv(P)
