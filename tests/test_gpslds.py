@@ -117,6 +117,29 @@ def test_sde_path_chain_is_the_gauss_markov_chain_with_mean_mbar():
     np.testing.assert_allclose(float(chain.log_prob(seq)[0]), ref, rtol=1e-9)
 
 
+def test_global_affine_guide_maps_every_path_and_its_density():
+    """``global_affine=True``: with S, m set, the chain's paths are S x + m for the same noise, and its
+    density is the base density less T log|det S| per trial (the same Gaussian family)."""
+    model = GPSLDS(num_states=2, latent_dim=2, obs_dim=3, dt=0.05)
+    data, _ = model.simulate(jax.random.PRNGKey(0), 2, 6)
+    rng = np.random.default_rng(4)
+    mbar = rng.normal(size=(2, 6, 2))
+    S = np.array([[1.7, 0.0], [-0.4, 0.6]])
+    m = np.array([0.3, -1.2])
+    params = {"x_drift_matrices": jnp.asarray(rng.normal(size=(2, 5, 2, 2)))}
+    chains = {}
+    for affine in (False, True):
+        guide = model.default_guide(init_values={"x": mbar}, global_affine=affine)
+        extra = {"x_global_scale_tril": jnp.asarray(S), "x_global_offset": jnp.asarray(m)} if affine else {}
+        with handlers.seed(rng_seed=0), handlers.substitute(data={**params, **extra}):
+            chains[affine] = guide.path(data)
+    eps = jnp.asarray(rng.normal(size=(2, 6, 2)))
+    x = chains[False]._path(eps)
+    np.testing.assert_allclose(chains[True]._path(eps), x @ S.T + m, rtol=1e-10, atol=1e-10)
+    want = chains[False].log_prob(x) - 6 * np.log(abs(np.linalg.det(S)))
+    np.testing.assert_allclose(chains[True].log_prob(x @ S.T + m), want, rtol=1e-10)
+
+
 def test_data_only_start_sets_the_quadratic_partition_at_the_median_radius():
     """``default_guide(data)``: quadratic features start the partition at the circle through the start
     path's median radius (half the steps on each side); linear features keep the prior median."""

@@ -47,10 +47,12 @@ class ConjugateWeightsGuide(LatentSDEGuide):
 
     HIDDEN_SITES = ("x",) + WEIGHT_SITES
 
-    def __init__(self, model, data=None, init_values=None, init_scale: float = 0.05, latent_scale: float = 3.0):
+    def __init__(self, model, data=None, init_values=None, init_scale: float = 0.05, latent_scale: float = 3.0,
+                 global_affine: bool = False):
         if not isinstance(model, GPSLDS):
             raise ValueError(f"model: expected a GPSLDS (linear drift weights), got {type(model).__name__}")
-        super().__init__(model, data=data, init_values=init_values, init_scale=init_scale, latent_scale=latent_scale)
+        super().__init__(model, data=data, init_values=init_values, init_scale=init_scale, latent_scale=latent_scale,
+                         global_affine=global_affine)
 
     def _visible_program(self):
         # The parameter guide's set-up runs the program with the hidden sites drawn from the prior (the
