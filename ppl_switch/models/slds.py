@@ -278,8 +278,8 @@ class SLDS(Model):
             coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation ridge.
         dynamics_scale_prior: prior of each dynamics noise scale s_kd: "half_normal" (HalfNormal(0.5),
             the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
-            density at s = 0; Chung et al. 2013) that keeps NUTS out of the funnel toward Q_k -> 0 when the
-            data hardly separate dynamics noise from observation noise (model_cards/slds.md).
+            density at s = 0; Chung et al. 2013) against the funnel toward Q_k -> 0 when the data hardly
+            separate dynamics noise from observation noise (measured effect on NUTS: model_cards/slds.md).
     """
 
     name = "slds"
