@@ -75,7 +75,10 @@ def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0, alignment
     f_true = np.asarray(true_drift(cells))
     nmse = ga.dynamics_nmse(f_draws.mean(0)[visited], f_true[visited])
     var = f_draws.var(0).sum(-1)
-    out = {"name": name, "latent_r2": r2, "dynamics_nmse_visited": nmse,
+    ll = fit.idata.log_likelihood  # per draw, conditional on the draw's path: E_q log p(y | x, theta)
+    expected_ll = sum(float(ll[v].values.reshape(-1, int(np.prod(ll[v].shape[2:]))).sum(-1).mean()) for v in ll.data_vars)
+    out = {"name": name, "latent_r2": r2, "dynamics_nmse_visited": nmse, "expected_log_lik": expected_ll,
+           "kl": expected_ll + float(fit.losses[-1]),  # ELBO = E_q log p(y | .) - KL, loss = -ELBO
            "var_f_visited": float(var[visited].mean()), "var_f_unvisited": float(var[~visited].mean()),
            "final_loss": float(fit.losses[-1]), "P": P, "o": o, "extra": extra}
     return out
@@ -243,7 +246,8 @@ def main():
     rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
     print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
           f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
-          f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f}")
+          f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f} (E_q log p(y | x) {res['expected_log_lik']:.1f}, "
+          f"KL {res['kl']:.1f}); mean-path sd {np.round(np.asarray(fit.samples['x'])[0].mean(0).reshape(-1, 2).std(0), 3)}")
     marks = np.linspace(0, steps - 1, 6).astype(int)
     print(f"[gpslds] loss at steps {marks.tolist()}: {np.round(fit.losses[marks], 1).tolist()}")
     for r in rows:
