@@ -80,7 +80,7 @@ def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0, alignment
     out = {"name": name, "latent_r2": r2, "dynamics_nmse_visited": nmse, "expected_log_lik": expected_ll,
            "kl": expected_ll + float(fit.losses[-1]),  # ELBO = E_q log p(y | .) - KL, loss = -ELBO
            "var_f_visited": float(var[visited].mean()), "var_f_unvisited": float(var[~visited].mean()),
-           "final_loss": float(fit.losses[-1]), "P": P, "o": o, "extra": extra}
+           "final_loss": float(fit.losses[-1]), "P": P, "o": o, "extra": extra, "mean_path": x_hat}
     return out
 
 
@@ -115,20 +115,20 @@ def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0, per_dr
     return rows, regions, types
 
 
-def emission_alignment_report(model, fit, extra, sim):
+def emission_alignment_report(model, fit, extra, sim, res):
     """The same metrics in the frame fixed by the readouts (P = C_true^+ C_hat, o = C_true^+ (d_hat - d_true)),
-    with each draw's fixed points carried by its own readout draw."""
+    with each draw's fixed points carried by its own readout draw; ``res``: :func:`evaluate`'s result in the
+    regression frame, for comparison."""
     truth = sim["truth"]
     if "emission_matrix" not in extra:
         return
     P_s, o_s = ga.align_by_emissions(extra["emission_matrix"], extra["emission_bias"], truth["emission_matrix"], truth["emission_bias"])
     P, o = P_s.mean(0), o_s.mean(0)
-    res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift, alignment=(P, o))
-    x_hat = np.asarray(fit.samples["x"])[0].mean(0)
-    P_r, o_r = ga.align_latents(x_hat, sim["latents"])
+    readout = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift, alignment=(P, o))
+    x_hat, P_r, o_r = res["mean_path"], res["P"], res["o"]
     mse = {name: float(np.mean((x_hat @ A.T + b - sim["latents"]) ** 2)) for name, (A, b) in
            {"readout": (P, o), "regression": (P_r, o_r)}.items()}
-    print(f"[gpslds, readout alignment] dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; latent MSE "
+    print(f"[gpslds, readout alignment] dynamics NMSE (visited) {readout['dynamics_nmse_visited']:.4f}; latent MSE "
           f"{mse['readout']:.4f} (regression alignment {mse['regression']:.4f}); singular values of P "
           f"{np.round(np.linalg.svd(P, compute_uv=False), 3)} (regression {np.round(np.linalg.svd(P_r, compute_uv=False), 3)})")
     rows, _, _ = fixed_point_report(model, extra, P, o, truth["fixed_points_true"], per_draw=(P_s, o_s))
@@ -247,7 +247,7 @@ def main():
     print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
           f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
           f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f} (E_q log p(y | x) {res['expected_log_lik']:.1f}, "
-          f"KL {res['kl']:.1f}); mean-path sd {np.round(np.asarray(fit.samples['x'])[0].mean(0).reshape(-1, 2).std(0), 3)}")
+          f"KL {res['kl']:.1f}); mean-path sd {np.round(res['mean_path'].reshape(-1, 2).std(0), 3)}")
     marks = np.linspace(0, steps - 1, 6).astype(int)
     print(f"[gpslds] loss at steps {marks.tolist()}: {np.round(fit.losses[marks], 1).tolist()}")
     for r in rows:
@@ -258,7 +258,7 @@ def main():
             print(f"[gpslds] true fp {r['true']}: no root found")
     print(f"[gpslds] root clusters (mean, share of draws): {[(np.round(c['mean'], 2).tolist(), round(c['fraction'], 2)) for c in regions]}")
     print(f"[gpslds] stability types of roots: {types}")
-    emission_alignment_report(model, fit, extra, sim)
+    emission_alignment_report(model, fit, extra, sim, res)
     if not args.no_baseline:
         rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
         fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed, latent_scales=args.latent_scales,

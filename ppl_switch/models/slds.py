@@ -280,6 +280,7 @@ class SLDS(Model):
             the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
             density at s = 0; Chung et al. 2013) against the funnel toward Q_k -> 0 when the data hardly
             separate dynamics noise from observation noise (measured effect on NUTS: model_cards/slds.md).
+            It is the program's prior (NUTS, SVI); :meth:`em` keeps its conjugate inverse-Wishart regulariser.
     """
 
     name = "slds"
