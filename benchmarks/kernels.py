@@ -12,6 +12,12 @@ median and the minimum wall-clock time and the minimum process CPU time per call
 the CPU time is the steadiest figure (XLA runs single-threaded on CPU here: ``import ppl_switch``
 disables Eigen's thread pool). The markdown tables printed at the end are what benchmarks/results.md
 records, with the machine line.
+
+On a GPU, where starting the device in each subprocess would dominate, ``--one-process-per-size`` times the
+implementations alternately with every length of a size in one subprocess and reports wall times (set
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` so that the parent and child processes share the device):
+
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/kernels.py --one-process-per-size --repeats 10 --repeats-long 3
 """
 
 from __future__ import annotations
@@ -82,23 +88,70 @@ def worker(family: str, impl: str, size: tuple[int, ...], num_timesteps: int, re
     ]
 
 
-def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats: int, impls=IMPLS):
-    """Time the kernels of ``impls`` alternately in this process (min CPU time per call, seconds): on a
-    loaded machine this compares implementations under the same conditions, at the risk of a hang."""
+def interleaved(family: str, size: tuple[int, ...], num_timesteps: int, repeats: int, impls=IMPLS) -> list[dict]:
+    """Time the kernels of ``impls`` alternately in this process (seconds per call: min CPU time, min and
+    median wall time): on a loaded machine this compares implementations under the same conditions, at the
+    risk of a hang. An implementation whose kernels cannot be built or compiled (dynamax missing, or broken
+    by the installed jax) becomes rows with ``"failed"`` set; the others are still timed."""
     import jax
 
     module, args = _load_problem(family, size, num_timesteps)
-    fns = {(impl, k): jax.jit(fn) for impl in impls for k, fn in module.kernels(impl).items()}
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
+    fns, rows, outputs = {}, [], {}
+    for impl in impls:
+        try:
+            built = {(impl, k): jax.jit(fn) for k, fn in module.kernels(impl).items()}
+            for key, fn in built.items():
+                outputs[key] = jax.block_until_ready(fn(*args))
+        except Exception as err:  # noqa: BLE001  (recorded in the row, the other implementations go on)
+            message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:200]
+            rows += [{"family": family, "kernel": k, "impl": impl, "size": list(size), "T": num_timesteps,
+                      "failed": message} for k in ("filter", "smoother")]
+            continue
+        fns.update(built)
     cpu = {key: [] for key in fns}
+    wall = {key: [] for key in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
-            c0 = time.process_time()
+            w0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(fn(*args))
+            wall[key].append(time.perf_counter() - w0)
             cpu[key].append(time.process_time() - c0)
-    return [{"family": family, "kernel": k, "impl": impl, "size": list(size), "T": num_timesteps, "cpu_min": min(c)}
-            for (impl, k), c in cpu.items()]
+    rows += [
+        {"family": family, "kernel": k, "impl": impl, "size": list(size), "T": num_timesteps,
+         "cpu_min": min(cpu[impl, k]), "wall_min": min(wall[impl, k]), "wall_median": statistics.median(wall[impl, k])}
+        for impl, k in fns
+    ]
+    for row in rows:  # the parallel kernels' largest deviation from the sequential ones, on this device and dtype
+        if row["impl"] == "ours_par" and ("ours_seq", row["kernel"]) in outputs and "failed" not in row:
+            pairs = zip(jax.tree.leaves(outputs["ours_seq", row["kernel"]]), jax.tree.leaves(outputs["ours_par", row["kernel"]]))
+            row["max_abs_diff_vs_seq"] = max(float(abs(a - b).max()) for a, b in pairs)
+    return rows
+
+
+def sweep_worker(family: str, size: tuple[int, ...], lengths: list[int], repeats: int, repeats_long: int,
+                 impls) -> None:
+    """:func:`interleaved` at every length in one process (one device start-up per size, which dominates on
+    a GPU); prints one JSON line per length as soon as it is timed."""
+    for T in lengths:
+        rows = interleaved(family, tuple(size), T, repeats if T < 100_000 else repeats_long, impls)
+        print(json.dumps(rows), flush=True)
+
+
+def run_sweep(family: str, size, lengths, repeats: int, repeats_long: int, impls, timeout: float) -> list[dict]:
+    """:func:`sweep_worker` in a subprocess; what it printed before a time-out or crash is kept."""
+    spec = json.dumps([family, list(size), list(lengths), repeats, repeats_long, list(impls)])
+    try:
+        done = subprocess.run([sys.executable, __file__, "--sweep-worker", spec], capture_output=True, text=True,
+                              timeout=timeout)
+        stdout, failed = done.stdout, None if done.returncode == 0 else f"exit {done.returncode}"
+    except subprocess.TimeoutExpired as err:
+        partial = err.stdout or ""
+        stdout = partial.decode() if isinstance(partial, bytes) else partial
+        failed = f"timed out after {timeout:.0f} s"
+    rows = [row for line in stdout.splitlines() if line.startswith("[") for row in json.loads(line)]
+    if failed:
+        print(f"  {family} size={size}: {failed} after {len(rows)} rows", file=sys.stderr, flush=True)
+    return rows
 
 
 def run_isolated(family: str, impl: str, size, num_timesteps: int, repeats: int, timeout: float) -> list[dict]:
@@ -125,7 +178,8 @@ def markdown_table(rows: list[dict], field: str) -> str:
     for r in rows:
         key = (r["kernel"], tuple(r["size"]), r["T"])
         cells.setdefault(key, {})[r["impl"]] = "failed" if "failed" in r else r[field]
-    header = ["kernel", "size", "T"] + [f"{i} (ms)" for i in IMPLS] + ["seq ours/dynamax", "par ours/dynamax"]
+    header = ["kernel", "size", "T"] + [f"{i} (ms)" for i in IMPLS] + ["seq ours/dynamax", "par ours/dynamax",
+                                                                      "ours seq/par"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def ms(v):
@@ -136,7 +190,8 @@ def markdown_table(rows: list[dict], field: str) -> str:
 
     for (kernel, size, T), t in sorted(cells.items()):
         line = [kernel, "x".join(map(str, size)), str(T)] + [ms(t.get(i)) for i in IMPLS]
-        line += [ratio(t.get("ours_seq"), t.get("dynamax_seq")), ratio(t.get("ours_par"), t.get("dynamax_par"))]
+        line += [ratio(t.get("ours_seq"), t.get("dynamax_seq")), ratio(t.get("ours_par"), t.get("dynamax_par")),
+                 ratio(t.get("ours_seq"), t.get("ours_par"))]
         lines.append("| " + " | ".join(line) + " |")
     return "\n".join(lines)
 
@@ -151,10 +206,18 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("kernels.json")))
     parser.add_argument("--interleave", nargs="+", type=int, metavar="N",
                         help="SIZE... T: time the --impls of --only alternately in one process")
+    parser.add_argument("--one-process-per-size", action="store_true",
+                        help="time the --impls alternately, all lengths of a size in one process (use on a GPU, where "
+                             "the device start-up dominates; tables then give wall times)")
+    parser.add_argument("--repeats-long", type=int, default=None, help="repeats at T = 1e5 (default: --repeats)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--sweep-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*json.loads(args.worker))))
+        return
+    if args.sweep_worker:
+        sweep_worker(*json.loads(args.sweep_worker))
         return
     if args.interleave:
         rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats, args.impls)
@@ -164,18 +227,23 @@ def main(argv=None) -> None:
     lengths = [t for t in (100, 1_000, 10_000, 100_000) if t <= args.max_T]
     families = {"hmm": HMM_SIZES, "kalman": KALMAN_SIZES}
     rows = []
+    results = {"machine": machine_line(), "command": "python " + " ".join(sys.argv), "rows": rows}
     for family, sizes in families.items():
         if args.only not in (None, family):
             continue
         for size in sizes:
+            if args.one_process_per_size:
+                rows += run_sweep(family, size, lengths, args.repeats, args.repeats_long or args.repeats, args.impls,
+                                  args.timeout)
+                Path(args.out).write_text(json.dumps(results, indent=1))  # kept if a later size is cut short
+                continue
             for T in lengths:
                 for impl in args.impls:
                     rows += run_isolated(family, impl, size, T, args.repeats, args.timeout)
                     print(json.dumps(rows[-1]), flush=True)
-    results = {"machine": machine_line(), "command": "python " + " ".join(sys.argv), "rows": rows}
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(f"\nmachine: {results['machine']}\ncommand: {results['command']}")
-    for field in ("cpu_min", "wall_median"):
+    for field in ("wall_median", "wall_min") if args.one_process_per_size else ("cpu_min", "wall_median"):
         for family in families:
             family_rows = [r for r in rows if r["family"] == family]
             if family_rows:
