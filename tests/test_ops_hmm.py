@@ -176,6 +176,8 @@ def test_parallel_equals_sequential_long_series(num_steps):
     np.testing.assert_allclose(par.log_normalizer, seq.log_normalizer, rtol=1e-10)
     for name in ("filtered_probs", "smoothed_probs", "pairwise_probs"):
         np.testing.assert_allclose(getattr(par, name), getattr(seq, name), atol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(hmm_viterbi(initial, transition, ll, mask=mask, parallel=True),
+                                  hmm_viterbi(initial, transition, ll, mask=mask, parallel=False))
 
 
 def test_float32_long_series_is_finite_and_consistent():

@@ -1,6 +1,8 @@
 """Message passing for discrete hidden Markov models: forward filter, forward-backward smoother,
 Viterbi decoding and forward-filter backward-sampling (FFBS), sequential (``lax.scan``) and
-parallel-in-time (``lax.associative_scan``, O(log T) depth).
+parallel-in-time (associative scans, O(log T) depth; the forward and backward passes use
+:func:`ppl_switch.ops.scan.seeded_prefix_scan`, which does about half the matrix-matrix work of
+``lax.associative_scan`` because their prefixes start from a vector).
 
 Conventions (one trial; batch trials with ``jax.vmap``, never inside these functions):
 
@@ -33,6 +35,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from ppl_switch.ops.scan import seeded_prefix_scan
 
 Array = jax.Array
 
@@ -261,26 +265,61 @@ def _sum_product_elements(inputs: _Inputs, lik: Array, shift: Array):
     return _normalise_rows(M, jnp.broadcast_to(shift[:, None], (T, K)))
 
 
+def _apply_to_row(prefix, element):
+    """Row-vector prefix (v (B, K) summing to one, log scale (B,)) times an element (M (B, K, K), per-row
+    log scales (B, K)): the forward message one element later, renormalised."""
+    v, lv = prefix
+    M, lM = element
+    top = jnp.max(lM, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    out = jnp.einsum("bi,bij->bj", v * jnp.exp(lM - top), M)
+    total = out.sum(-1)
+    ok = total > 0
+    total_safe = jnp.where(ok, total, 1.0)
+    return out / total_safe[:, None], lv + top[:, 0] + jnp.where(ok, jnp.log(total_safe), -jnp.inf)
+
+
+def _apply_to_column(prefix, element):
+    """An element (M, per-row log scales) times a column-vector prefix (v summing to one, log scale):
+    the backward message one element earlier, renormalised."""
+    v, lv = prefix
+    M, lM = element
+    log_out = lM + jnp.log(jnp.einsum("bij,bj->bi", M, v))
+    top = jnp.max(log_out, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    out = jnp.exp(log_out - top)
+    total = out.sum(-1)
+    ok = total > 0
+    total_safe = jnp.where(ok, total, 1.0)
+    return out / total_safe[:, None], lv + top[:, 0] + jnp.where(ok, jnp.log(total_safe), -jnp.inf)
+
+
 def _forward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
-    """Returns filtered (T, K) and the log normaliser ()."""
-    M, log_scale = lax.associative_scan(_sum_product_combine, _sum_product_elements(inputs, lik, shift))
-    return M[:, 0, :], log_scale[-1, 0]
+    """Returns filtered (T, K) and the log normaliser (): the initial message (row 0 of element 0) scanned
+    over elements 1..T-1 with :func:`seeded_prefix_scan` (vector-matrix products where it can)."""
+    M, log_scale = _sum_product_elements(inputs, lik, shift)
+    seed = (M[0, 0], log_scale[0, 0])
+    if lik.shape[0] == 1:
+        return M[:1, 0], seed[1]
+    filtered, log_norms = seeded_prefix_scan(_sum_product_combine, _apply_to_row, seed, (M[1:], log_scale[1:]))
+    return jnp.concatenate([M[:1, 0], filtered]), log_norms[-1]
 
 
 def _backward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
-    """Backward messages (T, K) from suffix products of the elements, normalised to sum 1, and the
-    (T-1,) sums s_t of A_t @ (lik_{t+1} * beta_{t+1}) (same contract as the sequential pass)."""
+    """Backward messages (T, K) from suffix products of the elements applied to the all-ones message,
+    normalised to sum 1, and the (T-1,) sums s_t of A_t @ (lik_{t+1} * beta_{t+1}) (same contract as the
+    sequential pass)."""
     T, K = lik.shape
     M, log_scale = _sum_product_elements(inputs, lik, shift)
-    # reverse associative_scan calls fn(later, earlier)
-    _, suffix_log = lax.associative_scan(
-        lambda later, earlier: _sum_product_combine(earlier, later), (M[1:], log_scale[1:]), reverse=True
-    )
-    # suffix_log[t-1, i] = log p(y_{t:T-1} | z_{t-1} = i) (+ shifts): beta_{t-1} up to scale
-    top = jnp.max(suffix_log, axis=-1, keepdims=True)
-    betas = jnp.exp(suffix_log - jnp.where(jnp.isfinite(top), top, 0.0))
-    betas = jnp.concatenate([betas, jnp.ones((1, K), lik.dtype)])
-    betas = _safe_divide(betas, betas.sum(-1, keepdims=True))
+    betas = jnp.full((1, K), 1.0 / K, lik.dtype)
+    if T > 1:
+        seed = (betas[0], jnp.zeros((), lik.dtype))
+        # elements T-1, T-2, ..., 1; composing a later element with an earlier one is earlier @ later
+        suffix, _ = seeded_prefix_scan(
+            lambda later, earlier: _sum_product_combine(earlier, later), _apply_to_column, seed,
+            (M[:0:-1], log_scale[:0:-1]),
+        )
+        betas = jnp.concatenate([suffix[::-1], betas])  # suffix[::-1][t-1] is beta_{t-1}
     sums = jnp.einsum("tij,tj->t", _transition_steps(inputs), lik[1:] * betas[1:])
     return betas, sums
 
@@ -305,7 +344,7 @@ def hmm_filter(
         transition_matrix: (K, K) or time-varying (T-1, K, K); ``[.., i, j] = p(z_{t+1}=j | z_t=i)``.
         log_likelihoods: (T, K) emission log-likelihoods per step and state.
         mask: optional (T,) bool, False = step carries no observation (its likelihood is ignored).
-        parallel: use ``lax.associative_scan`` (O(log T) depth, O(T K^3) work) instead of ``lax.scan``
+        parallel: use a parallel prefix scan (O(log T) depth, O(T K^3) work) instead of ``lax.scan``
             (O(T K^2) work). Pays off on accelerators for long T.
 
     Returns:
@@ -374,8 +413,7 @@ def hmm_smoother(
 ) -> HMMSmootherResult:
     """Forward-backward smoother: posterior marginals p(z_t | y) and pairwise p(z_t, z_{t+1} | y).
 
-    Arguments as in :func:`hmm_filter`; ``parallel=True`` runs both passes with
-    ``lax.associative_scan``.
+    Arguments as in :func:`hmm_filter`; ``parallel=True`` runs both passes as parallel prefix scans.
 
     Returns:
         :class:`HMMSmootherResult` (log_normalizer, filtered_probs, smoothed_probs (T, K),
@@ -417,7 +455,7 @@ def hmm_viterbi(
     """Most probable state path argmax_z p(z | y) (max-product in log space).
 
     Arguments as in :func:`hmm_filter`. ``parallel=True`` computes forward and backward max-marginals
-    with max-plus associative scans and takes their per-step argmax; this equals the MAP path when it
+    with max-plus parallel prefix scans and takes their per-step argmax; this equals the MAP path when it
     is unique (ties have probability zero for continuous likelihoods).
 
     Returns:
@@ -460,11 +498,25 @@ def _viterbi_parallel(log_initial, log_transition, ll, time_varying):
         top = jnp.max(x, axis=(-2, -1), keepdims=True)
         return x - jnp.where(jnp.isfinite(top), top, 0.0)
 
-    prefix = lax.associative_scan(lambda a, b: rescale(_max_product_combine(a, b)), elements)
-    suffix = lax.associative_scan(lambda later, earlier: rescale(_max_product_combine(earlier, later)), elements[1:], reverse=True)
-    forward_scores = prefix[:, 0, :]  # max over z_{0:t-1} of the log joint with z_t = j
-    backward_scores = jnp.max(suffix, axis=-1)  # max over z_{t:} given z_{t-1} = i
-    backward_scores = jnp.concatenate([backward_scores, jnp.zeros((1, K), ll.dtype)])
+    def rescale_rows(x):
+        top = jnp.max(x, axis=-1, keepdims=True)
+        return x - jnp.where(jnp.isfinite(top), top, 0.0)
+
+    def forward_apply(score, element):  # max over z_{t-1} of score + element, per z_t
+        return rescale_rows(jnp.max(score[:, :, None] + element, axis=1))
+
+    def backward_apply(score, element):  # max over z_t of element + score, per z_{t-1}
+        return rescale_rows(jnp.max(element + score[:, None, :], axis=2))
+
+    forward_scores = elements[:1, 0]  # max over z_{0:t-1} of the log joint with z_t = j (up to a shift)
+    backward_scores = jnp.zeros((1, K), ll.dtype)  # max over z_{t+1:} given z_t = i (up to a shift)
+    if T > 1:
+        forward_rest = seeded_prefix_scan(lambda a, b: rescale(_max_product_combine(a, b)), forward_apply,
+                                          forward_scores[0], elements[1:])
+        backward_rest = seeded_prefix_scan(lambda later, earlier: rescale(_max_product_combine(earlier, later)),
+                                           backward_apply, backward_scores[0], elements[:0:-1])
+        forward_scores = jnp.concatenate([forward_scores, forward_rest])
+        backward_scores = jnp.concatenate([backward_rest[::-1], backward_scores])
     return jnp.argmax(forward_scores + backward_scores, axis=-1).astype(jnp.int32)
 
 
