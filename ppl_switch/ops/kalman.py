@@ -448,20 +448,12 @@ def _filter_sequential(params: LGSSMParams, info: _EmissionInfo, T: int):
     return ms, Ss, mus, Ps, ll
 
 
-def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
-    """Associative-scan filter: element t is p(x_t | x_{t-1}, y_t) = N(E x + f, Cf) together with the
-    information (J, eta) that y_t carries about x_{t-1} (Särkkä & García-Fernández 2021, Sec. 3)."""
-    A, b, Q = _dynamics(params)
-    D = params.initial_mean.shape[0]
-    dtype = info.g.dtype
-    eye = jnp.eye(D, dtype=dtype)
-    # Prior of x_t given x_{t-1}: N(F x_{t-1} + u, P); step 0 uses F = 0, u = m0, P = S0.
-    F = jnp.concatenate([jnp.zeros((1, D, D), dtype), jnp.broadcast_to(A, (T - 1, D, D))])
-    u = jnp.concatenate([params.initial_mean[None], jnp.broadcast_to(b, (T - 1, D))])
-    P = jnp.concatenate([params.initial_cov[None], jnp.broadcast_to(Q, (T - 1, D, D))])
-    Z = jnp.broadcast_to(info.Z, (T, D, D))
-    g = info.g
-
+def _filter_elements(F, u, P, Z, g):
+    """Parallel-filter elements of steps with prior x_t | x_{t-1} ~ N(F x_{t-1} + u, P) and emission
+    information (Z, g_t): p(x_t | x_{t-1}, y_t) = N(E x_{t-1} + f, Cf) and the information (J, eta) that
+    y_t carries about x_{t-1}. Matrices may be (D, D) (time-invariant: factorised once, not per step) or
+    (T', D, D); g is (T', D) or (D,). Returns E, f, Cf, eta, J with the broadcast shapes."""
+    eye = jnp.eye(P.shape[-1], dtype=P.dtype)
     L = _cholesky(P)
     Lm = _cholesky(eye + _mT(L) @ Z @ L)
     G = _solve_lower(Lm, _mT(L))  # conditional cov = G'G
@@ -474,6 +466,25 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
     ghat = g - _mv(_mT(GZ), _mv(G, g))
     J = _sym(_mT(F) @ Jhat @ F)
     eta = _mv(_mT(F), ghat - _mv(Jhat, u))
+    return E, f, Cf, eta, J
+
+
+def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
+    """Parallel-prefix filter over the elements of Särkkä & García-Fernández (2021, Sec. 3), seeded with the
+    filtered x_0. With time-invariant A, Q and no missing entries (Z constant) the element matrices are the
+    same at every step and are computed once."""
+    A, b, Q = _dynamics(params)
+    D = params.initial_mean.shape[0]
+    dtype = info.g.dtype
+    eye = jnp.eye(D, dtype=dtype)
+    Z, g = info.Z, info.g
+    Z0, Z_rest = (Z[0], Z[1:]) if Z.ndim == 3 else (Z, Z)
+    # step 0 has prior N(m0, S0) (F = 0), so its element is already the filtered distribution of x_0
+    _, m0, S0, _, _ = _filter_elements(jnp.zeros((D, D), dtype), params.initial_mean, params.initial_cov, Z0, g[0])
+    ms, Ss = m0[None], S0[None]
+    if T > 1:
+        E, f, Cf, eta, J = _filter_elements(A, b, Q, Z_rest, g[1:])
+        E, Cf, J = (jnp.broadcast_to(x, (T - 1, D, D)) for x in (E, Cf, J))
 
     def combine(first, second):
         E1, f1, C1, eta1, J1 = first
@@ -497,14 +508,13 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
         X = _solve(I + S1 @ J2, jnp.concatenate([(m1 + _mv(S1, eta2))[..., None], S1], -1))
         return _mv(E2, X[..., 0]) + f2, _sym(E2 @ X[..., 1:] @ _mT(E2)) + C2
 
-    ms, Ss = f[:1], Cf[:1]  # element 0 (F = 0) is already the filtered distribution of x_0
     if T > 1:
-        rest = seeded_prefix_scan(combine, apply, (f[0], Cf[0]), tuple(x[1:] for x in (E, f, Cf, eta, J)))
+        rest = seeded_prefix_scan(combine, apply, (m0, S0), (E, f, Cf, eta, J))
         ms, Ss = jnp.concatenate([ms, rest[0]]), jnp.concatenate([Ss, rest[1]])
     Ss = _sym(Ss)
     mus = jnp.concatenate([params.initial_mean[None], _mv(A, ms[:-1]) + b])
     Ps = jnp.concatenate([params.initial_cov[None], _sym(A @ Ss[:-1] @ _mT(A)) + Q])
-    _, _, logdet_m, vv = jax.vmap(_condition)(mus, Ps, Z, g)
+    _, _, logdet_m, vv = jax.vmap(_condition)(mus, Ps, jnp.broadcast_to(Z, (T, D, D)), g)
     return ms, Ss, mus, Ps, _log_likelihood(info, mus, logdet_m, vv)
 
 
@@ -516,7 +526,7 @@ def lgssm_filter(params: LGSSMParams, y: Array, mask: Optional[Array] = None, pa
         params: model parameters (see :class:`LGSSMParams`).
         y: (T, N) observations; entries under ``mask == False`` are ignored (may be NaN).
         mask: optional (T, N) bool, True = observed.
-        parallel: use the associative-scan (parallel-in-time) filter.
+        parallel: use the parallel-in-time (prefix-scan) filter.
 
     Returns:
         :class:`FilterResult` with the log-likelihood, filtered and one-step predicted moments.
