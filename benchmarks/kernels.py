@@ -206,6 +206,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("kernels.json")))
     parser.add_argument("--interleave", nargs="+", type=int, metavar="N",
                         help="SIZE... T: time the --impls of --only alternately in one process")
+    parser.add_argument("--field", default="cpu_min", choices=["cpu_min", "wall_min", "wall_median"],
+                        help="what --interleave tabulates (wall times are steadier than CPU time for sub-ms calls)")
     parser.add_argument("--one-process-per-size", action="store_true",
                         help="time the --impls alternately, all lengths of a size in one process (use on a GPU, where "
                              "the device start-up dominates; tables then give wall times)")
@@ -221,7 +223,7 @@ def main(argv=None) -> None:
         return
     if args.interleave:
         rows = interleaved(args.only or "hmm", tuple(args.interleave[:-1]), args.interleave[-1], args.repeats, args.impls)
-        print(markdown_table(rows, "cpu_min"))
+        print(markdown_table(rows, args.field))
         return
 
     lengths = [t for t in (100, 1_000, 10_000, 100_000) if t <= args.max_T]
