@@ -1,4 +1,4 @@
-"""The seeded prefix scan against a sequential loop, for every length up to 33 (odd and even splits at
+"""The seeded prefix scan against a sequential loop, for every length 0 to 33 (odd and even splits at
 every recursion level) and a non-commutative operation (affine maps of the line and of the plane)."""
 
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ def _apply(x, e):
 @pytest.mark.parametrize("dim", [1, 2])
 def test_seeded_prefix_scan_matches_a_sequential_loop(dim):
     rng = np.random.default_rng(dim)
-    for n in range(1, 34):
+    for n in range(0, 34):
         A = rng.normal(size=(n, dim, dim)) * 0.8
         c = rng.normal(size=(n, dim))
         seed = rng.normal(size=dim)
@@ -31,9 +31,9 @@ def test_seeded_prefix_scan_matches_a_sequential_loop(dim):
         for t in range(n):
             x = x @ A[t] + c[t]
             want.append(x)
-        np.testing.assert_allclose(got, np.stack(want), rtol=1e-5, atol=1e-5, err_msg=f"n={n}")
+        np.testing.assert_allclose(got, np.stack(want) if want else np.zeros((0, dim)), rtol=1e-5, atol=1e-5, err_msg=f"n={n}")
 
 
-def test_seeded_prefix_scan_rejects_empty_elements():
-    with pytest.raises(ValueError, match="length >= 1"):
-        seeded_prefix_scan(_compose, _apply, jnp.zeros(1), (jnp.zeros((0, 1, 1)), jnp.zeros((0, 1))))
+def test_seeded_prefix_scan_of_no_elements_is_empty():
+    got = seeded_prefix_scan(_compose, _apply, jnp.zeros(2), (jnp.zeros((0, 2, 2)), jnp.zeros((0, 2))))
+    assert got.shape == (0, 2)

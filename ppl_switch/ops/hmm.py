@@ -240,6 +240,13 @@ def _backward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
 # suffix products give the backward messages as their row sums.
 
 
+def _finite_max(x: Array, axis=-1) -> Array:
+    """max over ``axis`` (kept), 0 where that max is not finite (an all -inf row): a shift that never
+    turns 0 into NaN."""
+    top = jnp.max(x, axis=axis, keepdims=True)
+    return jnp.where(jnp.isfinite(top), top, 0.0)
+
+
 def _normalise_rows(M: Array, log_scale: Array) -> tuple[Array, Array]:
     r = M.sum(-1)
     ok = r > 0
@@ -250,8 +257,7 @@ def _normalise_rows(M: Array, log_scale: Array) -> tuple[Array, Array]:
 def _sum_product_combine(earlier, later):
     M1, l1 = earlier
     M2, l2 = later
-    top = jnp.max(l2, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    top = _finite_max(l2)
     weights = jnp.exp(l2 - top)
     M = M1 @ (weights[..., :, None] * M2)
     return _normalise_rows(M, l1 + top)
@@ -270,13 +276,8 @@ def _apply_to_row(prefix, element):
     log scales (B, K)): the forward message one element later, renormalised."""
     v, lv = prefix
     M, lM = element
-    top = jnp.max(lM, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    out = jnp.einsum("bi,bij->bj", v * jnp.exp(lM - top), M)
-    total = out.sum(-1)
-    ok = total > 0
-    total_safe = jnp.where(ok, total, 1.0)
-    return out / total_safe[:, None], lv + top[:, 0] + jnp.where(ok, jnp.log(total_safe), -jnp.inf)
+    top = _finite_max(lM)
+    return _normalise_rows(jnp.einsum("bi,bij->bj", v * jnp.exp(lM - top), M), lv + top[:, 0])
 
 
 def _apply_to_column(prefix, element):
@@ -285,24 +286,17 @@ def _apply_to_column(prefix, element):
     v, lv = prefix
     M, lM = element
     log_out = lM + jnp.log(jnp.einsum("bij,bj->bi", M, v))
-    top = jnp.max(log_out, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    out = jnp.exp(log_out - top)
-    total = out.sum(-1)
-    ok = total > 0
-    total_safe = jnp.where(ok, total, 1.0)
-    return out / total_safe[:, None], lv + top[:, 0] + jnp.where(ok, jnp.log(total_safe), -jnp.inf)
+    top = _finite_max(log_out)
+    return _normalise_rows(jnp.exp(log_out - top), lv + top[:, 0])
 
 
 def _forward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
     """Returns filtered (T, K) and the log normaliser (): the initial message (row 0 of element 0) scanned
     over elements 1..T-1 with :func:`seeded_prefix_scan` (vector-matrix products where it can)."""
     M, log_scale = _sum_product_elements(inputs, lik, shift)
-    seed = (M[0, 0], log_scale[0, 0])
-    if lik.shape[0] == 1:
-        return M[:1, 0], seed[1]
-    filtered, log_norms = seeded_prefix_scan(_sum_product_combine, _apply_to_row, seed, (M[1:], log_scale[1:]))
-    return jnp.concatenate([M[:1, 0], filtered]), log_norms[-1]
+    filtered, log_norms = seeded_prefix_scan(_sum_product_combine, _apply_to_row, (M[0, 0], log_scale[0, 0]),
+                                             (M[1:], log_scale[1:]))
+    return jnp.concatenate([M[:1, 0], filtered]), jnp.concatenate([log_scale[:1, 0], log_norms])[-1]
 
 
 def _backward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array, Array]:
@@ -311,15 +305,11 @@ def _backward_parallel(inputs: _Inputs, lik: Array, shift: Array) -> tuple[Array
     sequential pass)."""
     T, K = lik.shape
     M, log_scale = _sum_product_elements(inputs, lik, shift)
-    betas = jnp.full((1, K), 1.0 / K, lik.dtype)
-    if T > 1:
-        seed = (betas[0], jnp.zeros((), lik.dtype))
-        # elements T-1, T-2, ..., 1; composing a later element with an earlier one is earlier @ later
-        suffix, _ = seeded_prefix_scan(
-            lambda later, earlier: _sum_product_combine(earlier, later), _apply_to_column, seed,
-            (M[:0:-1], log_scale[:0:-1]),
-        )
-        betas = jnp.concatenate([suffix[::-1], betas])  # suffix[::-1][t-1] is beta_{t-1}
+    beta_last = jnp.full((K,), 1.0 / K, lik.dtype)
+    # elements T-1, T-2, ..., 1; composing a later element with an earlier one is earlier @ later
+    suffix, _ = seeded_prefix_scan(lambda later, earlier: _sum_product_combine(earlier, later), _apply_to_column,
+                                   (beta_last, jnp.zeros((), lik.dtype)), (M[:0:-1], log_scale[:0:-1]))
+    betas = jnp.concatenate([suffix[::-1], beta_last[None]])  # suffix[::-1][t] is beta_t
     sums = jnp.einsum("tij,tj->t", _transition_steps(inputs), lik[1:] * betas[1:])
     return betas, sums
 
@@ -495,28 +485,23 @@ def _viterbi_parallel(log_initial, log_transition, ll, time_varying):
     elements = jnp.concatenate([first, log_steps + ll[1:, None, :]])
 
     def rescale(x):  # keeps float32 partial scores O(1); a constant shift does not change argmaxes
-        top = jnp.max(x, axis=(-2, -1), keepdims=True)
-        return x - jnp.where(jnp.isfinite(top), top, 0.0)
-
-    def rescale_rows(x):
-        top = jnp.max(x, axis=-1, keepdims=True)
-        return x - jnp.where(jnp.isfinite(top), top, 0.0)
+        return x - _finite_max(x, axis=(-2, -1))
 
     def forward_apply(score, element):  # max over z_{t-1} of score + element, per z_t
-        return rescale_rows(jnp.max(score[:, :, None] + element, axis=1))
+        best = jnp.max(score[:, :, None] + element, axis=1)
+        return best - _finite_max(best)
 
     def backward_apply(score, element):  # max over z_t of element + score, per z_{t-1}
-        return rescale_rows(jnp.max(element + score[:, None, :], axis=2))
+        best = jnp.max(element + score[:, None, :], axis=2)
+        return best - _finite_max(best)
 
-    forward_scores = elements[:1, 0]  # max over z_{0:t-1} of the log joint with z_t = j (up to a shift)
-    backward_scores = jnp.zeros((1, K), ll.dtype)  # max over z_{t+1:} given z_t = i (up to a shift)
-    if T > 1:
-        forward_rest = seeded_prefix_scan(lambda a, b: rescale(_max_product_combine(a, b)), forward_apply,
-                                          forward_scores[0], elements[1:])
-        backward_rest = seeded_prefix_scan(lambda later, earlier: rescale(_max_product_combine(earlier, later)),
-                                           backward_apply, backward_scores[0], elements[:0:-1])
-        forward_scores = jnp.concatenate([forward_scores, forward_rest])
-        backward_scores = jnp.concatenate([backward_rest[::-1], backward_scores])
+    # max over z_{0:t-1} of the log joint with z_t = j, and over z_{t+1:} given z_t = i (each up to a shift)
+    forward_rest = seeded_prefix_scan(lambda a, b: rescale(_max_product_combine(a, b)), forward_apply,
+                                      elements[0, 0], elements[1:])
+    backward_rest = seeded_prefix_scan(lambda later, earlier: rescale(_max_product_combine(earlier, later)),
+                                       backward_apply, jnp.zeros((K,), ll.dtype), elements[:0:-1])
+    forward_scores = jnp.concatenate([elements[:1, 0], forward_rest])
+    backward_scores = jnp.concatenate([backward_rest[::-1], jnp.zeros((1, K), ll.dtype)])
     return jnp.argmax(forward_scores + backward_scores, axis=-1).astype(jnp.int32)
 
 

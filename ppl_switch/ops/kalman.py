@@ -481,10 +481,8 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
     Z0, Z_rest = (Z[0], Z[1:]) if Z.ndim == 3 else (Z, Z)
     # step 0 has prior N(m0, S0) (F = 0), so its element is already the filtered distribution of x_0
     _, m0, S0, _, _ = _filter_elements(jnp.zeros((D, D), dtype), params.initial_mean, params.initial_cov, Z0, g[0])
-    ms, Ss = m0[None], S0[None]
-    if T > 1:
-        E, f, Cf, eta, J = _filter_elements(A, b, Q, Z_rest, g[1:])
-        E, Cf, J = (jnp.broadcast_to(x, (T - 1, D, D)) for x in (E, Cf, J))
+    E, f, Cf, eta, J = _filter_elements(A, b, Q, Z_rest, g[1:])
+    E, Cf, J = (jnp.broadcast_to(x, (T - 1, D, D)) for x in (E, Cf, J))
 
     def combine(first, second):
         E1, f1, C1, eta1, J1 = first
@@ -508,10 +506,8 @@ def _filter_parallel(params: LGSSMParams, info: _EmissionInfo, T: int):
         X = _solve(I + S1 @ J2, jnp.concatenate([(m1 + _mv(S1, eta2))[..., None], S1], -1))
         return _mv(E2, X[..., 0]) + f2, _sym(E2 @ X[..., 1:] @ _mT(E2)) + C2
 
-    if T > 1:
-        rest = seeded_prefix_scan(combine, apply, (m0, S0), (E, f, Cf, eta, J))
-        ms, Ss = jnp.concatenate([ms, rest[0]]), jnp.concatenate([Ss, rest[1]])
-    Ss = _sym(Ss)
+    ms, Ss = seeded_prefix_scan(combine, apply, (m0, S0), (E, f, Cf, eta, J))
+    ms, Ss = jnp.concatenate([m0[None], ms]), _sym(jnp.concatenate([S0[None], Ss]))
     mus = jnp.concatenate([params.initial_mean[None], _mv(A, ms[:-1]) + b])
     Ps = jnp.concatenate([params.initial_cov[None], _sym(A @ Ss[:-1] @ _mT(A)) + Q])
     _, _, logdet_m, vv = jax.vmap(_condition)(mus, Ps, jnp.broadcast_to(Z, (T, D, D)), g)
@@ -578,8 +574,6 @@ def _affine_backward(G, h, last, parallel: bool):
         Gt, ht = gh
         return _mv(Gt, x_next) + ht
 
-    if G.shape[0] == 0:
-        return last[None]
     xs = seeded_prefix_scan(combine, apply, last, (G[::-1], h[::-1]))
     return jnp.concatenate([xs[::-1], last[None]])
 
@@ -612,9 +606,7 @@ def lgssm_smoother(params: LGSSMParams, y: Array, mask: Optional[Array] = None, 
             Gt, Wt = GW
             return _sym(Gt @ S_next @ _mT(Gt)) + Wt
 
-        covs = ST[None]
-        if G.shape[0] > 0:
-            covs = jnp.concatenate([seeded_prefix_scan(combine, apply, ST, (G[::-1], W[::-1]))[::-1], covs])
+        covs = jnp.concatenate([seeded_prefix_scan(combine, apply, ST, (G[::-1], W[::-1]))[::-1], ST[None]])
     cross = covs[1:] @ _mT(G)
     return SmootherResult(filt.log_likelihood, filt.filtered_means, filt.filtered_covs, means, covs, cross)
 

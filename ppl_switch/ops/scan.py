@@ -55,20 +55,19 @@ def seeded_prefix_scan(
             earlier must satisfy ``apply(apply(p, a), b) == apply(p, combine(a, b))`` (associativity).
         apply: applies elements to prefixes, batched over a leading axis of both.
         seed: one prefix, without a leading axis.
-        elements: pytree with leading axis n >= 1.
+        elements: pytree with leading axis n >= 0.
 
     Returns:
-        The n prefixes, pytree with leading axis n.
+        The n prefixes, pytree with leading axis n (for n = 0 the empty batch ``apply`` makes of no elements,
+        so callers need no special case for a one-step series).
     """
-    if _length(elements) == 0:
-        raise ValueError("seeded_prefix_scan: elements must have a leading axis of length >= 1")
     return _scan(combine, apply, jax.tree.map(lambda x: x[None], seed), elements)
 
 
 def _scan(combine, apply, seed, elements):
     n = _length(elements)
-    if n == 1:
-        return apply(seed, elements)
+    if n <= 1:
+        return apply(_take(seed, slice(0, n)), elements)
     m = n // 2
     # prefixes after an even number of elements: the seed scanned over composed pairs (e_{2j}, e_{2j+1})
     pair_prefixes = _scan(combine, apply, seed, combine(_take(elements, slice(0, 2 * m, 2)),
