@@ -20,6 +20,8 @@ Usage:
     python benchmarks/slds.py --paths nuts --T 150 --nuts-param centred --nuts-init pca   # the earlier NUTS set-up
     python benchmarks/slds.py --paths smf-known smf-learned svi --T 150 1000 10000 --seed 0
     python benchmarks/slds.py --paths svi --T 150 1000 --svi-init em   # SVI started at the EM estimate
+    python benchmarks/slds.py --paths nuts --T 1000 --nuts-param anchored --nuts-relative-scales \
+        --nuts-dense-params --nuts-scale-prior 4 16      # anchored path, path-relative scales (model card)
 Prints one JSON line per (path, T) and a markdown table.
 """
 
@@ -42,7 +44,10 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from ppl_switch.datasets.slds_tutorial import simulate_slds_tutorial, tutorial_params  # noqa: E402
-from ppl_switch.models.slds import SLDS  # noqa: E402
+from ppl_switch.models.slds import PATH_SITES, RELATIVE_PATH_SITE, SLDS  # noqa: E402
+
+#: the path and its coordinate sites: diagnosed apart from the parameters, kept off a dense mass block
+PATH_VALUE_SITES = ("x", *(v for v in PATH_SITES.values() if v != "x"), RELATIVE_PATH_SITE)
 
 
 def state_accuracy(z_true: np.ndarray, probs: np.ndarray) -> float:
@@ -52,9 +57,10 @@ def state_accuracy(z_true: np.ndarray, probs: np.ndarray) -> float:
     return float(max(np.mean(np.asarray(p)[z_hat] == z_true) for p in itertools.permutations(range(K))))
 
 
-def model_for_tutorial(path_parameterisation: str = "centred", dynamics_scale_prior="half_normal") -> SLDS:
+def model_for_tutorial(path_parameterisation: str = "centred", dynamics_scale_prior="half_normal",
+                       dynamics_scale_coordinates: str = "direct") -> SLDS:
     return SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation,
-                dynamics_scale_prior=dynamics_scale_prior)
+                dynamics_scale_prior=dynamics_scale_prior, dynamics_scale_coordinates=dynamics_scale_coordinates)
 
 
 def true_site_params(model: SLDS) -> dict:
@@ -114,13 +120,15 @@ def _state_probs(fit) -> np.ndarray:
 
 def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: int, init_from: str = "em",
              target_accept: float = 0.9, path_parameterisation: str = "whitened", em_restarts: int = 8,
-             save_draws: str = "", dynamics_scale_prior="half_normal", dense_params: bool = False) -> dict:
+             save_draws: str = "", dynamics_scale_prior="half_normal", dense_params: bool = False,
+             dynamics_scale_coordinates: str = "direct") -> dict:
     import arviz as az
 
     from ppl_switch.infer import fit_nuts
+    from ppl_switch.infer.prepare import model_sites
 
     sim = simulate_slds_tutorial(seed=seed, num_timesteps=T)
-    model = model_for_tutorial(path_parameterisation, dynamics_scale_prior)
+    model = model_for_tutorial(path_parameterisation, dynamics_scale_prior, dynamics_scale_coordinates)
     data = model.prepare(sim["y"])
     t0 = time.perf_counter()
     em_info = {}
@@ -132,13 +140,16 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
         init = model.latent_site_values(est, data)
     else:
         init = model.init_values(data)
+    sites = model_sites(model.program, data)
+    parameter_sites = tuple(k for k, v in sites.items()
+                            if v["type"] == "sample" and not v["observed"] and k not in PATH_VALUE_SITES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         fit = fit_nuts(model, sim["y"], num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                        seed=seed, init_params={k: v for k, v in init.items()}, target_accept=target_accept,
                        x64=True, progress_bar=False,
                        # one dense block over the parameters, the long path diagonal
-                       dense_mass=[tuple(k for k in init if k not in ("x", "x_innovations"))] if dense_params else False)
+                       dense_mass=[parameter_sites] if dense_params else False)
     seconds = time.perf_counter() - t0
     probs = _state_probs(fit)
     # eigenvalues of A_k (invariant to the latent basis); label-aligned draws
@@ -159,7 +170,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
             inside.append(bool(lo <= getattr(true_eig[k_true, -1], part) <= hi))
     # diagnostics of the relabelled draws (fit.samples are aligned across chains and draws); the path's
     # coordinates (x, or its whitened innovations) separately from the parameters
-    params = {k: v for k, v in fit.samples.items() if k not in ("x", "x_innovations")}
+    params = {k: v for k, v in fit.samples.items() if k not in PATH_VALUE_SITES}
     summary = az.summary(az.from_dict(posterior=params), kind="diagnostics")
     rhat_params = float(summary["r_hat"].max())
     ess_bulk = float(summary["ess_bulk"].min())
@@ -167,7 +178,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
     n_div = int(fit.diagnostics.get("num_divergences", 0))
     stats = fit.idata.sample_stats
     if save_draws:
-        np.savez(save_draws, **{k: v for k, v in fit.samples.items() if k != "x_innovations"},
+        np.savez(save_draws, **{k: v for k, v in fit.samples.items() if k not in PATH_VALUE_SITES[1:]},
                  **{f"stat_{k}": np.asarray(stats[k]) for k in ("step_size", "n_steps", "diverging", "lp")})
     per_chain_accuracy = [
         state_accuracy(sim["states"][0], np.asarray(_posterior_states(fit.model, {k: v[c : c + 1] for k, v in fit.samples.items()},
@@ -176,6 +187,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
     ]
     return {
         "path": f"nuts ({path_parameterisation}, start: {init_from}, scale prior: {dynamics_scale_prior}"
+                f"{', path-relative scales' if dynamics_scale_coordinates == 'path_relative' else ''}"
                 f"{', dense parameter mass' if dense_params else ''})", "T": T, "seed": seed, "target_accept": target_accept,
         "accuracy": state_accuracy(sim["states"][0], probs), "accuracy_per_chain": per_chain_accuracy,
         "seconds_first_call": seconds, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
@@ -204,12 +216,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--nuts-init", choices=["pca", "em"], default="em",
                         help="where NUTS chains start: the structured mean-field EM estimate (best of --nuts-em-restarts) or PCA/AR(1)")
     parser.add_argument("--nuts-em-restarts", type=int, default=8)
-    parser.add_argument("--nuts-param", choices=["centred", "whitened"], default="whitened",
+    parser.add_argument("--nuts-param", choices=sorted(PATH_SITES), default="whitened",
                         help="path_parameterisation of the model NUTS samples")
     parser.add_argument("--nuts-target-accept", type=float, default=0.9)
     parser.add_argument("--nuts-save-draws", default="", help="write the relabelled NUTS draws and sample stats to this .npz")
     parser.add_argument("--nuts-scale-prior", nargs=2, type=float, metavar=("SHAPE", "RATE"), default=None,
                         help="Gamma(SHAPE, RATE) prior on the dynamics noise scales (boundary-avoiding) instead of HalfNormal(0.5)")
+    parser.add_argument("--nuts-relative-scales", action="store_true",
+                        help="dynamics_scale_coordinates='path_relative': the scales sampled relative to the path")
     parser.add_argument("--nuts-dense-params", action="store_true",
                         help="adapt one dense mass matrix over the parameter sites (the path stays diagonal)")
     args = parser.parse_args(argv)
@@ -226,7 +240,7 @@ def main(argv=None) -> list[dict]:
                 row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
                                args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws,
                                ("gamma", *args.nuts_scale_prior) if args.nuts_scale_prior else "half_normal",
-                               args.nuts_dense_params)
+                               args.nuts_dense_params, "path_relative" if args.nuts_relative_scales else "direct")
             else:
                 raise SystemExit(f"--paths: unknown path {path!r}")
             print(json.dumps(row), flush=True)

@@ -407,7 +407,7 @@ def test_fit_em_returns_fit_with_states():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path_parameterisation", ["centred", "whitened"])
+@pytest.mark.parametrize("path_parameterisation", ["centred", "whitened", "anchored"])
 def test_svi_with_gauss_markov_guide_runs_and_decodes(path_parameterisation):
     from ppl_switch.infer import fit_svi
 
@@ -421,19 +421,23 @@ def test_svi_with_gauss_markov_guide_runs_and_decodes(path_parameterisation):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path_parameterisation", ["centred", "whitened"])
-def test_nuts_smoke(path_parameterisation):
+@pytest.mark.parametrize("path_parameterisation, scale_coordinates",
+                         [("centred", "direct"), ("whitened", "direct"), ("anchored", "direct"), ("anchored", "path_relative")])
+def test_nuts_smoke(path_parameterisation, scale_coordinates):
     from ppl_switch.infer import fit_nuts
 
-    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation)
+    model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2), path_parameterisation=path_parameterisation,
+                 dynamics_scale_coordinates=scale_coordinates)
     sim = simulate_slds_tutorial(seed=2, num_timesteps=30)
     init = model.init_values(sim["y"])
     fit = fit_nuts(model, sim["y"], num_warmup=50, num_samples=50, init_params={k: v for k, v in init.items()}, progress_bar=False, x64=True)
     assert fit.samples["x"].shape == (1, 50, 1, 30, 2)
-    if path_parameterisation == "whitened":  # x is the deterministic image of the sampled innovations
-        data = model.prepare(sim["y"])
-        draw = {k: v[0, -1] for k, v in fit.samples.items()}
-        np.testing.assert_allclose(model.path_innovations(draw, data), draw["x_innovations"], atol=1e-8)
+    # the path (and the scales) are deterministic images of the sampled coordinates
+    data = model.prepare(sim["y"])
+    draw = {k: v[0, -1] for k, v in fit.samples.items()}
+    for name, value in model.coordinate_site_values(draw, data).items():
+        np.testing.assert_allclose(value, draw[name], atol=1e-8)
+    assert "dynamics_scales" in fit.idata.posterior
 
 
 def test_whitened_path_is_an_exact_change_of_variables():
@@ -465,6 +469,96 @@ def test_whitened_path_is_an_exact_change_of_variables():
     guide = whitened.default_guide(data, init_values=truth["params"])
     assert guide.path_site == "x_innovations"
     np.testing.assert_allclose(guide.init_values["x_innovations"], e, atol=1e-12)
+
+
+def test_anchored_path_is_the_same_model_and_translation_moves_d_alone():
+    """The anchored program's density equals the centred one at the matching values (unit Jacobian; ragged
+    trials, inputs, learned C, K = 3), and in anchored coordinates the unidentified translation (x + c,
+    m0 + c, b_k + (I - A_k) c, d - C c) is a move of d alone whose density change is that of the priors
+    of m0, b_k and d only: the path and emission terms do not move."""
+    from numpyro.infer.util import log_density
+
+    centred = SLDS(num_states=3, latent_dim=2, obs_dim=3, input_dim=1)
+    anchored = SLDS(num_states=3, latent_dim=2, obs_dim=3, input_dim=1, path_parameterisation="anchored")
+    params = _random_params(centred, seed=5)
+    data, truth = centred.simulate(jax.random.PRNGKey(2), 3, 5, params=params, lengths=[5, 3, 1])
+    p = {k: jnp.asarray(v) for k, v in truth["params"].items()}
+    p["x"] = jnp.asarray(truth["latents"])
+    sites = anchored.coordinate_site_values(p, data)
+    assert set(sites) == {"x_anchored", "initial_mean_anchored", "dynamics_bias_anchored"}
+    anchor = -np.linalg.pinv(np.asarray(p["emission_matrix"])) @ np.asarray(p["emission_bias"])
+    inside = np.asarray(data.time_mask)[..., None]
+    np.testing.assert_allclose(sites["x_anchored"], np.where(inside, p["x"] - anchor, p["x"]), atol=1e-12)
+    np.testing.assert_allclose(sites["initial_mean_anchored"], p["initial_mean"] - anchor, atol=1e-12)
+    a_values = {k: jnp.asarray(v) for k, v in {**p, **sites}.items() if k not in ("x", "initial_mean", "dynamics_bias")}
+    la = jax.jit(lambda v: log_density(anchored.program, (data,), {}, v)[0])
+    lc = jax.jit(lambda v: log_density(centred.program, (data,), {}, v)[0])
+    np.testing.assert_allclose(la(a_values), lc(p), rtol=1e-12)
+    # the deterministic sites give back x, m0 and b_k
+    _, trace = log_density(anchored.program, (data,), {}, a_values)
+    for name in ("x", "initial_mean", "dynamics_bias"):
+        np.testing.assert_allclose(trace[name]["value"], p[name], atol=1e-12)
+
+    # the translation by c: in anchored coordinates d - C c with every other site fixed
+    c = jnp.array([0.7, -1.3])
+    A, C = p["dynamics_matrix"], p["emission_matrix"]
+    moved = dict(p, initial_mean=p["initial_mean"] + c, dynamics_bias=p["dynamics_bias"] + c - A @ c,
+                 emission_bias=p["emission_bias"] - C @ c, x=jnp.where(inside, p["x"] + c, p["x"]))
+    moved_anchored = dict(a_values, emission_bias=a_values["emission_bias"] - C @ c)
+    np.testing.assert_allclose(la(moved_anchored), lc(moved), rtol=1e-12)
+
+    def prior_terms(v):
+        return (dist.Normal(0, 3.0).log_prob(v["initial_mean"]).sum() + dist.Normal(0, 1.0).log_prob(v["dynamics_bias"]).sum()
+                + dist.Normal(0, 5.0).log_prob(v["emission_bias"]).sum())
+
+    np.testing.assert_allclose(lc(moved) - lc(p), prior_terms(moved) - prior_terms(p), rtol=1e-10)
+    # start values and the SVI guide use the anchored sites
+    guide = anchored.default_guide(data, init_values=dict(p))
+    assert guide.path_site == "x_anchored"
+    np.testing.assert_allclose(guide.init_values["x_anchored"], sites["x_anchored"], atol=1e-12)
+
+
+def test_path_relative_scales_are_an_exact_change_of_variables():
+    """With dynamics_scale_coordinates="path_relative" the joint site u = (anchored path, eta, zeta) maps to
+    (x, s, m0); the program's density is the centred one plus log|det d(x, s, m0)/du| (checked against the
+    dense Jacobian), the deterministic sites give back x, s, m0, b_k, the program samples generatively,
+    and the option is recorded in the config and refused where it cannot apply."""
+    from numpyro.infer import Predictive
+    from numpyro.infer.util import log_density
+
+    centred = SLDS(num_states=3, latent_dim=2, obs_dim=3, input_dim=1)
+    relative = SLDS(num_states=3, latent_dim=2, obs_dim=3, input_dim=1, path_parameterisation="anchored",
+                    dynamics_scale_coordinates="path_relative")
+    params = _random_params(centred, seed=5)
+    data, truth = centred.simulate(jax.random.PRNGKey(2), 3, 5, params=params, lengths=[5, 3, 1])
+    p = {k: jnp.asarray(v) for k, v in truth["params"].items()}
+    p["x"] = jnp.asarray(truth["latents"])
+    sites = relative.coordinate_site_values(p, data)
+    assert set(sites) == {"path_and_relative_parameters", "dynamics_bias_anchored"}
+    values = {k: jnp.asarray(v) for k, v in {**p, **sites}.items()
+              if k not in ("x", "initial_mean", "dynamics_bias", "dynamics_scales")}
+    lr, trace = log_density(relative.program, (data,), {}, values)
+    lc, _ = log_density(centred.program, (data,), {}, p)
+    joint = trace["path_and_relative_parameters"]["fn"]
+
+    def x_s_m0(u):
+        return jnp.concatenate([v.ravel() for v in joint.path_scales_and_initial_mean(u)])
+
+    jac = np.asarray(jax.jacfwd(x_s_m0)(values["path_and_relative_parameters"]))
+    np.testing.assert_allclose(lr - lc, np.linalg.slogdet(jac)[1], rtol=1e-10)
+    np.testing.assert_allclose(lr - lc, jnp.sum(jnp.log(p["dynamics_scales"])) + jnp.sum(jnp.log(p["initial_scales"] / np.sqrt(3))),
+                               rtol=1e-10)
+    for name in ("x", "dynamics_scales", "initial_mean", "dynamics_bias"):
+        np.testing.assert_allclose(trace[name]["value"], p[name], atol=1e-12)
+    prior = Predictive(relative.program, num_samples=2)(jax.random.PRNGKey(0), data)
+    assert prior["dynamics_scales"].shape == (2, 3, 2) and np.all(prior["dynamics_scales"] > 0)
+    assert SLDS(**json.loads(json.dumps(relative.config()))).dynamics_scale_coordinates == "path_relative"
+    with pytest.raises(ValueError, match="dynamics_scale_coordinates"):
+        SLDS(num_states=2, latent_dim=2, path_parameterisation="whitened", dynamics_scale_coordinates="path_relative")
+    with pytest.raises(ValueError, match="dynamics_scale_coordinates"):
+        SLDS(num_states=2, latent_dim=2, dynamics_scale_coordinates="relative")
+    with pytest.raises(ValueError, match="dynamics_scale_coordinates"):
+        relative.default_guide(data)
 
 
 def test_bad_arguments_are_named():

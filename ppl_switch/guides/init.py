@@ -56,6 +56,8 @@ def parameter_program(program, hidden, init_values=None):
     paths = {k: np.asarray(v) for k, v in (init_values or {}).items() if k in hidden}
 
     def start_path(site):
+        if site["type"] != "sample":  # a hidden name may also be a deterministic site (x of a whitened path)
+            return None
         value = paths.get(site["name"])
         if value is not None and value.shape == tuple(site["fn"].shape(site["kwargs"].get("sample_shape", ()))):
             return value

@@ -27,8 +27,10 @@ out with the HMM forward algorithm of :mod:`ppl_switch.ops.hmm` -- the per-regim
 log-likelihoods are log N(x_t; A_k x_{t-1} + b_k, Q_k) -- so NUTS and SVI see a continuous model and no
 enumeration is needed. Steps past a trial's length get x_t ~ N(0, I), independent of everything else.
 With ``path_parameterisation="whitened"`` the sample site is instead the path's innovations under the
-regime-averaged dynamics (:class:`WhitenedSwitchingChain`, same model, better coordinates for NUTS) and
-``x`` is a deterministic site.
+regime-averaged dynamics (:class:`WhitenedSwitchingChain`) and ``x`` is a deterministic site; with
+``"anchored"`` the sites are the path, m0 and b_k measured from the anchor a = -C^+ d
+(:class:`AnchoredSwitchingChain`), so that the likelihood-invisible translation of the path is a move of d
+alone. Same model in every case, different coordinates for NUTS.
 
 Inference paths: NUTS over parameters and x; SVI with :meth:`SLDS.default_guide` (mean-field normal over
 parameters and a Gauss–Markov chain over x, :mod:`ppl_switch.guides.gauss_markov`); structured
@@ -65,6 +67,10 @@ INITIAL_MEAN_PRIOR_SCALE = 3.0
 EMISSION_BIAS_PRIOR_SCALE = 5.0
 EMISSION_SCALE_PRIOR_SCALE = 2.0
 LKJ_CONCENTRATION = 2.0
+#: the sample site that holds the path, per ``path_parameterisation``
+PATH_SITES = {"centred": "x", "whitened": "x_innovations", "anchored": "x_anchored"}
+#: the joint site of dynamics_scale_coordinates="path_relative" (:class:`PathWithRelativeParameters`)
+RELATIVE_PATH_SITE = "path_and_relative_parameters"
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -174,20 +180,12 @@ class SwitchingLinearChain(dist.Distribution):
         return xs.reshape(tuple(sample_shape) + self.batch_shape + self.event_shape)
 
 
-class WhitenedSwitchingChain(dist.Distribution):
-    """The same path as :class:`SwitchingLinearChain`, in whitened (non-centred) coordinates e.
+class _PathCoordinates(dist.Distribution):
+    """The path of a :class:`SwitchingLinearChain` in other coordinates v, x = to_path(v) invertible.
 
-    The path is an invertible affine map of e under the regime-averaged ("reference") dynamics
-    A = mean_k A_k, b_t = mean_k b_{t,k}, L = mean_k L_k (L_k the Cholesky factors of Q_k)::
-
-        x_1 = m0 + L0 e_1,    x_t = A x_{t-1} + b_{t-1} + L e_t    (inside a trial; x_t = e_t past its end)
-
-    and log p(e) = log p_x(x(e)) + log|det dx/de| with p_x the regimes-summed-out path density, so the
-    model (and its posterior) is unchanged; only the coordinates NUTS moves in differ. In these
-    coordinates the two troublesome directions of the centred path leave x: scaling the dynamics noise
-    (the funnel between Q_k and the increments of x) and shifting the whole path by a constant (with
-    m0, b_k, d compensating, a direction the likelihood cannot see) move only parameters, not the T*D
-    coordinates of the path. Batch shape (trials,), event shape (T, D).
+    log p(v) = log p_x(to_path(v)) + log|det dx/dv|, so the model (and its posterior) is unchanged; only the
+    coordinates NUTS moves in differ. Subclasses give ``to_path``, ``to_site`` (its inverse) and
+    ``log_abs_det_jacobian``. Batch shape (trials,), event shape (T, D).
     """
 
     arg_constraints = {}
@@ -195,10 +193,38 @@ class WhitenedSwitchingChain(dist.Distribution):
 
     def __init__(self, chain: SwitchingLinearChain, *, validate_args=None):
         self.chain = chain
+        super().__init__(batch_shape=chain.batch_shape, event_shape=chain.event_shape, validate_args=validate_args)
+
+    def log_prob(self, v):
+        return self.chain.log_prob(self.to_path(v)) + self.log_abs_det_jacobian()
+
+    def sample(self, key, sample_shape=()):
+        x = self.chain.sample(key, sample_shape)
+        if not sample_shape:
+            return self.to_site(x)
+        flat = x.reshape((-1,) + self.batch_shape + self.event_shape)
+        return jax.vmap(self.to_site)(flat).reshape(x.shape)
+
+
+class WhitenedSwitchingChain(_PathCoordinates):
+    """The same path as :class:`SwitchingLinearChain`, in whitened (non-centred) coordinates e.
+
+    The path is an invertible affine map of e under the regime-averaged ("reference") dynamics
+    A = mean_k A_k, b_t = mean_k b_{t,k}, L = mean_k L_k (L_k the Cholesky factors of Q_k)::
+
+        x_1 = m0 + L0 e_1,    x_t = A x_{t-1} + b_{t-1} + L e_t    (inside a trial; x_t = e_t past its end)
+
+    In these coordinates the two troublesome directions of the centred path leave x: scaling the dynamics
+    noise (the funnel between Q_k and the increments of x) and shifting the whole path by a constant (with
+    m0, b_k, d compensating, a direction the likelihood cannot see) move only parameters, not the T*D
+    coordinates of the path. The price: a change of any Q_k, A_k or b_k moves the whole path.
+    """
+
+    def __init__(self, chain: SwitchingLinearChain, *, validate_args=None):
         self.reference_matrix = jnp.mean(chain.dynamics_matrices, 0)  # (D, D)
         self.reference_scale_tril = jnp.mean(chain.dynamics_scale_trils, 0)  # (D, D), positive diagonal
         self.reference_biases = jnp.mean(chain.dynamics_biases, -2)  # (B, T-1, D)
-        super().__init__(batch_shape=chain.batch_shape, event_shape=chain.event_shape, validate_args=validate_args)
+        super().__init__(chain, validate_args=validate_args)
 
     def to_path(self, e):
         """(B, T, D) innovations -> (B, T, D) path x (sequential, O(T D^2))."""
@@ -216,13 +242,15 @@ class WhitenedSwitchingChain(dist.Distribution):
         _, rest = jax.lax.scan(step, x1, inputs)
         return jnp.concatenate([x1[:, None], jnp.swapaxes(rest, 0, 1)], 1)
 
-    def to_innovations(self, x):
+    def to_site(self, x):
         """(B, T, D) path -> (B, T, D) innovations (the inverse of :meth:`to_path`, vectorised)."""
         A, L = self.reference_matrix, self.reference_scale_tril
         e1 = _solve_lower(self.chain.initial_scale_tril, x[:, 0] - self.chain.initial_mean)
         resid = x[:, 1:] - x[:, :-1] @ A.T - self.reference_biases
         rest = jnp.where(self.chain.time_mask[:, 1:, None], _solve_lower(L, resid), x[:, 1:])
         return jnp.concatenate([e1[:, None], rest], 1)
+
+    to_innovations = to_site
 
     def log_abs_det_jacobian(self):
         """(B,) log|det dx/de|: log|L0| + (length - 1) log|L| per trial."""
@@ -231,15 +259,145 @@ class WhitenedSwitchingChain(dist.Distribution):
         steps = jnp.sum(self.chain.time_mask[:, 1:], -1)
         return log_L0 + steps * log_L
 
-    def log_prob(self, e):
-        return self.chain.log_prob(self.to_path(e)) + self.log_abs_det_jacobian()
+
+class AnchoredSwitchingChain(_PathCoordinates):
+    """The path measured from an anchor a: x_t = a + v_t inside a trial (x_t = v_t past its end).
+
+    :class:`SLDS` with ``path_parameterisation="anchored"`` uses a = -C^+ d (:meth:`SLDS.path_anchor`) and
+    measures m0 and b_k from it as well (m0 = m~0 + a, b_k = b~_k + (I - A_k) a), so that the dynamics
+    residuals, x_1 - m0 and (on the column space of C) the emission means C x_t + d do not depend on d:
+    the translation x -> x + c, m0 -> m0 + c, b_k -> b_k + (I - A_k) c, d -> d - C c, which the likelihood
+    cannot see, becomes a move of d alone (bounded by the priors of m0, b_k and d) instead of a ridge
+    through all T*D path coordinates, and v is pinned by the data. The path stays centred otherwise (a
+    change of Q_k, A_k or b~_k does not move it). Unit Jacobian.
+
+    Args:
+        chain: the path distribution in centred coordinates.
+        anchor: (D,) the anchor a.
+    """
+
+    def __init__(self, chain: SwitchingLinearChain, anchor, *, validate_args=None):
+        self.anchor = anchor
+        super().__init__(chain, validate_args=validate_args)
+
+    def _shift(self):
+        return jnp.where(self.chain.time_mask[..., None], self.anchor, 0.0)  # (B, T, D)
+
+    def to_path(self, v):
+        return v + self._shift()
+
+    def to_site(self, x):
+        return x - self._shift()
+
+    def log_abs_det_jacobian(self):
+        return jnp.zeros(self.batch_shape)
+
+
+class PathWithRelativeParameters(dist.Distribution):
+    """One block site u = (path coordinates v, log-ratios eta, zeta) in which the parameters that the path
+    pins are measured relative to it: the dynamics noise scales s_kd = s^_kd(x) exp(eta_kd) and the initial
+    mean m0 = xbar_1 - s0 * zeta / sqrt(B), with x = to_path(v) and xbar_1 the mean first point of the B
+    trials.
+
+    s^_kd(x) is the path's own estimate of regime k's noise scale (:func:`path_noise_scales`; it depends on
+    x, A_k and b_k, not on s). Moving the path with eta fixed carries the scales along with its roughness,
+    and moving it with zeta fixed carries m0 along with x_1: the funnels between Q_k and the T*D path
+    coordinates, and between the initial scales s0 and m0 - x_1, become, to first order, independent
+    directions. The map (v, eta, zeta) -> (x, s, m0) is triangular, log|det| = sum log s_kd +
+    sum_d log(s0_d / sqrt(B)) + log|det dx/dv|, so
+
+        log p(u) = log p(x | s, m0) + log p_prior(s) + log p_prior(m0) + log|det|.
+
+    Generative sampling draws s and m0 from their priors and x given them, then returns u. Event shape
+    (B*T*D + K*D + D,) flattened (path, eta, zeta); no batch shape.
+
+    Args:
+        make_chain: (s (K, D), m0 (D,)) -> :class:`SwitchingLinearChain` (the other parameters fixed).
+        coordinates: chain -> the path's coordinates (:class:`AnchoredSwitchingChain`) or None (centred).
+        scale_prior: the prior of one s_kd. initial_mean_prior: the prior of m0, event shape (D,).
+        initial_scales: (D,) s0. path_shape: (B, T, D). num_states: K.
+    """
+
+    arg_constraints = {}
+    support = constraints.real_vector
+
+    def __init__(self, make_chain, coordinates, scale_prior, initial_mean_prior, initial_scales, path_shape, num_states,
+                 *, validate_args=None):
+        self.make_chain = make_chain
+        self.coordinates = coordinates
+        self.scale_prior = scale_prior
+        self.initial_mean_prior = initial_mean_prior
+        self.path_shape = tuple(path_shape)
+        D = self.path_shape[-1]
+        self.scale_shape = (num_states, D)
+        self.path_size = int(np.prod(self.path_shape))
+        self.scale_size = int(np.prod(self.scale_shape))
+        # s0 / sqrt(B): the spread of the trials' mean first point about m0
+        self.initial_spread = jnp.asarray(initial_scales) / math.sqrt(self.path_shape[0])
+        # a chain with s = 1 and m0 = 0, for what depends on neither (anchor, residuals, mask)
+        self._reference_chain = make_chain(jnp.ones(self.scale_shape), jnp.zeros(D))
+        super().__init__(batch_shape=(), event_shape=(self.path_size + self.scale_size + D,), validate_args=validate_args)
+
+    def _to_path(self, chain, v):
+        coords = self.coordinates(chain)
+        return v if coords is None else coords.to_path(v)
+
+    def _to_site(self, chain, x):
+        coords = self.coordinates(chain)
+        return x if coords is None else coords.to_site(x)
+
+    def path_scales_and_initial_mean(self, u):
+        """(B, T, D) path x, (K, D) scales s and (D,) initial mean m0 of a site value u."""
+        v = u[: self.path_size].reshape(self.path_shape)
+        eta = u[self.path_size : self.path_size + self.scale_size].reshape(self.scale_shape)
+        zeta = u[self.path_size + self.scale_size :]
+        x = self._to_path(self._reference_chain, v)
+        s = path_noise_scales(self._reference_chain, x) * jnp.exp(eta)
+        return x, s, jnp.mean(x[:, 0], 0) - self.initial_spread * zeta
+
+    def site_value(self, x, s, m0):
+        """The site value u of a path x (B, T, D), scales s (K, D) and initial mean m0 (D,)."""
+        eta = jnp.log(s) - jnp.log(path_noise_scales(self._reference_chain, x))
+        zeta = (jnp.mean(x[:, 0], 0) - m0) / self.initial_spread
+        return jnp.concatenate([self._to_site(self._reference_chain, x).reshape(-1), eta.reshape(-1), zeta])
+
+    def log_prob(self, u):
+        x, s, m0 = self.path_scales_and_initial_mean(u)
+        coords = self.coordinates(self._reference_chain)
+        log_det = jnp.sum(jnp.log(s)) + jnp.sum(jnp.log(self.initial_spread))
+        if coords is not None:
+            log_det = log_det + jnp.sum(coords.log_abs_det_jacobian())
+        return (jnp.sum(self.make_chain(s, m0).log_prob(x)) + jnp.sum(self.scale_prior.log_prob(s))
+                + self.initial_mean_prior.log_prob(m0) + log_det)
 
     def sample(self, key, sample_shape=()):
-        x = self.chain.sample(key, sample_shape)
+        def one(k):
+            k_s, k_m, k_x = jax.random.split(k, 3)
+            s = self.scale_prior.sample(k_s, self.scale_shape)
+            m0 = self.initial_mean_prior.sample(k_m)
+            return self.site_value(self.make_chain(s, m0).sample(k_x), s, m0)
+
         if not sample_shape:
-            return self.to_innovations(x)
-        flat = x.reshape((-1,) + self.batch_shape + self.event_shape)
-        return jax.vmap(self.to_innovations)(flat).reshape(x.shape)
+            return one(key)
+        n = int(np.prod(sample_shape))
+        return jax.vmap(one)(jax.random.split(key, n)).reshape(tuple(sample_shape) + self.event_shape)
+
+
+def path_noise_scales(chain: SwitchingLinearChain, x, prior_steps: float = 1.0, prior_scale: float = 0.5):
+    """(K, D) the path's own estimate of each regime's dynamics noise scale, independent of Q_k.
+
+    The residuals r_tk = x_t - A_k x_{t-1} - b_tk of every step inside a trial are given to the regimes by
+    soft weights w_tk = softmax_k(-|r_tk|^2 / (2 g^2)), g^2 the mean squared residual over steps, regimes and
+    dimensions (a scale that does not involve Q_k); s^_kd^2 = (sum_t w_tk r_tkd^2 + n0 c^2) / (sum_t w_tk + n0)
+    with n0 = ``prior_steps`` pseudo-steps at scale c = ``prior_scale`` (keeps an unused regime finite)."""
+    A, b, mask = chain.dynamics_matrices, chain.dynamics_biases, chain.time_mask[:, 1:]  # (K,D,D) (B,T-1,K,D) (B,T-1)
+    resid = x[:, 1:, None, :] - jnp.einsum("kij,btj->btki", A, x[:, :-1]) - b  # (B, T-1, K, D)
+    sq = jnp.sum(resid**2, -1)  # (B, T-1, K)
+    valid = mask[..., None]
+    g2 = jnp.sum(jnp.where(valid, sq, 0.0)) / jnp.maximum(jnp.sum(valid) * A.shape[0] * A.shape[-1], 1.0)
+    w = jnp.where(valid, jax.nn.softmax(-sq / (2.0 * g2), -1), 0.0)  # (B, T-1, K)
+    num = jnp.einsum("btk,btkd->kd", w, resid**2) + prior_steps * prior_scale**2
+    return jnp.sqrt(num / (jnp.sum(w, (0, 1))[:, None] + prior_steps))
 
 
 def _solve_lower(L, v):
@@ -272,15 +430,24 @@ class SLDS(Model):
         transition_concentration: alpha > 0, Dirichlet mass on every entry of P.
         emission_matrix: optional known (N, D) readout C; then C is not a parameter (removes the
             latent-basis non-identifiability, e.g. C = I for directly observed noisy states).
-        path_parameterisation: "centred" (the path x is the sample site) or "whitened" (the site is
+        path_parameterisation: "centred" (the path x is the sample site), "whitened" (the site is
             ``x_innovations``, the path's innovations under the regime-averaged dynamics, see
-            :class:`WhitenedSwitchingChain`; ``x`` is then a deterministic site). Same model, different
-            coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation ridge.
+            :class:`WhitenedSwitchingChain`) or "anchored" (the sites are ``x_anchored`` = x - a,
+            ``initial_mean_anchored`` and ``dynamics_bias_anchored`` with the anchor a = -C^+ d, see
+            :class:`AnchoredSwitchingChain`); x (and m0, b_k) are then deterministic sites. Same model,
+            different coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation
+            ridge but ties every dynamics parameter to the whole path; "anchored" removes the translation
+            ridge and keeps the path otherwise centred (measured: model_cards/slds.md).
         dynamics_scale_prior: prior of each dynamics noise scale s_kd: "half_normal" (HalfNormal(0.5),
             the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
             density at s = 0; Chung et al. 2013) against the funnel toward Q_k -> 0 when the data hardly
             separate dynamics noise from observation noise (measured effect on NUTS: model_cards/slds.md).
             It is the program's prior (NUTS, SVI); :meth:`em` keeps its conjugate inverse-Wishart regulariser.
+        dynamics_scale_coordinates: "direct" (``dynamics_scales`` is a sample site) or "path_relative"
+            (NUTS only: the path, and the noise scales and initial mean measured relative to it, are one
+            block site ``path_and_relative_parameters``, see :class:`PathWithRelativeParameters`;
+            ``dynamics_scales``, ``initial_mean`` and ``x`` are then deterministic sites). Same model;
+            removes the funnels between Q_k and the path and between s0 and m0.
     """
 
     name = "slds"
@@ -288,6 +455,7 @@ class SLDS(Model):
     _config_keys: ClassVar[tuple[str, ...]] = (
         "num_states", "latent_dim", "obs_dim", "input_dim", "emission", "emission_cov", "link", "bin_size", "stickiness",
         "transition_concentration", "emission_matrix", "path_parameterisation", "dynamics_scale_prior",
+        "dynamics_scale_coordinates",
     )
 
     def __init__(
@@ -305,10 +473,19 @@ class SLDS(Model):
         emission_matrix=None,
         path_parameterisation: str = "centred",
         dynamics_scale_prior="half_normal",
+        dynamics_scale_coordinates: str = "direct",
     ):
         self.dynamics_scale_prior = _check_scale_prior(dynamics_scale_prior)
-        if path_parameterisation not in ("centred", "whitened"):
-            raise ValueError(f"path_parameterisation: expected 'centred' or 'whitened', got {path_parameterisation!r}")
+        if dynamics_scale_coordinates not in ("direct", "path_relative"):
+            raise ValueError(
+                f"dynamics_scale_coordinates: expected 'direct' or 'path_relative', got {dynamics_scale_coordinates!r}")
+        if dynamics_scale_coordinates == "path_relative" and path_parameterisation == "whitened":
+            raise ValueError("dynamics_scale_coordinates: 'path_relative' needs path_parameterisation 'centred' or "
+                             "'anchored' (the whitened path is already measured in units of the scales)")
+        self.dynamics_scale_coordinates = dynamics_scale_coordinates
+        if path_parameterisation not in PATH_SITES:
+            raise ValueError(
+                f"path_parameterisation: expected one of {sorted(PATH_SITES)}, got {path_parameterisation!r}")
         self.path_parameterisation = path_parameterisation
         self.num_states = check_positive_int(num_states, "num_states")
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
@@ -368,8 +545,14 @@ class SLDS(Model):
             "x": ("trial", "time", "latent"),
             "q_state_probs": ("trial", "time", "state"),
         }
-        if self.path_parameterisation == "whitened":
-            dims["x_innovations"] = ("trial", "time", "latent")
+        if self.dynamics_scale_coordinates == "path_relative":
+            dims[RELATIVE_PATH_SITE] = ("path_coordinate",)
+        elif self.path_parameterisation != "centred":
+            dims[self.path_site] = ("trial", "time", "latent")
+        if self.path_parameterisation == "anchored":
+            dims["dynamics_bias_anchored"] = ("state", "latent")
+            if self.dynamics_scale_coordinates == "direct":
+                dims["initial_mean_anchored"] = ("latent",)
         if self.latent_dim > 1:
             dims["dynamics_corr_chol"] = ("state", "latent", "latent_prev")
         if self.input_dim:
@@ -448,12 +631,10 @@ class SLDS(Model):
             "dynamics_matrix": numpyro.sample(
                 "dynamics_matrix", dist.Normal(jnp.broadcast_to(jnp.eye(D), (K, D, D)), DYNAMICS_PRIOR_SCALE).to_event(3)
             ),
-            "dynamics_bias": numpyro.sample("dynamics_bias", normal(0.0, 1.0, [K, D])),
-            "dynamics_scales": numpyro.sample("dynamics_scales", self._dynamics_scale_dist().expand([K, D]).to_event(2)),
-            "initial_mean": numpyro.sample("initial_mean", normal(0.0, INITIAL_MEAN_PRIOR_SCALE, [D])),
             "initial_scales": numpyro.sample("initial_scales", dist.HalfNormal(1.0).expand([D]).to_event(1)),
-            "emission_bias": numpyro.sample("emission_bias", normal(0.0, EMISSION_BIAS_PRIOR_SCALE, [N])),
         }
+        if self.dynamics_scale_coordinates == "direct":  # path_relative: sampled with the path (program)
+            p["dynamics_scales"] = numpyro.sample("dynamics_scales", self._dynamics_scale_dist().expand([K, D]).to_event(2))
         if D > 1:
             p["dynamics_corr_chol"] = numpyro.sample(
                 "dynamics_corr_chol", dist.LKJCholesky(D, LKJ_CONCENTRATION).expand([K]).to_event(1)
@@ -462,6 +643,8 @@ class SLDS(Model):
             p["dynamics_input_weights"] = numpyro.sample("dynamics_input_weights", normal(0.0, 1.0, [K, D, U]))
         if self.fixed_emission_matrix is None:
             p["emission_matrix"] = numpyro.sample("emission_matrix", normal(0.0, 1.0, [N, D]))
+        p["emission_bias"] = numpyro.sample("emission_bias", normal(0.0, EMISSION_BIAS_PRIOR_SCALE, [N]))
+        p.update(self._sample_offsets(p))
         if self.emission == "gaussian":
             p["emission_scales"] = numpyro.sample(
                 "emission_scales", dist.HalfNormal(EMISSION_SCALE_PRIOR_SCALE).expand([N]).to_event(1)
@@ -470,15 +653,77 @@ class SLDS(Model):
                 p["emission_corr_chol"] = numpyro.sample("emission_corr_chol", dist.LKJCholesky(N, LKJ_CONCENTRATION))
         return p
 
+    def _sample_offsets(self, p):
+        """m0 and b_k; anchored: sampled as m~0 = m0 - a and b~_k = b_k - (I - A_k) a with the anchor
+        a = -C^+ d (:meth:`path_anchor`; unit Jacobian), the priors N(0, 3^2) on m0 and N(0, 1) on b_k
+        unchanged."""
+        K, D = self.num_states, self.latent_dim
+        relative = self.dynamics_scale_coordinates == "path_relative"  # then m0 is sampled with the path
+        if self.path_parameterisation != "anchored":
+            out = {"dynamics_bias": numpyro.sample("dynamics_bias", dist.Normal(jnp.zeros((K, D)), 1.0).to_event(2))}
+            if not relative:
+                out["initial_mean"] = numpyro.sample("initial_mean", self._initial_mean_prior())
+            return out
+        m0_shift, b_shift = self._anchor_shifts(p)
+        b = numpyro.sample("dynamics_bias_anchored", dist.Normal(-b_shift, 1.0).to_event(2)) + b_shift
+        out = {"dynamics_bias": numpyro.deterministic("dynamics_bias", b)}
+        if not relative:
+            m0_prior = dist.Normal(-m0_shift, INITIAL_MEAN_PRIOR_SCALE).to_event(1)
+            out["initial_mean"] = numpyro.deterministic("initial_mean", numpyro.sample("initial_mean_anchored", m0_prior) + m0_shift)
+        return out
+
+    def _initial_mean_prior(self) -> dist.Distribution:
+        return dist.Normal(jnp.zeros(self.latent_dim), INITIAL_MEAN_PRIOR_SCALE).to_event(1)
+
+    def path_anchor(self, params):
+        """(D,) a = -C^+ d: the latent offset that the emission bias stands for (C (a + v) + d = C v on the
+        column space of C). The anchored coordinates measure the path, m0 and b_k from it."""
+        C = self._emission_matrix(params)
+        return -jnp.linalg.pinv(C) @ jnp.asarray(params["emission_bias"])
+
+    def _anchor_shifts(self, p):
+        """((D,) a, (K, D) (I - A_k) a): m0 = m~0 + the first, b_k = b~_k + the second."""
+        a = self.path_anchor(p)
+        return a, a - jnp.asarray(p["dynamics_matrix"]) @ a
+
+    def path_with_relative_parameters(self, params, data: SequenceData) -> "PathWithRelativeParameters":
+        """The joint (path, scales, initial mean) site of ``dynamics_scale_coordinates="path_relative"``;
+        ``params`` without ``dynamics_scales`` and ``initial_mean``."""
+        return PathWithRelativeParameters(
+            lambda s, m0: self.path_distribution({**params, "dynamics_scales": s, "initial_mean": m0}, data),
+            lambda chain: self.path_coordinates(chain, params),
+            self._dynamics_scale_dist(), self._initial_mean_prior(), params["initial_scales"],
+            data.y.shape[:2] + (self.latent_dim,), self.num_states)
+
+    @property
+    def path_site(self) -> str:
+        """The sample site that holds the path: ``x``, ``x_innovations`` or ``x_anchored``."""
+        return PATH_SITES[self.path_parameterisation]
+
+    def path_coordinates(self, chain: SwitchingLinearChain, params):
+        """The path's distribution in this model's coordinates (None for the centred path)."""
+        if self.path_parameterisation == "whitened":
+            return WhitenedSwitchingChain(chain)
+        if self.path_parameterisation == "anchored":
+            return AnchoredSwitchingChain(chain, self.path_anchor(params))
+        return None
+
     def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
         params = self._sample_params(data.obs_dim)
-        chain = self.path_distribution(params, data)
-        with numpyro.plate("trial", data.num_trials):
-            if self.path_parameterisation == "whitened":
-                whitened = WhitenedSwitchingChain(chain)
-                x = numpyro.deterministic("x", whitened.to_path(numpyro.sample("x_innovations", whitened)))
-            else:
-                x = numpyro.sample("x", chain)
+        if self.dynamics_scale_coordinates == "path_relative":
+            joint = self.path_with_relative_parameters(params, data)
+            x, scales, m0 = joint.path_scales_and_initial_mean(numpyro.sample(RELATIVE_PATH_SITE, joint))
+            params["dynamics_scales"] = numpyro.deterministic("dynamics_scales", scales)
+            params["initial_mean"] = numpyro.deterministic("initial_mean", m0)
+            x = numpyro.deterministic("x", x)
+        else:
+            chain = self.path_distribution(params, data)
+            with numpyro.plate("trial", data.num_trials):
+                coords = self.path_coordinates(chain, params)
+                if coords is None:
+                    x = numpyro.sample("x", chain)
+                else:
+                    x = numpyro.deterministic("x", coords.to_path(numpyro.sample(self.path_site, coords)))
         y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
         mean = x @ self._emission_matrix(params).T + params["emission_bias"]
         if self.emission == "poisson":
@@ -500,6 +745,9 @@ class SLDS(Model):
             init_values: optional ``{site: value}`` start (e.g. ``fit_em(...).params``); overrides ``data``.
             init_scale: initial posterior standard deviation of every site.
         """
+        if self.dynamics_scale_coordinates == "path_relative":
+            raise ValueError("dynamics_scale_coordinates: the default SVI guide needs 'direct' scales "
+                             "('path_relative' is a coordinate choice for NUTS)")
         return SLDSGuide(self, data=data, init_values=init_values, init_scale=init_scale)
 
     def init_values(self, data, seed: int = 0) -> dict[str, np.ndarray]:
@@ -514,8 +762,7 @@ class SLDS(Model):
         em["dynamics_matrices"] = A
         out = self.params_from_em(em)
         out["x"] = _least_squares_latents(em, data)
-        if self.path_parameterisation == "whitened":
-            out["x_innovations"] = self.path_innovations(out, data)
+        out.update(self.coordinate_site_values(out, data))
         return out
 
     def path_innovations(self, params, data: SequenceData) -> np.ndarray:
@@ -525,19 +772,40 @@ class SLDS(Model):
         whitened = WhitenedSwitchingChain(self.path_distribution(p, data))
         return np.asarray(whitened.to_innovations(jnp.asarray(params["x"])))
 
+    def coordinate_site_values(self, params, data) -> dict[str, np.ndarray]:
+        """The sample sites of this model's path coordinates computed from site-form ``params`` (with x,
+        m0, b_k, d): ``{}`` (centred), ``{"x_innovations"}`` (whitened) or ``{"x_anchored",
+        "initial_mean_anchored", "dynamics_bias_anchored"}`` (anchored)."""
+        if "x" not in params:
+            return {}
+        data = data if isinstance(data, SequenceData) else self.prepare(data)
+        p = {k: jnp.asarray(v) for k, v in params.items() if k != "q_state_probs"}
+        out = {}
+        if self.dynamics_scale_coordinates == "path_relative":
+            joint = self.path_with_relative_parameters(p, data)
+            out[RELATIVE_PATH_SITE] = np.asarray(joint.site_value(p["x"], p["dynamics_scales"], p["initial_mean"]))
+        elif self.path_parameterisation != "centred":
+            coords = self.path_coordinates(self.path_distribution(p, data), p)
+            out[self.path_site] = np.asarray(coords.to_site(p["x"]))
+        if self.path_parameterisation == "anchored":
+            m0_shift, b_shift = self._anchor_shifts(p)
+            if self.dynamics_scale_coordinates == "direct":  # path_relative: m0 is in the joint site
+                out["initial_mean_anchored"] = np.asarray(p["initial_mean"] - m0_shift)
+            out["dynamics_bias_anchored"] = np.asarray(p["dynamics_bias"] - b_shift)
+        return out
+
     def latent_site_values(self, params, data) -> dict[str, np.ndarray]:
         """Site-form values (e.g. ``fit_em(...).params``) as a start for the program's latent sites:
         drops EM-only outputs, moves probabilities off the simplex boundary (the EM's MAP may put exactly
-        0 on a transition, which has no unconstrained value) and, for ``path_parameterisation=
-        "whitened"``, adds ``x_innovations`` computed from ``x``; pass the result as ``init_params`` to
-        ``fit_nuts``."""
+        0 on a transition, which has no unconstrained value) and adds the sites of the model's path
+        coordinates (:meth:`coordinate_site_values`: ``x_innovations`` for "whitened", the anchored path and
+        biases for "anchored"); pass the result as ``init_params`` to ``fit_nuts``."""
         out = {k: np.asarray(v) for k, v in params.items() if k != "q_state_probs"}
         for name in ("initial_probs", "transition_matrix"):
             if name in out:
                 v = out[name] + 1e-3
                 out[name] = v / v.sum(-1, keepdims=True)
-        if self.path_parameterisation == "whitened" and "x" in out:
-            out["x_innovations"] = self.path_innovations(out, data)
+        out.update(self.coordinate_site_values(out, data))
         return out
 
     # ----- quantities from one draw -------------------------------------------------------------
@@ -1053,8 +1321,8 @@ class SLDSGuide:
     def __init__(self, model: SLDS, data=None, init_values=None, init_scale: float = 0.05):
         self.model = model
         self.init_scale = float(init_scale)
-        # the guide's path site: the path itself, or its innovations for a whitened model
-        self.path_site = "x_innovations" if model.path_parameterisation == "whitened" else "x"
+        # the guide's path site: the path itself, its innovations (whitened) or x - m0 (anchored)
+        self.path_site = model.path_site
         path_only = init_values is None
         if init_values is None and data is not None:
             init_values = model.init_values(data)
@@ -1062,9 +1330,9 @@ class SLDSGuide:
             init_values = model.latent_site_values(init_values, data)
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
         values = {} if path_only else {
-            k: v for k, v in self.init_values.items() if k not in ("x", "x_innovations", "q_state_probs")}
+            k: v for k, v in self.init_values.items() if k not in (*PATH_SITES.values(), "q_state_probs")}
         self.parameter_guide = AutoNormal(
-            parameter_program(model.program, ("x", "x_innovations"), self.init_values),
+            parameter_program(model.program, tuple(PATH_SITES.values()), self.init_values),
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = "SLDSGuide"
@@ -1088,4 +1356,5 @@ class SLDSGuide:
         return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)
 
 
-__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain", "WhitenedSwitchingChain"]
+__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain", "WhitenedSwitchingChain", "AnchoredSwitchingChain",
+           "PathWithRelativeParameters", "path_noise_scales"]
