@@ -1,8 +1,11 @@
 """Test configuration: float64 for oracle comparisons (float32 behaviour is tested explicitly).
 
-Compiled programs go to a persistent cache shared by the xdist workers and the subprocesses the tests
-start (tutorials, CLI) for this test session: NumPyro's initialisation runs models op by op, and each
-process would otherwise compile the same few hundred small kernels again.
+Compiled programs go to a persistent cache per xdist worker, shared with the subprocesses that worker
+starts (tutorials, CLI) for this test session: NumPyro's initialisation runs models op by op, and each
+process would otherwise compile the same few hundred small kernels again. One directory per worker
+because JAX writes cache entries non-atomically and reads them without a lock: a worker reading an entry
+another worker was still writing crashed XLA's deserialiser (a segmentation fault in a CI run under
+load, 2026-12-04). A worker waits for its subprocesses, so they never race with it.
 """
 
 import atexit
@@ -23,10 +26,13 @@ jax.config.update("jax_enable_x64", True)
 if "PPL_SWITCH_TEST_JAX_CACHE" not in os.environ:
     os.environ["PPL_SWITCH_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="ppl_switch_jax_cache_")
     atexit.register(shutil.rmtree, os.environ["PPL_SWITCH_TEST_JAX_CACHE"], ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", os.environ["PPL_SWITCH_TEST_JAX_CACHE"])
+# this process's directory (xdist sets PYTEST_XDIST_WORKER before conftest loads); inherited by subprocesses
+_cache_dir = os.path.join(os.environ["PPL_SWITCH_TEST_JAX_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
+os.makedirs(_cache_dir, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", _cache_dir)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["PPL_SWITCH_TEST_JAX_CACHE"])
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
