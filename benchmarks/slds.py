@@ -47,7 +47,7 @@ from ppl_switch.datasets.slds_tutorial import simulate_slds_tutorial, tutorial_p
 from ppl_switch.models.slds import PATH_SITES, RELATIVE_PATH_SITE, SLDS  # noqa: E402
 
 #: the path and its coordinate sites: diagnosed apart from the parameters, kept off a dense mass block
-PATH_VALUE_SITES = ("x", *(v for v in PATH_SITES.values() if v != "x"), RELATIVE_PATH_SITE)
+PATH_VALUE_SITES = (*PATH_SITES.values(), RELATIVE_PATH_SITE)  # "x" first
 
 
 def state_accuracy(z_true: np.ndarray, probs: np.ndarray) -> float:

@@ -454,7 +454,7 @@ def test_whitened_path_is_an_exact_change_of_variables():
     p = {k: jnp.asarray(v) for k, v in truth["params"].items()}
     chain = WhitenedSwitchingChain(centred.path_distribution(p, data))
     x = jnp.asarray(truth["latents"])
-    e = chain.to_innovations(x)
+    e = chain.to_site(x)
     np.testing.assert_allclose(chain.to_path(e), x, atol=1e-12)
     jac = jax.jacfwd(chain.to_path)(e)  # (B, T, D, B, T, D)
     for b in range(3):

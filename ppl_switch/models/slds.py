@@ -250,8 +250,6 @@ class WhitenedSwitchingChain(_PathCoordinates):
         rest = jnp.where(self.chain.time_mask[:, 1:, None], _solve_lower(L, resid), x[:, 1:])
         return jnp.concatenate([e1[:, None], rest], 1)
 
-    to_innovations = to_site
-
     def log_abs_det_jacobian(self):
         """(B,) log|det dx/de|: log|L0| + (length - 1) log|L| per trial."""
         log_L0 = jnp.sum(jnp.log(jnp.diagonal(self.chain.initial_scale_tril)))
@@ -324,7 +322,6 @@ class PathWithRelativeParameters(dist.Distribution):
     def __init__(self, make_chain, coordinates, scale_prior, initial_mean_prior, initial_scales, path_shape, num_states,
                  *, validate_args=None):
         self.make_chain = make_chain
-        self.coordinates = coordinates
         self.scale_prior = scale_prior
         self.initial_mean_prior = initial_mean_prior
         self.path_shape = tuple(path_shape)
@@ -334,24 +331,24 @@ class PathWithRelativeParameters(dist.Distribution):
         self.scale_size = int(np.prod(self.scale_shape))
         # s0 / sqrt(B): the spread of the trials' mean first point about m0
         self.initial_spread = jnp.asarray(initial_scales) / math.sqrt(self.path_shape[0])
-        # a chain with s = 1 and m0 = 0, for what depends on neither (anchor, residuals, mask)
+        # a chain with s = 1 and m0 = 0, for what depends on neither (anchor, residuals, mask), and the path
+        # coordinates, which do not depend on them either
         self._reference_chain = make_chain(jnp.ones(self.scale_shape), jnp.zeros(D))
+        self._coords = coordinates(self._reference_chain)
         super().__init__(batch_shape=(), event_shape=(self.path_size + self.scale_size + D,), validate_args=validate_args)
 
-    def _to_path(self, chain, v):
-        coords = self.coordinates(chain)
-        return v if coords is None else coords.to_path(v)
+    def _to_path(self, v):
+        return v if self._coords is None else self._coords.to_path(v)
 
-    def _to_site(self, chain, x):
-        coords = self.coordinates(chain)
-        return x if coords is None else coords.to_site(x)
+    def _to_site(self, x):
+        return x if self._coords is None else self._coords.to_site(x)
 
     def path_scales_and_initial_mean(self, u):
         """(B, T, D) path x, (K, D) scales s and (D,) initial mean m0 of a site value u."""
         v = u[: self.path_size].reshape(self.path_shape)
         eta = u[self.path_size : self.path_size + self.scale_size].reshape(self.scale_shape)
         zeta = u[self.path_size + self.scale_size :]
-        x = self._to_path(self._reference_chain, v)
+        x = self._to_path(v)
         s = path_noise_scales(self._reference_chain, x) * jnp.exp(eta)
         return x, s, jnp.mean(x[:, 0], 0) - self.initial_spread * zeta
 
@@ -359,14 +356,13 @@ class PathWithRelativeParameters(dist.Distribution):
         """The site value u of a path x (B, T, D), scales s (K, D) and initial mean m0 (D,)."""
         eta = jnp.log(s) - jnp.log(path_noise_scales(self._reference_chain, x))
         zeta = (jnp.mean(x[:, 0], 0) - m0) / self.initial_spread
-        return jnp.concatenate([self._to_site(self._reference_chain, x).reshape(-1), eta.reshape(-1), zeta])
+        return jnp.concatenate([self._to_site(x).reshape(-1), eta.reshape(-1), zeta])
 
     def log_prob(self, u):
         x, s, m0 = self.path_scales_and_initial_mean(u)
-        coords = self.coordinates(self._reference_chain)
         log_det = jnp.sum(jnp.log(s)) + jnp.sum(jnp.log(self.initial_spread))
-        if coords is not None:
-            log_det = log_det + jnp.sum(coords.log_abs_det_jacobian())
+        if self._coords is not None:
+            log_det = log_det + jnp.sum(self._coords.log_abs_det_jacobian())
         return (jnp.sum(self.make_chain(s, m0).log_prob(x)) + jnp.sum(self.scale_prior.log_prob(s))
                 + self.initial_mean_prior.log_prob(m0) + log_det)
 
@@ -390,8 +386,8 @@ def path_noise_scales(chain: SwitchingLinearChain, x, prior_steps: float = 1.0, 
     soft weights w_tk = softmax_k(-|r_tk|^2 / (2 g^2)), g^2 the mean squared residual over steps, regimes and
     dimensions (a scale that does not involve Q_k); s^_kd^2 = (sum_t w_tk r_tkd^2 + n0 c^2) / (sum_t w_tk + n0)
     with n0 = ``prior_steps`` pseudo-steps at scale c = ``prior_scale`` (keeps an unused regime finite)."""
-    A, b, mask = chain.dynamics_matrices, chain.dynamics_biases, chain.time_mask[:, 1:]  # (K,D,D) (B,T-1,K,D) (B,T-1)
-    resid = x[:, 1:, None, :] - jnp.einsum("kij,btj->btki", A, x[:, :-1]) - b  # (B, T-1, K, D)
+    A, mask = chain.dynamics_matrices, chain.time_mask[:, 1:]  # (K, D, D), (B, T-1)
+    resid = jax.vmap(sw.transition_residuals, (0, None, 0))(x, A, chain.dynamics_biases)  # (B, T-1, K, D)
     sq = jnp.sum(resid**2, -1)  # (B, T-1, K)
     valid = mask[..., None]
     g2 = jnp.sum(jnp.where(valid, sq, 0.0)) / jnp.maximum(jnp.sum(valid) * A.shape[0] * A.shape[-1], 1.0)
@@ -764,13 +760,6 @@ class SLDS(Model):
         out["x"] = _least_squares_latents(em, data)
         out.update(self.coordinate_site_values(out, data))
         return out
-
-    def path_innovations(self, params, data: SequenceData) -> np.ndarray:
-        """(B, T, D) whitened innovations of the path ``params["x"]`` (:class:`WhitenedSwitchingChain`)."""
-        data = data if isinstance(data, SequenceData) else self.prepare(data)
-        p = {k: jnp.asarray(v) for k, v in params.items() if k != "q_state_probs"}
-        whitened = WhitenedSwitchingChain(self.path_distribution(p, data))
-        return np.asarray(whitened.to_innovations(jnp.asarray(params["x"])))
 
     def coordinate_site_values(self, params, data) -> dict[str, np.ndarray]:
         """The sample sites of this model's path coordinates computed from site-form ``params`` (with x,

@@ -86,6 +86,13 @@ def _biases_per_step(biases: Array, num_steps: int) -> Array:
 # Per-regime transition log-likelihoods of a given path
 
 
+def transition_residuals(x: Array, dynamics_matrices: Array, dynamics_biases: Array) -> Array:
+    """(T-1, K, D) residuals x_{t+1} - A_k x_t - b_k of a path x (T, D) under every regime; biases (K, D)
+    or (T-1, K, D)."""
+    pred = jnp.einsum("kij,tj->tki", dynamics_matrices, x[:-1]) + _biases_per_step(dynamics_biases, x.shape[0])
+    return x[1:, None, :] - pred
+
+
 def transition_log_likelihoods(x: Array, dynamics_matrices: Array, dynamics_biases: Array, dynamics_scale_trils: Array) -> Array:
     """log N(x_{t+1}; A_k x_t + b_k, L_k L_k') for every step and regime.
 
@@ -97,11 +104,9 @@ def transition_log_likelihoods(x: Array, dynamics_matrices: Array, dynamics_bias
     Returns:
         (T-1, K) log-likelihoods; row t scores the move x_t -> x_{t+1}.
     """
-    T, D = x.shape
-    b = _biases_per_step(dynamics_biases, T)
-    pred = jnp.einsum("kij,tj->tki", dynamics_matrices, x[:-1]) + b  # (T-1, K, D)
-    resid = x[1:, None, :] - pred
-    L = jnp.broadcast_to(dynamics_scale_trils, pred.shape[:2] + (D, D))
+    D = x.shape[-1]
+    resid = transition_residuals(x, dynamics_matrices, dynamics_biases)  # (T-1, K, D)
+    L = jnp.broadcast_to(dynamics_scale_trils, resid.shape + (D,))
     white = solve_triangular(L, resid[..., None], lower=True)[..., 0]
     log_det = jnp.sum(jnp.log(jnp.diagonal(dynamics_scale_trils, axis1=-2, axis2=-1)), -1)
     return -0.5 * jnp.sum(white**2, -1) - log_det - 0.5 * D * _LOG_2PI
