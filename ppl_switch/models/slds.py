@@ -943,7 +943,14 @@ class SLDS(Model):
         return np.concatenate([A.reshape(A.shape[0], -1), b], -1)
 
     def permute_states(self, params, perm) -> dict[str, Any]:
-        return permute_by_dims(params, perm, self.site_dims())
+        out = permute_by_dims(params, perm, self.site_dims())
+        if RELATIVE_PATH_SITE in out:  # its flat (path, eta (K, D), zeta (D,)) block has regime rows in eta
+            K, D = self.num_states, self.latent_dim
+            u = np.array(out[RELATIVE_PATH_SITE])
+            eta = u[-(K * D + D) : -D].reshape(K, D)
+            u[-(K * D + D) : -D] = eta[np.asarray(perm)].reshape(-1)
+            out[RELATIVE_PATH_SITE] = u
+        return out
 
     # ----- structured mean-field variational EM (the fast path) ---------------------------------
     def params_to_em(self, params, dtype=None) -> dict[str, jax.Array]:
