@@ -22,6 +22,8 @@ Usage:
     python benchmarks/slds.py --paths svi --T 150 1000 --svi-init em   # SVI started at the EM estimate
     python benchmarks/slds.py --paths nuts --T 1000 --nuts-param anchored --nuts-relative-scales \
         --nuts-dense-params --nuts-scale-prior 4 16      # anchored path, path-relative scales (model card)
+    python benchmarks/slds.py --paths nuts --T 1000 --nuts-chains 4 --nuts-chain-method parallel ...
+                                                     # chains side by side, one XLA CPU device each
 Prints one JSON line per (path, T) and a markdown table.
 """
 
@@ -36,6 +38,22 @@ import time
 import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _cpu_devices_for_parallel_chains(argv: list[str]) -> None:
+    """One XLA CPU device per chain when ``--nuts-chain-method parallel`` (the device count is fixed when
+    JAX starts, so this runs before the import; chains then share the machine's cores)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--nuts-chain-method", default="sequential")
+    pre.add_argument("--nuts-chains", type=int, default=2)
+    known, _ = pre.parse_known_args(argv)
+    if known.nuts_chain_method == "parallel":
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + f" --xla_force_host_platform_device_count={known.nuts_chains}").strip()
+
+
+if __name__ == "__main__":
+    _cpu_devices_for_parallel_chains(sys.argv[1:])
 
 import jax  # noqa: E402
 
@@ -121,7 +139,7 @@ def _state_probs(fit) -> np.ndarray:
 def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: int, init_from: str = "em",
              target_accept: float = 0.9, path_parameterisation: str = "whitened", em_restarts: int = 8,
              save_draws: str = "", dynamics_scale_prior="half_normal", dense_params: bool = False,
-             dynamics_scale_coordinates: str = "direct") -> dict:
+             dynamics_scale_coordinates: str = "direct", chain_method: str = "sequential") -> dict:
     import arviz as az
 
     from ppl_switch.infer import fit_nuts
@@ -147,7 +165,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
         warnings.simplefilter("ignore", RuntimeWarning)
         fit = fit_nuts(model, sim["y"], num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
                        seed=seed, init_params={k: v for k, v in init.items()}, target_accept=target_accept,
-                       x64=True, progress_bar=False,
+                       x64=True, progress_bar=False, chain_method=chain_method,
                        # one dense block over the parameters, the long path diagonal
                        dense_mass=[parameter_sites] if dense_params else False)
     seconds = time.perf_counter() - t0
@@ -171,10 +189,11 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
     # diagnostics of the relabelled draws (fit.samples are aligned across chains and draws); the path's
     # coordinates (x, or its whitened innovations) separately from the parameters
     params = {k: v for k, v in fit.samples.items() if k not in PATH_VALUE_SITES}
-    summary = az.summary(az.from_dict(posterior=params), kind="diagnostics")
+    # unrounded: R-hat is judged against 1.01, which az.summary's default two decimals cannot show
+    summary = az.summary(az.from_dict(posterior=params), kind="diagnostics", round_to="none")
     rhat_params = float(summary["r_hat"].max())
     ess_bulk = float(summary["ess_bulk"].min())
-    x_summary = az.summary(az.from_dict(posterior={"x": fit.samples["x"]}), kind="diagnostics")
+    x_summary = az.summary(az.from_dict(posterior={"x": fit.samples["x"]}), kind="diagnostics", round_to="none")
     n_div = int(fit.diagnostics.get("num_divergences", 0))
     stats = fit.idata.sample_stats
     if save_draws:
@@ -190,8 +209,9 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
                 f"{', path-relative scales' if dynamics_scale_coordinates == 'path_relative' else ''}"
                 f"{', dense parameter mass' if dense_params else ''})", "T": T, "seed": seed, "target_accept": target_accept,
         "accuracy": state_accuracy(sim["states"][0], probs), "accuracy_per_chain": per_chain_accuracy,
-        "seconds_first_call": seconds, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
+        "seconds_first_call": seconds, "chain_method": chain_method, "num_chains": num_chains, "num_warmup": num_warmup, "num_samples": num_samples,
         "max_rhat_params": rhat_params, "worst_rhat_sites": summary["r_hat"].dropna().sort_values().index[-3:].tolist(),
+        "worst_rhat_values": summary["r_hat"].dropna().sort_values().values[-3:].round(4).tolist(),
         "max_rhat_x": float(x_summary["r_hat"].max()),
         "min_ess_bulk_params": ess_bulk, "min_ess_bulk_x": float(x_summary["ess_bulk"].min()), "ess_per_second": ess_bulk / seconds,
         "divergence_fraction": n_div / (num_chains * num_samples),
@@ -218,6 +238,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--nuts-em-restarts", type=int, default=8)
     parser.add_argument("--nuts-param", choices=sorted(PATH_SITES), default="whitened",
                         help="path_parameterisation of the model NUTS samples")
+    parser.add_argument("--nuts-chain-method", choices=["sequential", "parallel", "vectorized"], default="sequential",
+                        help="parallel: one XLA CPU device per chain, chains run side by side on the cores")
     parser.add_argument("--nuts-target-accept", type=float, default=0.9)
     parser.add_argument("--nuts-save-draws", default="", help="write the relabelled NUTS draws and sample stats to this .npz")
     parser.add_argument("--nuts-scale-prior", nargs=2, type=float, metavar=("SHAPE", "RATE"), default=None,
@@ -240,7 +262,8 @@ def main(argv=None) -> list[dict]:
                 row = run_nuts(T, args.seed, args.nuts_warmup, args.nuts_samples, args.nuts_chains, args.nuts_init,
                                args.nuts_target_accept, args.nuts_param, args.nuts_em_restarts, args.nuts_save_draws,
                                ("gamma", *args.nuts_scale_prior) if args.nuts_scale_prior else "half_normal",
-                               args.nuts_dense_params, "path_relative" if args.nuts_relative_scales else "direct")
+                               args.nuts_dense_params, "path_relative" if args.nuts_relative_scales else "direct",
+                               args.nuts_chain_method)
             else:
                 raise SystemExit(f"--paths: unknown path {path!r}")
             print(json.dumps(row), flush=True)

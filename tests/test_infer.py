@@ -489,6 +489,51 @@ def test_nuts_same_seed_same_draws_and_init_params():
         fit_nuts(model, y, target_accept=1.5, **kw)
 
 
+PARALLEL_CHAINS_SCRIPT = """
+import numpy as np, numpyro, numpyro.distributions as dist
+from ppl_switch.infer import fit_nuts
+from ppl_switch.models.base import Model
+
+class CorrelatedGaussian(Model):  # an LKJCholesky site: its inverse transform runs inside the chains' shard_map
+    name = "correlated_gaussian"
+    obs_dim = 2
+    def program(self, data, *, record_log_lik=False):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        corr = numpyro.sample("corr_chol", dist.LKJCholesky(2, 2.0))
+        numpyro.sample("y", dist.MultivariateNormal(mu, scale_tril=corr).expand(data.y.shape[:2]).to_event(2), obs=data.y)
+    def site_dims(self):
+        return {"mu": ("obs",), "corr_chol": ("obs", "obs_")}
+    def config(self):
+        return {}
+
+y = np.random.default_rng(0).normal(size=(1, 30, 2)) + np.array([3.0, -1.0])
+fit = fit_nuts(CorrelatedGaussian(), y, num_chains=2, chain_method="parallel", num_warmup=30, num_samples=20,
+               init_params={"mu": np.array([3.0, -1.0]), "corr_chol": np.eye(2)}, progress_bar=False, seed=0)
+mu = fit.samples["mu"]
+assert mu.shape == (2, 20, 2), mu.shape
+assert not np.allclose(mu[0], mu[1])  # two chains, not one run twice
+assert np.all(np.abs(mu.mean((0, 1)) - np.array([3.0, -1.0])) < 0.6), mu.mean((0, 1))
+print("ok")
+"""
+
+
+def test_nuts_parallel_chains_with_init_params(tmp_path):
+    """chain_method="parallel" (one XLA device per chain: the device count is fixed when JAX starts, so a
+    fresh interpreter) with numpy init_params and a site whose inverse transform indexes (LKJCholesky):
+    numpy values there failed inside numpyro's shard_map."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", PARALLEL_CHAINS_SCRIPT], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 def test_nuts_dense_mass_blocks_and_tree_depth_cap():
     y, _, _ = gaussian_data(num_trials=1, num_steps=20)
     model = ToyGaussian()

@@ -6,6 +6,7 @@ import warnings
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
@@ -109,7 +110,10 @@ def fit_nuts(
     Args:
         data, mask, lengths, inputs: as in :func:`fit_svi` (validated before compilation).
         num_warmup, num_samples, num_chains: per chain.
-        chain_method: "sequential", "parallel" (one device per chain) or "vectorized".
+        chain_method: "sequential", "parallel" (one device per chain) or "vectorized". On a CPU,
+            "parallel" needs one XLA device per chain, set before JAX's first computation (e.g.
+            ``numpyro.set_host_device_count(num_chains)`` at the top of the script); with fewer
+            devices numpyro runs the chains one after another.
         target_accept: target acceptance probability of step-size adaptation, in (0, 1).
         seed: same seed, same draws.
         init_params: optional ``{site: value}`` in the constrained space to start every chain from
@@ -150,7 +154,8 @@ def fit_nuts(
 
     kwargs = {"target_accept_prob": target_accept, "dense_mass": dense_mass, "max_tree_depth": max_tree_depth}
     if init_params is not None:
-        kwargs["init_strategy"] = init_to_value(values={k: np.asarray(v) for k, v in init_params.items()})
+        # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
+        kwargs["init_strategy"] = init_to_value(values={k: jnp.asarray(v) for k, v in init_params.items()})
     mcmc = MCMC(
         NUTS(model.program, **kwargs),
         num_warmup=num_warmup,
