@@ -48,8 +48,9 @@ def _cpu_devices_for_parallel_chains(argv: list[str]) -> None:
     pre.add_argument("--nuts-chains", type=int, default=2)
     known, _ = pre.parse_known_args(argv)
     if known.nuts_chain_method == "parallel":
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={known.nuts_chains}").strip()
+        import numpyro
+
+        numpyro.set_host_device_count(known.nuts_chains)
 
 
 if __name__ == "__main__":
