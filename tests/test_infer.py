@@ -521,14 +521,12 @@ def test_nuts_parallel_chains_with_init_params(tmp_path):
     """chain_method="parallel" (one XLA device per chain: the device count is fixed when JAX starts, so a
     fresh interpreter) with numpy init_params and a site whose inverse transform indexes (LKJCholesky):
     numpy values there failed inside numpyro's shard_map."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    from subprocess_env import checkout_env
+
+    env = checkout_env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
     result = subprocess.run([sys.executable, "-c", PARALLEL_CHAINS_SCRIPT], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

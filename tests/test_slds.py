@@ -550,6 +550,14 @@ def test_path_relative_scales_are_an_exact_change_of_variables():
                                rtol=1e-10)
     for name in ("x", "dynamics_scales", "initial_mean", "dynamics_bias"):
         np.testing.assert_allclose(trace[name]["value"], p[name], atol=1e-12)
+    # relabelling the states of a draw permutes the regime rows of the joint site: the relabelled value is
+    # the site value of the relabelled parameters
+    perm = np.array([2, 0, 1])
+    draw = {k: np.asarray(v) for k, v in values.items()}
+    relabelled = relative.permute_states(draw, perm)
+    permuted = relative.permute_states({k: np.asarray(v) for k, v in p.items()}, perm)
+    expected = relative.coordinate_site_values(permuted, data)["path_and_relative_parameters"]
+    np.testing.assert_allclose(relabelled["path_and_relative_parameters"], expected, atol=1e-12)
     prior = Predictive(relative.program, num_samples=2)(jax.random.PRNGKey(0), data)
     assert prior["dynamics_scales"].shape == (2, 3, 2) and np.all(prior["dynamics_scales"] > 0)
     assert SLDS(**json.loads(json.dumps(relative.config()))).dynamics_scale_coordinates == "path_relative"

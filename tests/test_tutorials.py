@@ -4,20 +4,17 @@ One test class per tutorial: under ``pytest --dist loadscope`` each class is its
 the tutorials spread over the workers instead of running one after another on a single worker.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from subprocess_env import ROOT, checkout_env
+
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
 
 
 def run_tutorial(path: Path, tmp_path: Path) -> None:
-    # PYTHONPATH: the tutorial imports this checkout even when the package is not installed
-    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PPL_SWITCH_SMOKE="1", PPL_SWITCH_TUTORIAL_OUT=str(tmp_path), MPLBACKEND="Agg",
-               PYTHONPATH=pythonpath)
+    env = checkout_env(PPL_SWITCH_SMOKE="1", PPL_SWITCH_TUTORIAL_OUT=str(tmp_path), MPLBACKEND="Agg")
     result = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{path.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 

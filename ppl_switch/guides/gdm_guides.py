@@ -42,10 +42,12 @@ class _AmortisedGuide:
 
     prefix = "guide_"
 
-    def __init__(self, model, *, sticky: bool = False, seed: int = 0):
+    def __init__(self, model, *, sticky: bool = False, seed: int = 0, start: Optional[dict] = None):
         self.model = model
         self.sticky = bool(sticky)
         self.seed = int(seed)
+        #: start values replacing the defaults of :meth:`init_values` (e.g. ``models.gdm_start.segmentation_start``)
+        self.start = None if start is None else {k: np.asarray(v) for k, v in dict(start).items()}
 
     # encoder-specific ------------------------------------------------------------------------------
     def init_encoder(self, rng: np.random.Generator, obs_dim: int) -> dict[str, np.ndarray]:
@@ -63,6 +65,13 @@ class _AmortisedGuide:
         values.update({self.prefix + k: v for k, v in self.init_encoder(rng, obs_dim).items()})
         if self.sticky:
             values[self.prefix + "B"] = np.zeros((self.model.num_states, self.model.num_states))
+        if self.start is not None:
+            for name, value in self.start.items():
+                if name not in values:
+                    raise ValueError(f"start: {name!r} is not a value of this guide; expected names among {sorted(values)}")
+                if value.shape != np.shape(values[name]):
+                    raise ValueError(f"start: {name!r} has shape {value.shape}, expected {np.shape(values[name])}")
+            values.update(self.start)
         return values
 
     def __call__(self, data: SequenceData, *, temperature=None, record_log_lik: bool = False):
@@ -103,10 +112,13 @@ class _AmortisedGuide:
 
 
 class LinearGuide(_AmortisedGuide):
-    """pi'_t = W y_t + b (+ B z_{t-1} if sticky); W (K, N) init 0.8 N(0, 1)."""
+    """pi'_t = W y_t + b (+ B z_{t-1} if sticky); W (K, N) init 0.8 N(0, 1).
 
-    def __init__(self, model, *, sticky: bool = False, seed: int = 0, init_scale: float = 0.8):
-        super().__init__(model, sticky=sticky, seed=seed)
+    ``start``: ``{name: value}`` replacing start values by name (``<site>_map``, ``guide_W``, ...), e.g.
+    from :func:`ppl_switch.models.gdm_start.segmentation_start`."""
+
+    def __init__(self, model, *, sticky: bool = False, seed: int = 0, init_scale: float = 0.8, start: Optional[dict] = None):
+        super().__init__(model, sticky=sticky, seed=seed, start=start)
         self.init_scale = float(init_scale)
 
     def init_encoder(self, rng, obs_dim):

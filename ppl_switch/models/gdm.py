@@ -54,12 +54,15 @@ class GDM(GDMBase):
         train_projection: learn F (always True for the GRU transition).
         constrain_gamma: gamma = sigmoid(site) in (0, 1) instead of the released code's unconstrained gamma.
         projection_seed: seed of the fixed random projection.
+        projection_matrix: optional (latent_dim, N) fixed projection F used instead of the random one
+            (e.g. ``models.gdm_start.pca_projection(data, latent_dim)``); with ``train_projection`` it is F's start.
         prior_scale: standard deviation of the Normal(0, .) priors on weights.
     """
 
     name = "gdm"
     _config_keys = ("num_states", "latent_dim", "obs_dim", "input_dim", "emission", "sticky", "transition", "gru_hidden",
-                    "temperature", "train_projection", "constrain_gamma", "projection_seed", "prior_scale")
+                    "temperature", "train_projection", "constrain_gamma", "projection_seed", "prior_scale",
+                    "projection_matrix")
     path_dims = {"z": ("trial", "time", "state")}
 
     def __init__(
@@ -77,6 +80,7 @@ class GDM(GDMBase):
         constrain_gamma: bool = False,
         projection_seed: int = 0,
         prior_scale: float = 5.0,
+        projection_matrix=None,
     ):
         super().__init__(num_states, latent_dim, obs_dim, emission, sticky, temperature, prior_scale)
         self.input_dim = check_positive_int(input_dim, "input_dim", minimum=0)
@@ -87,6 +91,14 @@ class GDM(GDMBase):
         self.train_projection = bool(train_projection) or transition == "gru"
         self.constrain_gamma = bool(constrain_gamma)
         self.projection_seed = int(projection_seed)
+        # kept as nested lists so that model.config() stays JSON-serialisable
+        self.projection_matrix = None if projection_matrix is None else np.asarray(projection_matrix, float).tolist()
+        if projection_matrix is not None:
+            F = np.asarray(self.projection_matrix)
+            if F.ndim != 2 or F.shape[0] != self.latent_dim or not np.all(np.isfinite(F)):
+                raise ValueError(f"projection_matrix: expected a finite (latent_dim = {self.latent_dim}, obs_dim) array, got shape {F.shape}")
+            if obs_dim is not None and F.shape[1] != obs_dim:
+                raise ValueError(f"projection_matrix: has {F.shape[1]} columns, expected obs_dim = {obs_dim}")
 
     # ----- sites --------------------------------------------------------------------------------
     def site_shapes(self, obs_dim: int) -> dict[str, tuple[int, ...]]:
@@ -120,7 +132,13 @@ class GDM(GDMBase):
         }
 
     def fixed_projection(self, obs_dim: int) -> np.ndarray:
-        """The fixed random projection F (D, N) = 0.1 N(0, 1), drawn from ``projection_seed``."""
+        """The fixed projection F (D, N): ``projection_matrix`` if given, else 0.1 N(0, 1) drawn from
+        ``projection_seed`` (the released code's)."""
+        if self.projection_matrix is not None:
+            F = np.asarray(self.projection_matrix)
+            if F.shape[1] != obs_dim:
+                raise ValueError(f"projection_matrix: has {F.shape[1]} columns, but the data have obs_dim = {obs_dim}")
+            return F
         return 0.1 * np.random.default_rng(self.projection_seed).standard_normal((self.latent_dim, obs_dim))
 
     # ----- data ---------------------------------------------------------------------------------
@@ -229,7 +247,7 @@ class GDM(GDMBase):
         if self.emission == "gaussian":
             out["log_obs_var"] = -1.0 + rng.uniform(size=N)
         if self.train_projection:
-            out["projection"] = 0.1 * rng.standard_normal((D, N))
+            out["projection"] = 0.1 * rng.standard_normal((D, N)) if self.projection_matrix is None else self.fixed_projection(N)
         return out
 
     def simulate(self, key, num_trials: int, num_timesteps: int, *, params=None, inputs=None):

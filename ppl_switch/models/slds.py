@@ -345,10 +345,8 @@ class PathWithRelativeParameters(dist.Distribution):
 
     def path_scales_and_initial_mean(self, u):
         """(B, T, D) path x, (K, D) scales s and (D,) initial mean m0 of a site value u."""
-        v = u[: self.path_size].reshape(self.path_shape)
-        eta = u[self.path_size : self.path_size + self.scale_size].reshape(self.scale_shape)
-        zeta = u[self.path_size + self.scale_size :]
-        x = self._to_path(v)
+        v, eta, zeta = split_relative_site(u, *self.scale_shape)
+        x = self._to_path(v.reshape(self.path_shape))
         s = path_noise_scales(self._reference_chain, x) * jnp.exp(eta)
         return x, s, jnp.mean(x[:, 0], 0) - self.initial_spread * zeta
 
@@ -356,7 +354,7 @@ class PathWithRelativeParameters(dist.Distribution):
         """The site value u of a path x (B, T, D), scales s (K, D) and initial mean m0 (D,)."""
         eta = jnp.log(s) - jnp.log(path_noise_scales(self._reference_chain, x))
         zeta = (jnp.mean(x[:, 0], 0) - m0) / self.initial_spread
-        return jnp.concatenate([self._to_site(x).reshape(-1), eta.reshape(-1), zeta])
+        return join_relative_site(self._to_site(x), eta, zeta)
 
     def log_prob(self, u):
         x, s, m0 = self.path_scales_and_initial_mean(u)
@@ -377,6 +375,18 @@ class PathWithRelativeParameters(dist.Distribution):
             return one(key)
         n = int(np.prod(sample_shape))
         return jax.vmap(one)(jax.random.split(key, n)).reshape(tuple(sample_shape) + self.event_shape)
+
+
+def split_relative_site(u, num_states: int, latent_dim: int):
+    """The layout of a :class:`PathWithRelativeParameters` site value, in one place: the flat u (n,) is
+    (path coordinates, eta (K*D,), zeta (D,)); returns (path coordinates (n - K*D - D,), eta (K, D), zeta (D,))."""
+    tail = num_states * latent_dim + latent_dim
+    return u[:-tail], u[-tail:-latent_dim].reshape(num_states, latent_dim), u[-latent_dim:]
+
+
+def join_relative_site(path_coordinates, eta, zeta):
+    """Inverse of :func:`split_relative_site`: the flat site value from its three parts (any shapes)."""
+    return jnp.concatenate([jnp.reshape(path_coordinates, -1), jnp.reshape(eta, -1), jnp.reshape(zeta, -1)])
 
 
 def path_noise_scales(chain: SwitchingLinearChain, x, prior_steps: float = 1.0, prior_scale: float = 0.5):
@@ -944,12 +954,9 @@ class SLDS(Model):
 
     def permute_states(self, params, perm) -> dict[str, Any]:
         out = permute_by_dims(params, perm, self.site_dims())
-        if RELATIVE_PATH_SITE in out:  # its flat (path, eta (K, D), zeta (D,)) block has regime rows in eta
-            K, D = self.num_states, self.latent_dim
-            u = np.array(out[RELATIVE_PATH_SITE])
-            eta = u[-(K * D + D) : -D].reshape(K, D)
-            u[-(K * D + D) : -D] = eta[np.asarray(perm)].reshape(-1)
-            out[RELATIVE_PATH_SITE] = u
+        if RELATIVE_PATH_SITE in out:  # its flat block has regime rows in eta
+            path, eta, zeta = split_relative_site(np.asarray(out[RELATIVE_PATH_SITE]), self.num_states, self.latent_dim)
+            out[RELATIVE_PATH_SITE] = np.asarray(join_relative_site(path, eta[np.asarray(perm)], zeta))
         return out
 
     # ----- structured mean-field variational EM (the fast path) ---------------------------------

@@ -1,0 +1,311 @@
+"""A data-driven start for the 2-level GDM: fit its hard-state limit by EM, then run SVI from there.
+
+With relaxed states at tau = 0.99, GS-BBVI from the released code's random start usually settles in a fit
+that blends states (paper Fig. 2B): which true states get merged depends on the seed, and per-state
+quantities such as the fixed points (I - F S_k)^{-1} F b_k then mean little. The GDM's tau -> 0 limit
+is an autoregressive HMM whose state k regresses y_t on the projection F y_{t-1}::
+
+    s_t | s_{t-1} ~ Cat(P[s_{t-1}]),    y_t | s_t = k ~ N(S_k F y_{t-1} + b_k, diag(sigma^2))     (t >= 1)
+
+and this has closed-form EM (forward-backward, then weighted least squares per state).
+:func:`hard_state_em` fits it from several starts and keeps the best log-likelihood;
+:func:`segmentation_start` turns the estimate into start values for the GDM's point estimates and its
+linear encoder (multinomial logistic regressions of the smoothed states on F y_{t-1} and on y_t), to pass
+as ``LinearGuide(model, start=...)``. :func:`pca_projection` gives a projection F that keeps the data's
+leading principal subspace; the released code's random F can all but lose a latent direction (model card).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.ops.hmm import hmm_smoother
+
+__all__ = ["HardStateFit", "hard_state_em", "pca_projection", "segmentation_start"]
+
+#: start types cycled over the restarts of :func:`hard_state_em` (see :func:`_start_labels`)
+_START_KINDS = ("velocity", "velocity_and_position", "random_walk")
+
+
+@dataclass
+class HardStateFit:
+    """Result of :func:`hard_state_em` (K states, N observed dims, D projected dims).
+
+    Attributes:
+        dynamics: (K, N, D) S_k.
+        offsets: (K, N) b_k.
+        obs_var: (N,) sigma^2, shared by the states.
+        transition_matrix: (K, K) P.
+        state_probs: (trials, time, K) smoothed p(s_t | y); step 0 (no regression) copies step 1.
+        log_likelihood: log p(y_{1:} | y_0) of the kept restart.
+        history: (iterations,) log-likelihood per EM iteration of the kept restart.
+        restart_log_likelihoods: (restarts,) final log-likelihood of every restart.
+    """
+
+    dynamics: np.ndarray
+    offsets: np.ndarray
+    obs_var: np.ndarray
+    transition_matrix: np.ndarray
+    state_probs: np.ndarray
+    log_likelihood: float
+    history: np.ndarray
+    restart_log_likelihoods: np.ndarray
+
+
+def _fully_observed_steps(data: SequenceData) -> np.ndarray:
+    """(trials, time) True where a step lies inside its trial and every dimension is observed; a step
+    with some dimensions missing inside a trial is an error (the EM has no imputation)."""
+    inside = np.asarray(data.time_mask)
+    observed = np.asarray(data.mask).all(-1)
+    if np.any(inside & ~observed):
+        raise DataError("data: hard_state_em needs every dimension observed at every step inside a trial "
+                        "(found partially observed steps); drop or impute them first")
+    return inside & observed
+
+
+def pca_projection(data: SequenceData, latent_dim: int) -> np.ndarray:
+    """(latent_dim, N) projection onto the leading principal directions of y (steps pooled over trials,
+    masked steps dropped), scaled so that F y has unit variance along each direction.
+
+    Pass it as ``GDM(..., projection_matrix=F)``. Unlike a random projection it cannot nearly lose a
+    direction the data vary in."""
+    latent_dim = check_positive_int(latent_dim, "latent_dim")
+    steps = _fully_observed_steps(data)
+    y = np.asarray(data.y, float)[steps]
+    if latent_dim > min(y.shape):
+        raise ValueError(f"latent_dim: expected at most min(steps, obs_dim) = {min(y.shape)}, got {latent_dim}")
+    _, sv, vt = np.linalg.svd(y - y.mean(0), full_matrices=False)
+    scale = sv[:latent_dim] / np.sqrt(len(y) - 1)
+    if not np.all(scale > 1e-12 * max(scale[0], 1e-300)):
+        raise DataError(f"data: y varies in fewer than latent_dim = {latent_dim} directions")
+    return vt[:latent_dim] / scale[:, None]
+
+
+def _kmeans(features: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20) -> np.ndarray:
+    """(T,) labels of plain k-means from k distinct random rows."""
+    centres = features[rng.choice(len(features), k, replace=False)]
+    for _ in range(iterations):
+        labels = np.argmin(((features[:, None] - centres) ** 2).sum(-1), 1)
+        centres = np.stack([features[labels == j].mean(0) if np.any(labels == j) else centres[j] for j in range(k)])
+    return labels
+
+
+def _start_labels(kind: str, projected: np.ndarray, num_states: int, rng) -> np.ndarray:
+    """Initial hard labels of the regression pairs. ``projected`` (pairs, 2, D) holds F y_{t-1}, F y_t.
+
+    velocity: k-means on the standardised step F y_t - F y_{t-1} (separates constant-velocity pieces);
+    velocity_and_position: the same with the position appended at a random relative weight;
+    random_walk: k-means on a 4-D Gaussian random walk (contiguous random segments)."""
+    step = projected[:, 1] - projected[:, 0]
+    step = step / (step.std(0) + 1e-12)
+    if kind == "velocity":
+        features = step
+    elif kind == "velocity_and_position":
+        position = projected[:, 0] - projected[:, 0].mean(0)
+        features = np.concatenate([step, rng.uniform(0.2, 2.0) * position / (position.std(0) + 1e-12)], 1)
+    else:
+        features = rng.standard_normal((len(step), 4)).cumsum(0)
+    return _kmeans(features, num_states, rng)
+
+
+def _weighted_regressions(regressors, targets, weights, ridge: float = 1e-6):
+    """Per state k: argmin_W sum_t w_tk |y_t - W' x_t|^2 + ridge |W|^2; (K, P, N)."""
+    gram = np.einsum("tk,tp,tq->kpq", weights, regressors, regressors) + ridge * np.eye(regressors.shape[1])
+    cross = np.einsum("tk,tp,tn->kpn", weights, regressors, targets)
+    return np.linalg.solve(gram, cross)
+
+
+@jax.jit
+def _smooth_trials(transition, log_likelihoods, mask):
+    """Forward-backward per trial: (trials, pairs, K) marginals, (trials, K, K) summed pairwise, (trials,) log Z."""
+    K = transition.shape[0]
+    out = jax.vmap(lambda ll, m: hmm_smoother(jnp.full(K, 1.0 / K), transition, ll, m))(log_likelihoods, mask)
+    pairwise = jnp.sum(out.pairwise_probs * (mask[:, 1:] & mask[:, :-1])[..., None, None], 1)
+    return out.smoothed_probs, pairwise, out.log_normalizer
+
+
+def _em_from(labels, K, regressors, targets, pair_mask, num_iters, transition_pseudocount):
+    """EM from hard start ``labels`` (n,) of the n valid pairs (``pair_mask`` (trials, pairs) marks them).
+
+    Each iteration is an M-step (weighted least squares, shared variance, expected transition counts),
+    then an E-step under those parameters; so the returned parameters are the ones whose smoothed
+    marginals (trials, pairs, K) and log-likelihood are returned with them."""
+    trials, pairs = pair_mask.shape
+    resp = np.eye(K)[labels]
+    hard = np.zeros((trials, pairs), int)
+    hard[pair_mask] = labels
+    both = pair_mask[:, 1:] & pair_mask[:, :-1]
+    counts = np.zeros((K, K))
+    np.add.at(counts, (hard[:, :-1][both], hard[:, 1:][both]), 1.0)
+    history = []
+    for _ in range(num_iters):
+        coef = _weighted_regressions(regressors, targets, resp)
+        residual = targets[:, None, :] - np.einsum("tp,kpn->tkn", regressors, coef)
+        obs_var = np.maximum(np.einsum("tk,tkn->n", resp, residual**2) / len(targets), 1e-10)
+        transition = (counts + transition_pseudocount) / (counts + transition_pseudocount).sum(1, keepdims=True)
+        log_lik = -0.5 * (residual**2 / obs_var).sum(-1) - 0.5 * np.log(2 * np.pi * obs_var).sum()
+        padded = np.zeros((trials, pairs, K))
+        padded[pair_mask] = log_lik
+        probs, pairwise, log_z = _smooth_trials(jnp.asarray(transition), jnp.asarray(padded), jnp.asarray(pair_mask))
+        resp = np.asarray(probs, float)[pair_mask]
+        counts = np.asarray(pairwise, float).sum(0)
+        history.append(float(np.sum(log_z)))
+    return coef, obs_var, transition, np.asarray(probs, float), np.asarray(history)
+
+
+def hard_state_em(
+    data: SequenceData,
+    projection: np.ndarray,
+    num_states: int,
+    *,
+    num_restarts: int = 20,
+    num_iters: int = 50,
+    transition_pseudocount: float = 1e-3,
+    seed: int = 0,
+) -> HardStateFit:
+    """EM for the GDM's hard-state limit (module docstring), best of ``num_restarts`` starts.
+
+    Args:
+        data: validated trials (``model.prepare(y)``); every dimension observed inside each trial.
+        projection: (D, N) the GDM's F (``model.fixed_projection(N)``).
+        num_states: K.
+        num_restarts: starts, cycling through k-means on the projected velocity, on velocity and
+            position, and on a random walk (contiguous segments).
+        num_iters: EM iterations per start (each: weighted least squares, then forward-backward).
+        transition_pseudocount: added to the expected transition counts (keeps P off zero).
+        seed: seeds the starts.
+    """
+    num_states = check_positive_int(num_states, "num_states")
+    num_restarts = check_positive_int(num_restarts, "num_restarts")
+    num_iters = check_positive_int(num_iters, "num_iters")
+    projection = np.asarray(projection, float)
+    if projection.ndim != 2 or projection.shape[1] != data.obs_dim:
+        raise ValueError(f"projection: expected shape (latent_dim, obs_dim = {data.obs_dim}), got {projection.shape}")
+    steps = _fully_observed_steps(data)
+    pair_mask = steps[:, 1:] & steps[:, :-1]  # regression pairs (y_{t-1}, y_t)
+    if pair_mask.sum() < num_states * (projection.shape[0] + 1):
+        raise DataError(f"data: {int(pair_mask.sum())} fully observed consecutive steps are too few for "
+                        f"{num_states} state regressions on {projection.shape[0] + 1} regressors")
+    y = np.asarray(data.y, float)
+    previous, current = y[:, :-1][pair_mask], y[:, 1:][pair_mask]
+    regressors = np.concatenate([previous @ projection.T, np.ones((len(previous), 1))], 1)
+    projected = np.stack([previous @ projection.T, current @ projection.T], 1)
+    rng = np.random.default_rng(seed)
+    best, finals = None, []
+    for r in range(num_restarts):
+        labels = _start_labels(_START_KINDS[r % len(_START_KINDS)], projected, num_states, rng)
+        if np.unique(labels).size < num_states:  # k-means lost a state: skip this start
+            finals.append(-np.inf)
+            continue
+        result = _em_from(labels, num_states, regressors, current, pair_mask, num_iters, transition_pseudocount)
+        final = result[-1][-1] if np.isfinite(result[-1][-1]) else -np.inf  # a start that broke down loses
+        finals.append(final)
+        if final > -np.inf and (best is None or final > best[-1][-1]):
+            best = result
+    if best is None:
+        raise ValueError(f"num_states: no start gave a finite fit (k-means left a state empty, or EM broke down); "
+                         f"{num_states} may be too many for these data")
+    coef, obs_var, transition, probs, history = best
+    state_probs = np.concatenate([probs[:, :1], probs], 1) * steps[..., None]
+    return HardStateFit(
+        dynamics=np.transpose(coef[:, :-1, :], (0, 2, 1)),
+        offsets=coef[:, -1, :],
+        obs_var=obs_var,
+        transition_matrix=transition,
+        state_probs=state_probs,
+        log_likelihood=float(history[-1]),
+        history=history,
+        restart_log_likelihoods=np.asarray(finals),
+    )
+
+
+def _multinomial_logistic(features, targets, l2: float = 1e-3, steps: int = 500):
+    """Logistic regression of soft labels ``targets`` (n, K) on ``features`` (n, P) (mean cross-entropy,
+    L2 penalty on the standardised slopes, Adam); returns (W (K, P), b (K,)) on the raw scale."""
+    mean, sd = features.mean(0), features.std(0) + 1e-12
+    x, t = jnp.asarray((features - mean) / sd), jnp.asarray(targets)
+    K, P = targets.shape[1], features.shape[1]
+    params = {"W": jnp.zeros((K, P)), "b": jnp.zeros(K)}
+
+    def loss(p):
+        log_probs = jax.nn.log_softmax(x @ p["W"].T + p["b"])
+        return -jnp.mean(jnp.sum(t * log_probs, -1)) + l2 * jnp.sum(p["W"] ** 2)
+
+    optimiser = optax.adam(0.05)
+
+    def step(carry, _):
+        p, state = carry
+        grads = jax.grad(loss)(p)
+        updates, state = optimiser.update(grads, state)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, optimiser.init(params)), None, length=steps)
+    W = np.asarray(params["W"]) / sd
+    return W, np.asarray(params["b"]) - W @ mean
+
+
+def segmentation_start(model, data, *, guide=None, num_restarts: int = 20, num_iters: int = 50, seed: int = 0,
+                       hard_fit: Optional[HardStateFit] = None) -> dict[str, np.ndarray]:
+    """Start values for a 2-level GDM fit from :func:`hard_state_em`: S_k, b_k, sigma^2 from the
+    hard-state fit, the transition weights from a logistic regression of its smoothed states on
+    F y_{t-1} (divided by 1 - gamma at gamma's start), the initial logits and means from step 0, and the
+    linear encoder's W, b from a logistic regression of the smoothed states on y_t. Everything else (gamma,
+    a sticky encoder's B) keeps the guide's own start.
+
+    Args:
+        model: a :class:`~ppl_switch.models.gdm.GDM` with Gaussian emissions, linear transitions and no inputs.
+        data: observations (trials, time, N) or a SequenceData.
+        guide: the :class:`~ppl_switch.guides.gdm_guides.LinearGuide` whose other start values to keep
+            (default ``LinearGuide(model, seed=seed)``).
+        hard_fit: a :class:`HardStateFit` to reuse instead of running :func:`hard_state_em`.
+
+    Returns:
+        ``{name: value}`` in the guide's naming (``<site>_map``, ``guide_W``, ``guide_b``): pass it as
+        ``LinearGuide(model, start=...)``.
+    """
+    from ppl_switch.guides.gdm_guides import MAP_SUFFIX, LinearGuide, MixtureGuide
+    from ppl_switch.models.gdm import GDM
+
+    if not isinstance(model, GDM):
+        raise TypeError(f"model: expected a GDM (the 2-level model), got {type(model).__name__}")
+    unsupported = {"emission": (model.emission, "gaussian"), "transition": (model.transition, "linear"),
+                   "input_dim": (model.input_dim, 0)}
+    for name, (value, needed) in unsupported.items():
+        if value != needed:
+            raise ValueError(f"model.{name}: segmentation_start supports {name}={needed!r} only, got {value!r}")
+    guide = LinearGuide(model, seed=seed) if guide is None else guide
+    if not isinstance(guide, LinearGuide) or isinstance(guide, MixtureGuide):
+        raise TypeError(f"guide: expected a LinearGuide (its encoder is what the start fits), got {type(guide).__name__}")
+    data = data if isinstance(data, SequenceData) else model.prepare(data)
+    N, K = data.obs_dim, model.num_states
+    F = model.fixed_projection(N)
+    fit = hard_state_em(data, F, K, num_restarts=num_restarts, num_iters=num_iters, seed=seed) if hard_fit is None else hard_fit
+    values = dict(guide.init_values(N))
+    steps = _fully_observed_steps(data)
+    y, probs = np.asarray(data.y, float), fit.state_probs
+    pairs = steps[:, 1:] & steps[:, :-1]
+    gamma = float(model.gamma({"stickiness": jnp.asarray(values["stickiness" + MAP_SUFFIX])})) if model.sticky else 0.0
+    trans_W, trans_b = _multinomial_logistic(y[:, :-1][pairs] @ F.T, probs[:, 1:][pairs])
+    enc_W, enc_b = _multinomial_logistic(y[steps], probs[steps])
+    first = probs[:, 0].mean(0)
+    values.update({
+        "dynamics" + MAP_SUFFIX: fit.dynamics,
+        "offsets" + MAP_SUFFIX: fit.offsets,
+        "log_obs_var" + MAP_SUFFIX: np.log(fit.obs_var),
+        "init_mean" + MAP_SUFFIX: np.tile(y[:, 0].mean(0), (K, 1)),
+        "init_logits" + MAP_SUFFIX: np.log(first + 1e-3) - np.log(first + 1e-3).mean(),
+        "transition_weights" + MAP_SUFFIX: trans_W / (1.0 - gamma),
+        "transition_bias" + MAP_SUFFIX: trans_b / (1.0 - gamma),
+        "guide_W": enc_W,
+        "guide_b": enc_b,
+    })
+    if model.train_projection:
+        values["projection" + MAP_SUFFIX] = F
+    return values
