@@ -57,19 +57,15 @@ def _brute_force(y, F, fit):
 
 
 def test_hard_state_em_likelihood_and_states_match_path_enumeration():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        rng = np.random.default_rng(1)
-        y = np.cumsum(rng.standard_normal((1, 8, 3)), 1)
-        F = rng.standard_normal((1, 3))
-        data = GDM(latent_dim=1).prepare(y)
-        fit = hard_state_em(data, F, 2, num_restarts=2, num_iters=5, seed=0)
-        total, marginals = _brute_force(y[0], F, fit)
-        np.testing.assert_allclose(fit.log_likelihood, total, rtol=1e-10)
-        np.testing.assert_allclose(fit.state_probs[0, 1:], marginals, atol=1e-10)
-        np.testing.assert_allclose(fit.state_probs[0, 0], fit.state_probs[0, 1])  # step 0 copies step 1
-    finally:
-        jax.config.update("jax_enable_x64", False)
+    rng = np.random.default_rng(1)
+    y = np.cumsum(rng.standard_normal((1, 8, 3)), 1)
+    F = rng.standard_normal((1, 3))
+    data = GDM(latent_dim=1).prepare(y)
+    fit = hard_state_em(data, F, 2, num_restarts=2, num_iters=5, seed=0)
+    total, marginals = _brute_force(y[0], F, fit)
+    np.testing.assert_allclose(fit.log_likelihood, total, rtol=1e-10)
+    np.testing.assert_allclose(fit.state_probs[0, 1:], marginals, atol=1e-10)
+    np.testing.assert_allclose(fit.state_probs[0, 0], fit.state_probs[0, 1])  # step 0 copies step 1
 
 
 def test_hard_state_em_recovers_nascar_segmentation_and_fixed_points(nascar_train):
