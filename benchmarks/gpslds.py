@@ -267,7 +267,7 @@ def main():
           f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
           f"unvisited {res['var_f_unvisited']:.3g}; final loss {res['final_loss']:.1f} (E_q log p(y | x) {res['expected_log_lik']:.1f}, "
           f"KL {res['kl']:.1f}); mean-path sd {np.round(res['mean_path'].reshape(-1, 2).std(0), 3)}")
-    marks = np.linspace(0, steps - 1, 6).astype(int)
+    marks = np.linspace(0, len(fit.losses) - 1, 6).astype(int)  # the last stage's steps
     print(f"[gpslds] loss at steps {marks.tolist()}: {np.round(fit.losses[marks], 1).tolist()}")
     for r in rows:
         if r["found"]:
