@@ -15,6 +15,8 @@ parameters) starting from that path and those parameters.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,34 @@ def _require_latent_sde(model):
     if not (hasattr(model, "path_distribution") and hasattr(model, "emission_log_prob") and hasattr(model, "default_guide")):
         raise TypeError(f"model: expected a latent-SDE model (GPSLDS, GPSDE) with path_distribution and "
                         f"emission_log_prob, got {type(model).__name__}")
+
+
+def _negative_log_joint(model, theta, data, x):
+    """-(log p(x | theta) + log p(y | x, theta)) of a path x (trials, time, latent_dim)."""
+    return -(jnp.sum(model.path_distribution(theta, data).log_prob(x)) + jnp.sum(model.emission_log_prob(theta, x, data)))
+
+
+_negative_log_joint_jit = jax.jit(_negative_log_joint, static_argnums=0)
+_LBFGS = optax.lbfgs()
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _lbfgs_steps(model, num_steps, theta, data, x, state):
+    """``num_steps`` L-BFGS steps on the negative log joint. theta and the data are arguments, not constants
+    folded into the compiled program, so one compilation serves every call with the same model and shapes."""
+    def objective(path):
+        return _negative_log_joint(model, theta, data, path)
+
+    value_and_grad = optax.value_and_grad_from_state(objective)
+
+    def body(carry, _):
+        x, state = carry
+        value, grad = value_and_grad(x, state=state)
+        updates, state = _LBFGS.update(grad, state, x, value=value, grad=grad, value_fn=objective)
+        return (optax.apply_updates(x, updates), state), None
+
+    (x, state), _ = jax.lax.scan(body, (x, state), None, length=num_steps)
+    return x, state
 
 
 def map_path(model, params, data, init_path, *, max_iters: int = 2000, tolerance: float = 1e-5, check_every: int = 100):
@@ -61,33 +91,16 @@ def map_path(model, params, data, init_path, *, max_iters: int = 2000, tolerance
     jdata = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), data)
     theta = {k: jnp.asarray(v, dtype) for k, v in params.items() if k != "x"}
 
-    def negative_log_joint(x):
-        return -(jnp.sum(model.path_distribution(theta, jdata).log_prob(x)) + jnp.sum(model.emission_log_prob(theta, x, jdata)))
-
-    optimiser = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(negative_log_joint)
-
-    @jax.jit
-    def run(x, state):
-        def body(carry, _):
-            x, state = carry
-            value, grad = value_and_grad(x, state=state)
-            updates, state = optimiser.update(grad, state, x, value=value, grad=grad, value_fn=negative_log_joint)
-            return (optax.apply_updates(x, updates), state), value
-
-        (x, state), values = jax.lax.scan(body, (x, state), None, length=check_every)
-        return x, state, values
-
     x = jnp.asarray(init_path, dtype)
-    state = optimiser.init(x)
-    start = float(negative_log_joint(x))
+    state = _LBFGS.init(x)
+    start = float(_negative_log_joint_jit(model, theta, jdata, x))
     if not np.isfinite(start):
         raise FloatingPointError("map_path: the log joint of init_path is not finite; check the parameters and the start")
     previous, done, converged = start, 0, False
     while done < max_iters:
-        x, state, values = run(x, state)
+        x, state = _lbfgs_steps(model, check_every, theta, jdata, x, state)
         done += check_every
-        current = float(negative_log_joint(x))
+        current = float(_negative_log_joint_jit(model, theta, jdata, x))
         if not np.isfinite(current):
             raise FloatingPointError(f"map_path: the log joint became non-finite within iterations {done - check_every}-{done}")
         if abs(previous - current) < tolerance * abs(current):

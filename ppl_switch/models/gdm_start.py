@@ -195,8 +195,8 @@ def hard_state_em(
                         f"{num_states} state regressions on {projection.shape[0] + 1} regressors")
     y = np.asarray(data.y, float)
     previous, current = y[:, :-1][pair_mask], y[:, 1:][pair_mask]
-    regressors = np.concatenate([previous @ projection.T, np.ones((len(previous), 1))], 1)
-    projected = np.stack([previous @ projection.T, current @ projection.T], 1)
+    projected = np.stack([previous @ projection.T, current @ projection.T], 1)  # F y_{t-1}, F y_t
+    regressors = np.concatenate([projected[:, 0], np.ones((len(previous), 1))], 1)
     rng = np.random.default_rng(seed)
     best, finals = None, []
     for r in range(num_restarts):
