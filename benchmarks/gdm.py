@@ -65,7 +65,7 @@ def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000,
     tests = {"new-path": nascar(1, num_timesteps, soft_sticky=soft, emission_matrix=C, stream="reference")}
     if not soft:  # the reference stream with the same seed and a given C: same path, fresh noise
         tests["same-path"] = nascar(0, num_timesteps, emission_matrix=C, stream="reference")
-    F = pca_projection(GDM().prepare(train.y), 2) if projection == "pca" else None
+    F = pca_projection(train.y, 2) if projection == "pca" else None
     model = GDM(num_states=4, latent_dim=2, obs_dim=C.shape[0], projection_seed=seed, projection_matrix=F)
     encoder = LinearGuide(model, sticky=guide == "sticky", seed=seed)
     if start_kind == "segmentation":

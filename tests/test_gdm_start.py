@@ -30,15 +30,14 @@ def test_pca_projection_whitens_the_leading_principal_subspace():
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.standard_normal((5, 5)))[0]
     y = (rng.standard_normal((2, 400, 5)) * np.array([5.0, 3.0, 0.5, 0.2, 0.1])) @ basis.T + 1.0
-    data = GDM().prepare(y)
-    F = pca_projection(data, 2)
+    F = pca_projection(y, 2)  # raw y or a SequenceData
     projected = y.reshape(-1, 5) @ F.T
     np.testing.assert_allclose(np.cov(projected.T), np.eye(2), atol=1e-10)
     # rows span the two leading principal directions of the sample covariance
     top = np.linalg.eigh(np.cov(y.reshape(-1, 5).T))[1][:, -2:]
     np.testing.assert_allclose(np.linalg.svd(top.T @ (F / np.linalg.norm(F, axis=1, keepdims=True)).T)[1], 1.0, atol=1e-8)
     with pytest.raises(ValueError, match="latent_dim"):
-        pca_projection(data, 6)
+        pca_projection(GDM().prepare(y), 6)
 
 
 def _brute_force(y, F, fit):
@@ -91,7 +90,7 @@ def test_hard_state_em_rejects_bad_input(nascar_train):
     with pytest.raises(ValueError, match="projection"):
         hard_state_em(data, np.ones((2, 3)), 4)
     with pytest.raises(DataError, match="too few"):
-        hard_state_em(GDM().prepare(nascar_train.y[:3]), np.ones((2, 10)), 4)
+        hard_state_em(nascar_train.y[:3], np.ones((2, 10)), 4)
     mask = np.ones((50, 10), bool)
     mask[10, 3] = False
     with pytest.raises(DataError, match="every dimension observed"):

@@ -111,10 +111,9 @@ print(aligned_state_fixed_points(model, fit.params, train.y, train.latents))
 
 # %%
 standard = nascar(0, T, stream="reference")
-standard_data = GDM().prepare(standard.y)
-seg_model = GDM(num_states=4, latent_dim=2, obs_dim=10, projection_matrix=pca_projection(standard_data, 2))
-start = segmentation_start(seg_model, standard_data, num_restarts=3 if SMOKE else 20)
-seg_fit = fit_gdm_svi(seg_model, standard_data, guide=LinearGuide(seg_model, start=start), num_steps=STEPS,
+seg_model = GDM(num_states=4, latent_dim=2, obs_dim=10, projection_matrix=pca_projection(standard.y, 2))
+start = segmentation_start(seg_model, standard.y, num_restarts=3 if SMOKE else 20)
+seg_fit = fit_gdm_svi(seg_model, standard.y, guide=LinearGuide(seg_model, start=start), num_steps=STEPS,
                       num_particles=2 if SMOKE else 10, chunk_size=10 if SMOKE else 100)
 z_standard = np.asarray(seg_fit.soft_states()[0])
 fixed = aligned_state_fixed_points(seg_model, seg_fit.params, standard.y, standard.latents)

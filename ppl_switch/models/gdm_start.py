@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.ops.hmm import hmm_smoother
 
 __all__ = ["HardStateFit", "hard_state_em", "pca_projection", "segmentation_start"]
@@ -70,13 +70,19 @@ def _fully_observed_steps(data: SequenceData) -> np.ndarray:
     return inside & observed
 
 
-def pca_projection(data: SequenceData, latent_dim: int) -> np.ndarray:
+def _as_data(data) -> SequenceData:
+    return data if isinstance(data, SequenceData) else as_sequence_data(data)
+
+
+def pca_projection(data, latent_dim: int) -> np.ndarray:
     """(latent_dim, N) projection onto the leading principal directions of y (steps pooled over trials,
-    masked steps dropped), scaled so that F y has unit variance along each direction.
+    masked steps dropped), scaled so that F y has unit variance along each direction; ``data``: y
+    (trials, time, N) or a SequenceData.
 
     Pass it as ``GDM(..., projection_matrix=F)``. Unlike a random projection it cannot nearly lose a
     direction the data vary in."""
     latent_dim = check_positive_int(latent_dim, "latent_dim")
+    data = _as_data(data)
     steps = _fully_observed_steps(data)
     y = np.asarray(data.y, float)[steps]
     if latent_dim > min(y.shape):
@@ -161,7 +167,7 @@ def _em_from(labels, K, regressors, targets, pair_mask, num_iters, transition_ps
 
 
 def hard_state_em(
-    data: SequenceData,
+    data,
     projection: np.ndarray,
     num_states: int,
     *,
@@ -173,7 +179,7 @@ def hard_state_em(
     """EM for the GDM's hard-state limit (module docstring), best of ``num_restarts`` starts.
 
     Args:
-        data: validated trials (``model.prepare(y)``); every dimension observed inside each trial.
+        data: y (trials, time, N) or a SequenceData; every dimension observed inside each trial.
         projection: (D, N) the GDM's F (``model.fixed_projection(N)``).
         num_states: K.
         num_restarts: starts, cycling through k-means on the projected velocity, on velocity and
@@ -185,6 +191,7 @@ def hard_state_em(
     num_states = check_positive_int(num_states, "num_states")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
     num_iters = check_positive_int(num_iters, "num_iters")
+    data = _as_data(data)
     projection = np.asarray(projection, float)
     if projection.ndim != 2 or projection.shape[1] != data.obs_dim:
         raise ValueError(f"projection: expected shape (latent_dim, obs_dim = {data.obs_dim}), got {projection.shape}")
