@@ -10,6 +10,7 @@ from scipy.stats import chi2
 from ppl_switch.analysis.fixed_points import (
     STABILITY_TYPES,
     add_fixed_points_group,
+    continuous_time_dynamics,
     credible_ellipse,
     fixed_points,
     regime_partition,
@@ -97,3 +98,22 @@ def test_add_fixed_points_group():
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="dynamics_bias"):
         fixed_points(np.eye(2)[None], np.zeros((1, 3)))
+
+
+def test_continuous_time_dynamics_inverts_the_exact_discretisation():
+    """A linear flow dx/dt = M (x - c) sampled every h is x_t = e^{Mh} x_{t-1} + (I - e^{Mh}) c: the
+    conversion returns M and c (two regimes, a spiral and a node, with a leading draw axis)."""
+    h = 0.02
+    M = np.array([[[0.5, -3.0], [3.0, 0.5]], [[-1.0, 0.3], [0.0, -2.0]]])
+    c = np.array([[3.0, 0.0], [-3.0, 1.0]])
+    A = np.stack([expm(m * h) for m in M])
+    b = np.einsum("kij,kj->ki", np.eye(2) - A, c)
+    M_hat, c_hat = continuous_time_dynamics(A[None], b[None], h)
+    np.testing.assert_allclose(M_hat[0], M, atol=1e-8)
+    np.testing.assert_allclose(c_hat[0], c, atol=1e-8)
+    # first-order (A - I) / h is off by O(h |M|^2)
+    assert np.abs((A - np.eye(2)) / h - M).max() > 0.05
+    with pytest.raises(ValueError, match="no real matrix logarithm"):
+        continuous_time_dynamics(np.diag([-0.5, 0.9])[None], np.zeros((1, 2)), h)
+    with pytest.raises(ValueError, match="bin_size"):
+        continuous_time_dynamics(A, b, 0.0)

@@ -19,6 +19,7 @@ from scipy.stats import chi2
 __all__ = [
     "STABILITY_TYPES",
     "fixed_points",
+    "continuous_time_dynamics",
     "stability_types",
     "summarise_fixed_points",
     "credible_ellipse",
@@ -51,6 +52,36 @@ def fixed_points(dynamics_matrix, dynamics_bias, tol: float = 1e-6):
     eig = np.linalg.eigvals(A)
     order = np.argsort(np.abs(eig), axis=-1)
     return x, np.take_along_axis(eig, order, -1)
+
+
+def continuous_time_dynamics(dynamics_matrix, dynamics_bias, bin_size: float, tol: float = 1e-8):
+    """The linear SDE dx = M_k (x - x*_k) dt + noise whose exact discretisation over ``bin_size`` is the
+    regime map x_t = A_k x_{t-1} + b_k: M_k = logm(A_k) / bin_size (the principal real logarithm), x*_k
+    the fixed point. For comparing a discrete-time (r)SLDS with a continuous-time drift (gpSLDS) in
+    the same units; (A_k - I) / bin_size is its first-order approximation.
+
+    Args:
+        dynamics_matrix: (..., K, D, D). dynamics_bias: (..., K, D). bin_size: time per step (> 0).
+        tol: largest imaginary part of logm(A_k) * bin_size accepted as rounding.
+    Returns:
+        (M (..., K, D, D), fixed points (..., K, D)).
+    Raises:
+        ValueError when some A_k has no real logarithm (a negative real eigenvalue: the map flips
+        through the origin every step, which no linear flow does).
+    """
+    from scipy.linalg import logm
+
+    if not bin_size > 0:
+        raise ValueError(f"bin_size: expected a positive time per step, got {bin_size!r}")
+    A = np.asarray(dynamics_matrix, float)
+    centres, _ = fixed_points(A, dynamics_bias)
+    flat = A.reshape((-1,) + A.shape[-2:])
+    logs = np.stack([logm(a) for a in flat]).reshape(A.shape)
+    bad = np.abs(logs.imag).max(axis=(-2, -1)) > tol
+    if np.any(bad):
+        raise ValueError(f"dynamics_matrix: no real matrix logarithm at {np.argwhere(bad).tolist()} "
+                         "(a negative real eigenvalue)")
+    return logs.real / bin_size, centres
 
 
 def stability_types(eigenvalues, fixed_point=None, tol: float = 1e-3) -> np.ndarray:
