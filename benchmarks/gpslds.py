@@ -42,7 +42,7 @@ from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
 
 
 def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scales=(3.0,), global_affine=False,
-              refine_rounds=0, refine_steps=500):
+              refine_rounds=0, refine_steps=500, refine_path_lr=None):
     """Fit from the data-driven path start at each start scale (sd of the start path); keep the lowest
     final loss (mean of the last 100 steps), like the paper's restarts. Parameters start at prior medians
     (see LatentSDEGuide; the full data-driven start measured worse on seed 0: NMSE 0.121 against 0.090).
@@ -56,6 +56,7 @@ def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scal
         if refine_rounds:
             fit, guide, history = fit_svi_with_path_refinement(
                 model, data, num_steps=steps, refine_steps=refine_steps, num_rounds=refine_rounds, learning_rate=lr,
+                path_learning_rate=refine_path_lr,
                 latent_scale=scale, seed=seed, num_draws=num_draws)
             for h in history:
                 print("  " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in h.items()))
@@ -72,7 +73,7 @@ def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scal
     wall = time.perf_counter() - t0
     _, fit, guide = best
     extra = guide.sample_parameters(jax.random.PRNGKey(seed + 1), fit.params, 200, data=data)
-    return fit, extra, wall
+    return fit, extra, wall, guide
 
 
 def evaluate(name, fit, extra, truth_x, true_drift, lo=-10.0, hi=10.0, alignment=None):
@@ -152,6 +153,47 @@ def emission_alignment_report(model, fit, extra, sim, res):
                   f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
 
 
+def joint_draw_report(model, fit, guide, sim, seed, res, num_draws=100):
+    """Two ways of letting the path's uncertainty reach the fixed points, from joint draws (x, theta) of the
+    guide: (1) each draw's fixed points carried to the true frame by the affine map regressed from that
+    draw's path; (2) "imputed weights": each draw's A, e replaced by a draw from their exact conditional
+    p(A, e | x, theta) given that draw's path (as the conjugate-weights guide does), in the main report's frame."""
+    import jax.numpy as jnp
+
+    from ppl_switch.guides.conjugate_weights import ConjugateWeightsGuide
+
+    data = model.prepare(sim["y"])
+    draws = guide.sample_posterior(jax.random.PRNGKey(seed + 2), fit.params, data, sample_shape=(num_draws,))
+    x = np.asarray(draws.pop("x"))  # (S, B, T, K)
+    conditional = ConjugateWeightsGuide(model).weight_conditional
+    jdata = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), data)
+
+    @jax.jit
+    def imputed(theta, x_s, key):
+        return model.weights_to_sites(conditional(theta, x_s, jdata).sample(key))
+
+    keys = jax.random.split(jax.random.PRNGKey(seed + 3), num_draws)
+    per_draw = [imputed({k: jnp.asarray(v[s]) for k, v in draws.items()}, jnp.asarray(x[s]), keys[s]) for s in range(num_draws)]
+    extra_imputed = {k: np.asarray(v) for k, v in draws.items()}
+    extra_imputed.update({k: np.stack([np.asarray(d[k]) for d in per_draw]) for k in per_draw[0]})
+    rows, _, _ = fixed_point_report(model, extra_imputed, res["P"], res["o"], sim["truth"]["fixed_points_true"])
+    for r in rows:
+        if r["found"]:
+            print(f"[gpslds, imputed weights] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
+                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+    maps = [ga.align_latents(x_s, sim["latents"]) for x_s in x]
+    P_s, o_s = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
+    extra = {k: np.asarray(v) for k, v in draws.items()}
+    rows, _, _ = fixed_point_report(model, extra, P_s.mean(0), o_s.mean(0), sim["truth"]["fixed_points_true"],
+                                    per_draw=(P_s, o_s))
+    print(f"[gpslds, per-draw path alignment] {num_draws} joint draws; sd of the frame offset o over draws "
+          f"{np.round(o_s.std(0), 3)}")
+    for r in rows:
+        if r["found"]:
+            print(f"[gpslds, per-draw path alignment] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
+                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+
+
 def oracle_path_report(sim, seed, num_draws=200):
     """Diagnostic: the weights' exact conditional p(A, e | true path, true W, tau, c) (prior M = I, sigma0 = 1)
     -- the drift and fixed-point posterior the data allow when the path is known. No fitting."""
@@ -211,6 +253,8 @@ def main():
                         help="gpSLDS: after SVI, this many rounds of (MAP path given the posterior-mean parameters, "
                              "SVI from there); infer.path_refinement")
     parser.add_argument("--refine-steps", type=int, default=500, help="SVI steps of each refinement round")
+    parser.add_argument("--refine-path-lr", type=float, default=None,
+                        help="Adam step size of the mean path in the refinement rounds (default: the learning rate)")
     parser.add_argument("--oracle-path", action="store_true",
                         help="only the diagnostic: weights' exact conditional given the true path and partition")
     args = parser.parse_args()
@@ -224,7 +268,7 @@ def main():
         print(f"[limit cycle, alpha={args.alpha}] on the true path, Euler log-likelihood of the true drift minus "
               f"the best single linear drift: {evidence:.1f} nats")
         model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"], features="quadratic")
-        fit, extra, wall = fit_model(model, sim["y"], steps, lr, 0, weights=args.weights, latent_scales=args.latent_scales,
+        fit, extra, wall, _ = fit_model(model, sim["y"], steps, lr, 0, weights=args.weights, latent_scales=args.latent_scales,
                                  global_affine=args.global_affine)
         print(f"final loss (mean of the last 100 steps) {np.mean(np.asarray(fit.losses)[-100:]):.1f}")
         res = evaluate("gpslds-limit-cycle", fit, extra, sim["latents"], drift, -5, 5)
@@ -258,9 +302,9 @@ def main():
         oracle_path_report(sim, args.seed)
         return
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=dt)
-    fit, extra, wall = fit_model(model, sim["y"], steps, lr, args.seed, weights=args.weights, latent_scales=args.latent_scales,
+    fit, extra, wall, guide = fit_model(model, sim["y"], steps, lr, args.seed, weights=args.weights, latent_scales=args.latent_scales,
                                  global_affine=args.global_affine, refine_rounds=args.refine_rounds,
-                                 refine_steps=args.refine_steps)
+                                 refine_steps=args.refine_steps, refine_path_lr=args.refine_path_lr)
     res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift)
     rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
     print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
@@ -278,9 +322,10 @@ def main():
     print(f"[gpslds] root clusters (mean, share of draws): {[(np.round(c['mean'], 2).tolist(), round(c['fraction'], 2)) for c in regions]}")
     print(f"[gpslds] stability types of roots: {types}")
     emission_alignment_report(model, fit, extra, sim, res)
+    joint_draw_report(model, fit, guide, sim, args.seed, res)
     if not args.no_baseline:
         rbf = GPSDE(latent_dim=2, obs_dim=50, dt=dt)
-        fit_b, extra_b, wall_b = fit_model(rbf, sim["y"], steps, lr, args.seed, latent_scales=args.latent_scales,
+        fit_b, extra_b, wall_b, _ = fit_model(rbf, sim["y"], steps, lr, args.seed, latent_scales=args.latent_scales,
                                  global_affine=args.global_affine)
         res_b = evaluate("gpsde-rbf", fit_b, extra_b, sim["latents"], two_rotation_drift)
         print(f"[gpsde-rbf] fit wall {wall_b:.1f}s; latent R2 {res_b['latent_r2']:.3f}; dynamics NMSE (visited) "
