@@ -7,12 +7,16 @@
                                                      # A, e integrated out in closed form; data + SVI seed 1
     python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 1
                                                      # SVI, MAP path given the fitted parameters, SVI again
+    python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 2 --refine-path-lr 0.002
+                                                     # the same with Adam step 0.002 for the mean path
 
 Metrics (all after affine alignment of the posterior-mean latents to the true latents):
 latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / sum|f|^2 on the 20x20 cells
 of [-10, 10]^2 the true latents visit >= 20 times; recovered fixed points (clusters of per-draw Newton
-roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them; posterior
-variance of f on visited vs unvisited cells; wall time. Nothing is written to results.md.
+roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them, also in the frame
+the readouts imply, with per-draw path frames and with weights imputed from each path draw
+(``joint_draw_report``); posterior variance of f on visited vs unvisited cells; wall time. Nothing is
+written to results.md.
 """
 
 from __future__ import annotations
