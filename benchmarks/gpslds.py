@@ -144,6 +144,14 @@ def path_offset_near(mean_path, truth_x, P, o, point, radius=1.0):
     return (x_hat[near] @ P.T + o - x_true[near]).mean(0), int(near.sum())
 
 
+def print_fixed_point_rows(label, rows):
+    """One line per found fixed point of :func:`fixed_point_report`, tagged ``[gpslds, label]``."""
+    for r in rows:
+        if r["found"]:
+            print(f"[gpslds, {label}] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
+                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+
+
 def emission_alignment_report(model, fit, extra, sim, res):
     """The same metrics in the frame fixed by the readouts (P = C_true^+ C_hat, o = C_true^+ (d_hat - d_true)),
     with each draw's fixed points carried by its own readout draw; ``res``: :func:`evaluate`'s result in the
@@ -161,10 +169,7 @@ def emission_alignment_report(model, fit, extra, sim, res):
           f"{mse['readout']:.4f} (regression alignment {mse['regression']:.4f}); singular values of P "
           f"{np.round(np.linalg.svd(P, compute_uv=False), 3)} (regression {np.round(np.linalg.svd(P_r, compute_uv=False), 3)})")
     rows, _, _ = fixed_point_report(model, extra, P, o, truth["fixed_points_true"], per_draw=(P_s, o_s))
-    for r in rows:
-        if r["found"]:
-            print(f"[gpslds, readout alignment] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
-                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+    print_fixed_point_rows("readout alignment", rows)
 
 
 def joint_draw_report(model, fit, guide, sim, seed, res, num_draws=100):
@@ -186,26 +191,19 @@ def joint_draw_report(model, fit, guide, sim, seed, res, num_draws=100):
     def imputed(theta, x_s, key):
         return model.weights_to_sites(conditional(theta, x_s, jdata).sample(key))
 
+    extra = {k: np.asarray(v) for k, v in draws.items()}  # theta draws, joint with the paths x
     keys = jax.random.split(jax.random.PRNGKey(seed + 3), num_draws)
-    per_draw = [imputed({k: jnp.asarray(v[s]) for k, v in draws.items()}, jnp.asarray(x[s]), keys[s]) for s in range(num_draws)]
-    extra_imputed = {k: np.asarray(v) for k, v in draws.items()}
-    extra_imputed.update({k: np.stack([np.asarray(d[k]) for d in per_draw]) for k in per_draw[0]})
+    per_draw = [imputed({k: jnp.asarray(v[s]) for k, v in extra.items()}, jnp.asarray(x[s]), keys[s]) for s in range(num_draws)]
+    extra_imputed = {**extra, **{k: np.stack([np.asarray(d[k]) for d in per_draw]) for k in per_draw[0]}}
     rows, _, _ = fixed_point_report(model, extra_imputed, res["P"], res["o"], sim["truth"]["fixed_points_true"])
-    for r in rows:
-        if r["found"]:
-            print(f"[gpslds, imputed weights] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
-                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+    print_fixed_point_rows("imputed weights", rows)
     maps = [ga.align_latents(x_s, sim["latents"]) for x_s in x]
     P_s, o_s = np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps])
-    extra = {k: np.asarray(v) for k, v in draws.items()}
     rows, _, _ = fixed_point_report(model, extra, P_s.mean(0), o_s.mean(0), sim["truth"]["fixed_points_true"],
                                     per_draw=(P_s, o_s))
     print(f"[gpslds, per-draw path alignment] {num_draws} joint draws; sd of the frame offset o over draws "
           f"{np.round(o_s.std(0), 3)}")
-    for r in rows:
-        if r["found"]:
-            print(f"[gpslds, per-draw path alignment] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
-                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+    print_fixed_point_rows("per-draw path alignment", rows)
 
 
 def oracle_path_report(sim, seed, num_draws=200):

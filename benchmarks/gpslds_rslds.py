@@ -39,7 +39,7 @@ from ppl_switch.analysis import gpslds_analysis as ga  # noqa: E402
 from ppl_switch.analysis.fixed_points import continuous_time_dynamics  # noqa: E402
 from ppl_switch.analysis.metrics import affine_aligned_r2  # noqa: E402
 from ppl_switch.datasets.gpslds_synthetic import simulate_gpslds_synthetic, two_rotation_drift  # noqa: E402
-from ppl_switch.models._rslds_transitions import transition_logits  # noqa: E402
+from ppl_switch.models._rslds_transitions import transition_logits, transition_site_names  # noqa: E402
 from ppl_switch.models.rslds import RSLDS  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def continuous_drift(params, kind, bin_s, matrix_log=True):
     M, centres = continuous_time_dynamics(A, params["dynamics_bias"], bin_s)
     if not matrix_log:
         M = (A - np.eye(A.shape[-1])) / bin_s
-    transitions = {k: np.asarray(v) for k, v in params.items() if k.startswith("transition_")}
+    transitions = {k: np.asarray(params[k]) for k in transition_site_names(kind, 0)}
 
     def f(x):
         x = np.asarray(x, float)
