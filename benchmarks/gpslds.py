@@ -9,13 +9,15 @@
                                                      # SVI, MAP path given the fitted parameters, SVI again
     python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 2 --refine-path-lr 0.002
                                                      # the same with Adam step 0.002 for the mean path
+    python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 2 --joint-laplace
+                                                     # + fixed points with the path integrated out (Laplace)
 
 Metrics (all after affine alignment of the posterior-mean latents to the true latents):
 latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / sum|f|^2 on the 20x20 cells
 of [-10, 10]^2 the true latents visit >= 20 times; recovered fixed points (clusters of per-draw Newton
 roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them, also in the frame
 the readouts imply, with per-draw path frames and with weights imputed from each path draw
-(``joint_draw_report``); posterior variance of f on visited vs unvisited cells; wall time. Nothing is
+(``joint_draw_report``) and, with ``--joint-laplace``, from the joint Laplace approximation (``joint_laplace_report``); posterior variance of f on visited vs unvisited cells; wall time. Nothing is
 written to results.md.
 """
 
@@ -206,6 +208,32 @@ def joint_draw_report(model, fit, guide, sim, seed, res, num_draws=100):
     print_fixed_point_rows("per-draw path alignment", rows)
 
 
+#: sites the joint Laplace report holds at the guide's means: the readout (it fixes the frame), the prior
+#: scales and the partition (W / tau is a ridge on which the joint Hessian at the means is indefinite, seed 3)
+LAPLACE_HOLD = ("emission_matrix", "emission_bias", "slope_scales", "offset_scale", "partition_weights", "temperature")
+
+
+def joint_laplace_report(model, fit, guide, sim, seed, res, num_draws=200):
+    """Fixed points with the path integrated out: draws of A, e, c from the Laplace approximation of
+    p(x, theta | y) at the guide's means (``infer.joint_laplace``; the sites in ``LAPLACE_HOLD`` held), in the
+    main report's frame. Runs in float64 (switched on here, after every fit)."""
+    from ppl_switch.infer.joint_laplace import laplace_parameter_posterior
+
+    jax.config.update("jax_enable_x64", True)
+    t0 = time.perf_counter()
+    try:
+        lap = laplace_parameter_posterior(model, sim["y"], guide, fit.params, hold=LAPLACE_HOLD)
+    except FloatingPointError as err:
+        print(f"[gpslds, joint laplace] not available: {err}")
+        return
+    ratios = {k: float(np.median(v)) for k, v in lap.sd_ratio().items()}
+    print(f"[gpslds, joint laplace] {time.perf_counter() - t0:.1f}s; |gradient| at the means {lap.gradient_norm:.3g}; "
+          f"median sd ratio to the guide's (given the held sites): {ratios}")
+    extra = lap.sample(jax.random.PRNGKey(seed + 4), num_draws)
+    rows, _, _ = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
+    print_fixed_point_rows("joint laplace", rows)
+
+
 def oracle_path_report(sim, seed, num_draws=200):
     """Diagnostic: the weights' exact conditional p(A, e | true path, true W, tau, c) (prior M = I, sigma0 = 1)
     -- the drift and fixed-point posterior the data allow when the path is known. No fitting."""
@@ -267,6 +295,8 @@ def main():
     parser.add_argument("--refine-steps", type=int, default=500, help="SVI steps of each refinement round")
     parser.add_argument("--refine-path-lr", type=float, default=None,
                         help="Adam step size of the mean path in the refinement rounds (default: the learning rate)")
+    parser.add_argument("--joint-laplace", action="store_true",
+                        help="also the fixed points from the Laplace approximation of p(x, theta | y) (infer.joint_laplace)")
     parser.add_argument("--oracle-path", action="store_true",
                         help="only the diagnostic: weights' exact conditional given the true path and partition")
     args = parser.parse_args()
@@ -345,6 +375,8 @@ def main():
         print(f"[gpsde-rbf] fit wall {wall_b:.1f}s; latent R2 {res_b['latent_r2']:.3f}; dynamics NMSE (visited) "
               f"{res_b['dynamics_nmse_visited']:.4f}; var f visited {res_b['var_f_visited']:.3g} vs unvisited "
               f"{res_b['var_f_unvisited']:.3g}")
+    if args.joint_laplace:
+        joint_laplace_report(model, fit, guide, sim, args.seed, res)
     print(f"total wall {time.perf_counter() - t_all:.1f}s")
 
 
