@@ -10,6 +10,7 @@ from numpyro.infer.util import potential_energy
 from ppl_switch.infer import fit_svi
 from ppl_switch.infer.joint_laplace import (
     block_tridiagonal_hessian,
+    block_tridiagonal_solve,
     block_tridiagonal_whiten,
     laplace_parameter_posterior,
     schur_precision,
@@ -52,6 +53,10 @@ def test_block_hessian_and_whitening_equal_dense_matrices():
         Rb = R[b].reshape(T * K, m)
         np.testing.assert_allclose(np.asarray(Y[b]).reshape(T * K, m).T @ np.asarray(Y[b]).reshape(T * K, m),
                                    Rb.T @ np.linalg.solve(H[b], Rb), rtol=1e-9)
+    X = block_tridiagonal_solve(diag, lower, jnp.asarray(R))
+    for b in range(B):
+        np.testing.assert_allclose(np.asarray(X[b]).reshape(T * K, m), np.linalg.solve(H[b], R[b].reshape(T * K, m)),
+                                   rtol=1e-9, atol=1e-12)
     # not positive definite -> NaN, not a silent number
     bad = np.asarray(diag).copy()
     bad[1, 3] = -np.eye(K)
