@@ -36,6 +36,7 @@ from numpyro.distributions import biject_to
 from numpyro.infer.util import potential_energy
 
 from ppl_switch.data import SequenceData, check_positive_int
+from ppl_switch.ops.switching import _chain_forward, chain_solve
 
 __all__ = ["LaplaceParameterPosterior", "laplace_parameter_posterior", "block_tridiagonal_hessian",
            "block_tridiagonal_whiten", "block_tridiagonal_solve", "schur_precision"]
@@ -73,27 +74,10 @@ def block_tridiagonal_hessian(hvp, shape, dtype=float):
     return jnp.transpose(diag, (2, 0, 3, 1)), jnp.transpose(lower, (2, 0, 3, 1))
 
 
-def _block_cholesky_forward(D, O, R):
-    """One trial: factor H = L L' (L block lower bidiagonal: L[t, t] = L_t, L[t+1, t] = M_t) and Y = L^{-1} R.
-    D (T, K, K), O (T-1, K, K), R (T, K, m) -> (L_t (T, K, K), M_t (T-1, K, K), Y (T, K, m))."""
-    L0 = jnp.linalg.cholesky(D[0])
-    y0 = jax.scipy.linalg.solve_triangular(L0, R[0], lower=True)
-
-    def step(carry, inp):
-        L_prev, y_prev = carry
-        D_t, O_prev, R_t = inp
-        M = jax.scipy.linalg.solve_triangular(L_prev, O_prev.T, lower=True).T  # O L_prev^{-T}
-        L_t = jnp.linalg.cholesky(D_t - M @ M.T)
-        y_t = jax.scipy.linalg.solve_triangular(L_t, R_t - M @ y_prev, lower=True)
-        return (L_t, y_t), (L_t, M, y_t)
-
-    _, (Ls, Ms, ys) = jax.lax.scan(step, (L0, y0), (D[1:], O, R[1:]))
-    return jnp.concatenate([L0[None], Ls]), Ms, jnp.concatenate([y0[None], ys])
-
-
 def block_tridiagonal_whiten(diag, lower, rhs):
     """Y = L^{-1} R for the block Cholesky factor H = L L' of a block-tridiagonal H, per trial
-    (then R' H^{-1} R = Y' Y).
+    (then R' H^{-1} R = Y' Y). The block elimination is ``ops.switching``'s: with P_t the Schur complements
+    and hh_t the eliminated right-hand sides, Y_t = chol(P_t)^{-1} hh_t.
 
     Args:
         diag: (B, T, K, K) H[t, t]; lower: (B, T-1, K, K) H[t+1, t]; rhs: (B, T, K, m).
@@ -101,25 +85,16 @@ def block_tridiagonal_whiten(diag, lower, rhs):
     Returns:
         (B, T, K, m); NaN where H is not positive definite (a failed Cholesky block).
     """
-    return jax.vmap(lambda D, O, R: _block_cholesky_forward(D, O, R)[2])(diag, lower, rhs)
+    def one(D, O, R):
+        Ls, hh = _chain_forward(D, O, R)
+        return jax.vmap(lambda L, h: jax.scipy.linalg.solve_triangular(L, h, lower=True))(Ls, hh)
+
+    return jax.vmap(one)(diag, lower, rhs)
 
 
 def block_tridiagonal_solve(diag, lower, rhs):
-    """H^{-1} R for a block-tridiagonal positive definite H, per trial: the forward sweep of
-    :func:`block_tridiagonal_whiten`, then back substitution with L'. Shapes as there; NaN if not PD."""
-    def one(D, O, R):
-        Ls, Ms, ys = _block_cholesky_forward(D, O, R)
-        zT = jax.scipy.linalg.solve_triangular(Ls[-1], ys[-1], lower=True, trans="T")
-
-        def back(z_next, inp):
-            L_t, M_t, y_t = inp
-            z_t = jax.scipy.linalg.solve_triangular(L_t, y_t - M_t.T @ z_next, lower=True, trans="T")
-            return z_t, z_t
-
-        _, zs = jax.lax.scan(back, zT, (Ls[:-1], Ms, ys[:-1]), reverse=True)
-        return jnp.concatenate([zs, zT[None]])
-
-    return jax.vmap(one)(diag, lower, rhs)
+    """H^{-1} R per trial (``ops.switching.chain_solve``). Shapes as :func:`block_tridiagonal_whiten`."""
+    return jax.vmap(chain_solve)(diag, lower, rhs)
 
 
 def schur_precision(energy, x_hat, u_hat, *, chunk: int = 8):

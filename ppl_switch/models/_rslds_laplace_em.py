@@ -41,6 +41,7 @@ from jax.scipy.linalg import cho_solve
 from ppl_switch.models._rslds_transitions import path_transition_logits, path_transition_matrices, transition_logits
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_smoother
+from ppl_switch.ops.switching import chain_solve  # re-exported: the Newton step's solver
 
 #: candidate step sizes of every damped Newton step (0 keeps the current point: never a decrease)
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.0)
@@ -72,20 +73,6 @@ def chain_matvec(J_diag, J_lower, x):
     out = out.at[1:].add(jnp.einsum("tij,tj->ti", J_lower, x[:-1]))
     out = out.at[:-1].add(jnp.einsum("tji,tj->ti", J_lower, x[1:]))
     return out
-
-
-def chain_solve(J_diag, J_lower, b):
-    """J^-1 b by block elimination (forward Schur complements, backward substitution), O(T D^3)."""
-    Ls, hhs = sw._chain_forward(J_diag, J_lower, b)
-    x_last = cho_solve((Ls[-1], True), hhs[-1])
-
-    def back(x_next, inp):
-        L, hh, Jlow = inp
-        x = cho_solve((L, True), hh - Jlow.T @ x_next)
-        return x, x
-
-    _, xs = lax.scan(back, x_last, (Ls[:-1], hhs[:-1], J_lower), reverse=True)
-    return jnp.concatenate([xs, x_last[None]])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -320,6 +320,21 @@ def _chain_forward(J_diag, J_lower, h):
     return jnp.concatenate([L0[None], Ls]), jnp.concatenate([h[:1], hhs])
 
 
+def chain_solve(J_diag, J_lower, b):
+    """J^-1 b by block elimination (forward Schur complements, backward substitution), O(T D^3).
+    J_diag (T, D, D), J_lower (T-1, D, D) (row t is J_{t+1,t}); b (T, D) or (T, D, m)."""
+    Ls, hhs = _chain_forward(J_diag, J_lower, b)
+    x_last = cho_solve((Ls[-1], True), hhs[-1])
+
+    def back(x_next, inp):
+        L, hh, Jlow = inp
+        x = cho_solve((L, True), hh - Jlow.T @ x_next)
+        return x, x
+
+    _, xs = lax.scan(back, x_last, (Ls[:-1], hhs[:-1], J_lower), reverse=True)
+    return jnp.concatenate([xs, x_last[None]])
+
+
 def gaussian_chain_posterior(J_diag: Array, J_lower: Array, h: Array) -> ChainPosterior:
     """Moments of the Gaussian chain with precision blocks J_diag (T, D, D), J_lower (T-1, D, D)
     (row t is J_{t+1,t}) and linear term h (T, D). O(T D^3), sequential."""
