@@ -127,7 +127,8 @@ def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0, per_dr
             continue
         best = min(regions, key=lambda r: np.linalg.norm(r["mean"] - xt))
         rows.append({"true": xt, "found": True, "mean": best["mean"], "distance": float(np.linalg.norm(best["mean"] - xt)),
-                     "in_94_ellipse": ga.in_credible_ellipse(best, xt), "fraction_of_draws": best["fraction"],
+                     "in_94_ellipse": ga.in_credible_ellipse(best, xt), "level": ga.credible_level(best, xt),
+                     "fraction_of_draws": best["fraction"],
                      "sd": np.sqrt(np.diag(best["cov"]))})
     types = {}
     for s in fp["stability"].ravel():
@@ -155,7 +156,8 @@ def print_fixed_point_rows(label, rows):
     for r in rows:
         if r["found"]:
             print(f"[gpslds, {label}] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
-                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
+                  f"(smallest ellipse holding it: {r['level']:.3f})")
 
 
 def emission_alignment_report(model, fit, extra, sim, res):
@@ -262,7 +264,8 @@ def oracle_path_report(sim, seed, num_draws=200):
     for r in rows:
         if r["found"]:
             print(f"[oracle path] true fp {np.round(r['true'], 3)} -> {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
-                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}")
+                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
+                  f"(smallest ellipse holding it: {r['level']:.3f})")
 
 
 def limit_cycle_evidence(latents, drift, dt):
@@ -366,7 +369,8 @@ def main():
             near = "; ".join(f"{None if v is None else np.round(v, 3)} ({n} steps, selected by the {by} path)"
                              for by, (v, n) in near.items())
             print(f"[gpslds] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
-                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']}, in {r['fraction_of_draws']:.2f} of draws; "
+                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} (smallest ellipse holding it: "
+                  f"{r['level']:.3f}), in {r['fraction_of_draws']:.2f} of draws; "
                   f"aligned path - true path within 1.0 of it: {near}")
         else:
             print(f"[gpslds] true fp {r['true']}: no root found")

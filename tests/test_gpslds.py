@@ -223,6 +223,21 @@ def test_credible_regions_cluster_draws():
     assert ga.in_credible_ellipse(regions[0], [3.1, 0.1]) and not ga.in_credible_ellipse(regions[0], [4.0, 0.0])
 
 
+def test_credible_level_is_the_coverage_of_a_gaussian_region():
+    """The level of the smallest ellipse holding x: uniform over repeated truths drawn from the region's own
+    Gaussian (what calibration across data sets means), and the 94% membership test at 0.94."""
+    rng = np.random.default_rng(6)
+    cov = np.array([[0.04, 0.03], [0.03, 0.09]])
+    region = {"mean": np.array([3.0, 0.5]), "cov": cov}
+    truths = rng.multivariate_normal(region["mean"], cov, size=4000)
+    levels = np.array([ga.credible_level(region, x) for x in truths])
+    np.testing.assert_allclose(np.quantile(levels, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9], atol=0.03)
+    inside = np.array([ga.in_credible_ellipse(region, x) for x in truths])
+    np.testing.assert_array_equal(inside, levels <= 0.94)
+    with pytest.raises(ValueError, match="2-d region"):
+        ga.credible_level({"mean": np.zeros(3), "cov": np.eye(3)}, np.zeros(3))
+
+
 # --------------------------------------------------------------------------------------------------
 # data handling and the generator
 

@@ -45,6 +45,8 @@ __all__ = [
     "visited_cells",
     "dynamics_nmse",
     "ELLIPSE_CHI2_94",
+    "in_credible_ellipse",
+    "credible_level",
 ]
 
 #: chi-square(2) quantile at 0.94: the 94% credible ellipse {(x-m)' S^-1 (x-m) <= c}
@@ -204,10 +206,23 @@ def fixed_point_regions(points, *, radius: float = 1.5, min_fraction: float = 0.
     return sorted(out, key=lambda c: -c["fraction"])
 
 
+def _mahalanobis_sq(region: dict, x) -> float:
+    d = np.asarray(x, float) - region["mean"]
+    return float(d @ np.linalg.solve(region["cov"] + 1e-12 * np.eye(len(d)), d))
+
+
 def in_credible_ellipse(region: dict, x, level_chi2: float = ELLIPSE_CHI2_94) -> bool:
     """Whether x lies inside the cluster's credible ellipse."""
-    d = np.asarray(x) - region["mean"]
-    return bool(d @ np.linalg.solve(region["cov"] + 1e-12 * np.eye(len(d)), d) <= level_chi2)
+    return _mahalanobis_sq(region, x) <= level_chi2
+
+
+def credible_level(region: dict, x) -> float:
+    """The level of the smallest credible ellipse of the cluster that contains x (2-d: the chi-square(2)
+    CDF of the squared Mahalanobis distance, 1 - exp(-d^2 / 2)). Across repeated data sets a calibrated
+    Gaussian posterior gives levels uniform on [0, 1]; x is inside the 94% ellipse iff the level <= 0.94."""
+    if len(region["mean"]) != 2:
+        raise ValueError(f"credible_level: expected a 2-d region, got dimension {len(region['mean'])}")
+    return float(-np.expm1(-0.5 * _mahalanobis_sq(region, x)))
 
 
 def partition_map(model, samples, points) -> dict:
