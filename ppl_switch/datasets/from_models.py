@@ -5,7 +5,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from ppl_switch.datasets._float32_draws import float32_draws
 
+
+@float32_draws
 def _from_model(model, seed: int, num_trials: int, num_timesteps: int) -> dict:
     key_params, key_data = jax.random.split(jax.random.PRNGKey(seed))
     params = model.default_params(key_params)

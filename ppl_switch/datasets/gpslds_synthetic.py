@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_switch.datasets._float32_draws import float32_draws
 from ppl_switch.ops.sde import euler_maruyama_simulate
 
 __all__ = ["simulate_gpslds_synthetic", "simulate_gpslds_limit_cycle", "two_rotation_drift", "limit_cycle_drift",
@@ -121,6 +122,7 @@ def _emit(key, x, num_neurons, dt, binary):
     return y, C, d, rate
 
 
+@float32_draws
 def _simulate(seed, num_trials, num_timesteps, dt, num_neurons, x0, drift, params, features, binary):
     key = jax.random.PRNGKey(seed)
     k_x, k_y = jax.random.split(key)
