@@ -17,7 +17,8 @@ latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / s
 of [-10, 10]^2 the true latents visit >= 20 times; recovered fixed points (clusters of per-draw Newton
 roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them, also in the frame
 the readouts imply, with per-draw path frames and with weights imputed from each path draw
-(``joint_draw_report``) and, with ``--joint-laplace``, from the joint Laplace approximation (``joint_laplace_report``); posterior variance of f on visited vs unvisited cells; wall time. Nothing is
+(``joint_draw_report``) and, with ``--joint-laplace``, from the joint Laplace approximation (``joint_laplace_report``); posterior variance of f on visited vs unvisited cells; the partition's sharpness in the true frame and
+the tau the true and the fitted paths support (``partition_report``); wall time. Nothing is
 written to results.md.
 """
 
@@ -178,6 +179,45 @@ def emission_alignment_report(model, fit, extra, sim, res):
           f"{np.round(np.linalg.svd(P, compute_uv=False), 3)} (regression {np.round(np.linalg.svd(P_r, compute_uv=False), 3)})")
     rows, _, _ = fixed_point_report(model, extra, P, o, truth["fixed_points_true"], per_draw=(P_s, o_s))
     print_fixed_point_rows("readout alignment", rows)
+
+
+def _tau_evidence(linear, data, x, taus):
+    """log p(increments of x | tau) - its max over ``taus``, A and e integrated out, W and c the truth's."""
+    import jax.numpy as jnp
+
+    from ppl_switch.datasets.gpslds_synthetic import two_rotation_parameters
+    from ppl_switch.ops.conjugate_drift import collapsed_log_marginal
+
+    vals = []
+    for t in taus:
+        theta = {k: jnp.asarray(v, float) for k, v in two_rotation_parameters().items()}
+        theta["temperature"] = jnp.asarray(t, float)
+        stats = linear.weight_regression_stats(theta, jnp.asarray(x, float), data)
+        vals.append(float(collapsed_log_marginal(linear.weight_prior_precision(theta), stats, linear.dt)))
+    return np.asarray(vals) - max(vals)
+
+
+def partition_report(model, extra, sim, res, taus=(0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.9)):
+    """How sharp the fitted partition is, in the true frame, against the truth (logit (w . [1, x]) / tau with
+    w = (0, 1, 0), tau = 0.4: boundary x1 = 0, width 0.4), and which tau the Euler increments of a path
+    support (weights A, e integrated out in closed form, W and c at the truth, M = I, sigma0 = 1): the true
+    path against the aligned posterior-mean path. A smoothed path blurs the boundary (errors in variables)."""
+    P, o = res["P"], res["o"]
+    Pinv = np.linalg.inv(P)
+    W, tau = np.asarray(extra["partition_weights"])[..., 0], np.asarray(extra["temperature"])
+    slope = (W[:, 1:] @ Pinv) / tau[:, None]  # logit = intercept + slope . x_true, per draw
+    intercept = (W[:, 0] - W[:, 1:] @ Pinv @ o) / tau
+    width, offset = 1.0 / np.linalg.norm(slope, axis=1), -intercept / slope[:, 0]
+    linear = GPSLDS(num_states=2, latent_dim=2, obs_dim=model.obs_dim, dt=model.dt, kernel="linear")
+    data = linear.prepare(sim["y"])
+    paths = {"true": sim["latents"], "aligned mean": res["mean_path"] @ P.T + o}
+    with jax.enable_x64(True):  # sums over 75,000 increments; local, so the later reports stay in float32
+        evidence = {name: _tau_evidence(linear, data, x, taus) for name, x in paths.items()}
+    print(f"[gpslds, partition] boundary width in the true frame {width.mean():.3f} (sd {width.std():.3f}; true 0.4), "
+          f"boundary x1 at x2 = 0 {offset.mean():.3f} (sd {offset.std():.3f}; true 0)")
+    for name, e in evidence.items():
+        print(f"[gpslds, partition] tau the {name} path's increments support: {taus[int(e.argmax())]} "
+              f"(log evidence - max at tau {list(taus)}: {np.round(e, 1).tolist()})")
 
 
 def joint_draw_report(model, fit, guide, sim, seed, res, num_draws=100):
@@ -376,6 +416,7 @@ def main():
             print(f"[gpslds] true fp {r['true']}: no root found")
     print(f"[gpslds] root clusters (mean, share of draws): {[(np.round(c['mean'], 2).tolist(), round(c['fraction'], 2)) for c in regions]}")
     print(f"[gpslds] stability types of roots: {types}")
+    partition_report(model, extra, sim, res)
     emission_alignment_report(model, fit, extra, sim, res)
     joint_draw_report(model, fit, guide, sim, args.seed, res)
     if not args.no_baseline:
