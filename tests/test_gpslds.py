@@ -329,16 +329,17 @@ def test_readout_alignment_recovers_a_known_affine_map_per_draw():
 
 @pytest.mark.slow
 def test_recovers_the_two_rotation_system():
-    """30 trials x 2500 steps, 1500 SVI steps. Thresholds are those the benchmark run met (model card):
-    latent R² >= 0.9, normalised dynamics MSE < 0.15 on visited cells, both fixed points within 0.5 of
-    the truth, posterior var of f on visited cells < 0.5 x unvisited."""
+    """30 trials x 2500 steps, 1500 SVI steps from the start path of sd 2 (the benchmark's ``--latent-scales 2``;
+    seed 0 there: NMSE 0.101, fixed points 0.357 / 0.379 off). Thresholds: latent R² >= 0.9, normalised
+    dynamics MSE < 0.15 on visited cells, both fixed points within 0.5 of the truth, posterior var of f on
+    visited cells < 0.5 x unvisited."""
     from ppl_switch.analysis.metrics import affine_aligned_r2
     from ppl_switch.infer import fit_svi
 
     sim = simulate_gpslds_synthetic(seed=0, num_trials=30)
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=50, dt=sim["truth"]["dt"])
     data = model.prepare(sim["y"])
-    guide = model.default_guide(data)
+    guide = model.default_guide(data, latent_scale=2.0)
     fit = fit_svi(model, data, guide=guide, num_steps=1500, learning_rate=0.02, num_draws=10, progress_bar=False)
     extra = guide.sample_parameters(jax.random.PRNGKey(1), fit.params, 100)
     x_hat = np.asarray(fit.samples["x"])[0].mean(0)
