@@ -152,13 +152,18 @@ def path_offset_near(mean_path, truth_x, P, o, point, radius=1.0, select_by="fit
     return (x_hat[near] - x_true[near]).mean(0), int(near.sum())
 
 
+def fixed_point_text(r):
+    """The common part of every fixed-point line: one found row of :func:`fixed_point_report`."""
+    return (f"true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
+            f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
+            f"(smallest ellipse holding it: {r['level']:.3f})")
+
+
 def print_fixed_point_rows(label, rows):
     """One line per found fixed point of :func:`fixed_point_report`, tagged ``[gpslds, label]``."""
     for r in rows:
         if r["found"]:
-            print(f"[gpslds, {label}] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} "
-                  f"(sd {np.round(r['sd'], 3)}), distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
-                  f"(smallest ellipse holding it: {r['level']:.3f})")
+            print(f"[gpslds, {label}] {fixed_point_text(r)}")
 
 
 def emission_alignment_report(model, fit, extra, sim, res):
@@ -188,11 +193,12 @@ def _tau_evidence(linear, data, x, taus):
     from ppl_switch.datasets.gpslds_synthetic import two_rotation_parameters
     from ppl_switch.ops.conjugate_drift import collapsed_log_marginal
 
+    truth = {k: jnp.asarray(v, float) for k, v in two_rotation_parameters().items()}
+    x = jnp.asarray(x, float)
     vals = []
     for t in taus:
-        theta = {k: jnp.asarray(v, float) for k, v in two_rotation_parameters().items()}
-        theta["temperature"] = jnp.asarray(t, float)
-        stats = linear.weight_regression_stats(theta, jnp.asarray(x, float), data)
+        theta = {**truth, "temperature": jnp.asarray(t, float)}
+        stats = linear.weight_regression_stats(theta, x, data)
         vals.append(float(collapsed_log_marginal(linear.weight_prior_precision(theta), stats, linear.dt)))
     return np.asarray(vals) - max(vals)
 
@@ -303,9 +309,7 @@ def oracle_path_report(sim, seed, num_draws=200):
     print(f"[oracle path] p(A, e | true x, true W, tau, c): dynamics NMSE (visited) {nmse:.4f}")
     for r in rows:
         if r["found"]:
-            print(f"[oracle path] true fp {np.round(r['true'], 3)} -> {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
-                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
-                  f"(smallest ellipse holding it: {r['level']:.3f})")
+            print(f"[oracle path] {fixed_point_text(r)}")
 
 
 def limit_cycle_evidence(latents, drift, dt):
@@ -408,9 +412,7 @@ def main():
                     for by in ("fitted", "true")}
             near = "; ".join(f"{None if v is None else np.round(v, 3)} ({n} steps, selected by the {by} path)"
                              for by, (v, n) in near.items())
-            print(f"[gpslds] true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
-                  f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} (smallest ellipse holding it: "
-                  f"{r['level']:.3f}), in {r['fraction_of_draws']:.2f} of draws; "
+            print(f"[gpslds] {fixed_point_text(r)}, in {r['fraction_of_draws']:.2f} of draws; "
                   f"aligned path - true path within 1.0 of it: {near}")
         else:
             print(f"[gpslds] true fp {r['true']}: no root found")

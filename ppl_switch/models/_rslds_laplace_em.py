@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
-from jax.scipy.linalg import cho_solve
 
 from ppl_switch.models._rslds_transitions import path_transition_logits, path_transition_matrices, transition_logits
 from ppl_switch.ops import switching as sw
