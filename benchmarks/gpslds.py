@@ -11,6 +11,8 @@
                                                      # the same with Adam step 0.002 for the mean path
     python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 2 --joint-laplace
                                                      # + fixed points with the path integrated out (Laplace)
+    python benchmarks/gpslds.py --seed 0 --no-baseline --latent-scales 2 --refine-rounds 2 --path-gibbs
+                                                     # + fixed points from p(x, theta | y), Metropolis-within-Gibbs
 
 Metrics (all after affine alignment of the posterior-mean latents to the true latents):
 latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / sum|f|^2 on the 20x20 cells
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import pickle
 import sys
 import time
 
@@ -203,7 +206,7 @@ def _tau_evidence(linear, data, x, taus):
     return np.asarray(vals) - max(vals)
 
 
-def partition_report(model, extra, sim, res, taus=(0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.9)):
+def partition_report(model, extra, sim, res, taus=(0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 0.9), label=None):
     """How sharp the fitted partition is, in the true frame, against the truth (logit (w . [1, x]) / tau with
     w = (0, 1, 0), tau = 0.4: boundary x1 = 0, width 0.4), and which tau the Euler increments of a path
     support (weights A, e integrated out in closed form, W and c at the truth, M = I, sigma0 = 1): the true
@@ -219,10 +222,11 @@ def partition_report(model, extra, sim, res, taus=(0.3, 0.35, 0.4, 0.45, 0.5, 0.
     paths = {"true": sim["latents"], "aligned mean": res["mean_path"] @ P.T + o}
     with jax.enable_x64(True):  # sums over 75,000 increments; local, so the later reports stay in float32
         evidence = {name: _tau_evidence(linear, data, x, taus) for name, x in paths.items()}
-    print(f"[gpslds, partition] boundary width in the true frame {width.mean():.3f} (sd {width.std():.3f}; true 0.4), "
+    tag = "partition" if label is None else f"{label}, partition"
+    print(f"[gpslds, {tag}] boundary width in the true frame {width.mean():.3f} (sd {width.std():.3f}; true 0.4), "
           f"boundary x1 at x2 = 0 {offset.mean():.3f} (sd {offset.std():.3f}; true 0)")
     for name, e in evidence.items():
-        print(f"[gpslds, partition] tau the {name} path's increments support: {taus[int(e.argmax())]} "
+        print(f"[gpslds, {tag}] tau the {name} path's increments support: {taus[int(e.argmax())]} "
               f"(log evidence - max at tau {list(taus)}: {np.round(e, 1).tolist()})")
 
 
@@ -284,6 +288,38 @@ def joint_laplace_report(model, fit, guide, sim, seed, res, num_draws=200):
     extra = lap.sample(jax.random.PRNGKey(seed + 4), num_draws)
     rows, _, _ = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
     print_fixed_point_rows("joint laplace", rows)
+
+
+def path_gibbs_report(model, fit, guide, sim, seed, num_draws=150, burn_in=100, thin=2, save=None):
+    """Fixed points and flow from p(x, theta | y) sampled by Metropolis-within-Gibbs (``infer.path_gibbs``),
+    started at the fit, the readout held. The frame is the affine map regressed from the chain's mean path:
+    the guide's mean path is shrunk (too smooth), so the same readout puts the sampled paths on a larger
+    scale and the fit's frame would stretch the draws (seed 0: by 11% in x1). Runs in float64; ``save``:
+    pickle the draws and the mean path there."""
+    from ppl_switch.infer.path_gibbs import guide_means, sample_path_gibbs
+
+    jax.config.update("jax_enable_x64", True)
+    data = model.prepare(sim["y"])
+    start, path = guide_means(model, guide, fit.params, data)
+    gibbs = sample_path_gibbs(model, data, start, path, num_draws=num_draws, burn_in=burn_in, thin=thin,
+                              seed=seed, progress=50)
+    extra = gibbs.samples
+    if save:
+        with open(save, "wb") as f:
+            pickle.dump({"samples": extra, "path_mean": gibbs.path_mean, "trace": gibbs.trace,
+                         "path_acceptance": gibbs.path_acceptance}, f)
+    P, o = ga.align_latents(gibbs.path_mean, sim["latents"])
+    r2 = affine_aligned_r2(gibbs.path_mean.reshape(-1, 2), sim["latents"].reshape(-1, 2))
+    cells, visited = ga.visited_cells(sim["latents"], -10.0, 10.0, 20, 20)
+    f_draws = ga.drift_draws(model, extra, (cells - o) @ np.linalg.inv(P).T) @ P.T
+    nmse = ga.dynamics_nmse(f_draws.mean(0)[visited], np.asarray(two_rotation_drift(cells))[visited])
+    print(f"[gpslds, path gibbs] {burn_in} + {num_draws} x {thin} sweeps in {gibbs.wall:.0f}s; path acceptance "
+          f"{gibbs.path_acceptance.mean():.2f} (lowest trial {gibbs.path_acceptance.mean(0).min():.2f}); partition "
+          f"acceptance {gibbs.partition_acceptance.mean():.2f}; Newton steps per sweep {gibbs.newton_steps.mean():.1f}; "
+          f"path-mean latent R2 {r2:.3f}; dynamics NMSE (visited) {nmse:.4f}")
+    rows, _, _ = fixed_point_report(model, extra, P, o, sim["truth"]["fixed_points_true"])
+    print_fixed_point_rows("path gibbs", rows)
+    partition_report(model, extra, sim, {"P": P, "o": o, "mean_path": gibbs.path_mean}, label="path gibbs")
 
 
 def oracle_path_report(sim, seed, num_draws=200):
@@ -348,6 +384,9 @@ def main():
                         help="Adam step size of the mean path in the refinement rounds (default: the learning rate)")
     parser.add_argument("--joint-laplace", action="store_true",
                         help="also the fixed points from the Laplace approximation of p(x, theta | y) (infer.joint_laplace)")
+    parser.add_argument("--path-gibbs", action="store_true",
+                        help="also the fixed points from p(x, theta | y) sampled by Metropolis-within-Gibbs (infer.path_gibbs)")
+    parser.add_argument("--save-params", default=None, help="pickle the fitted guide's parameters and the frame here")
     parser.add_argument("--oracle-path", action="store_true",
                         help="only the diagnostic: weights' exact conditional given the true path and partition")
     args = parser.parse_args()
@@ -399,6 +438,9 @@ def main():
                                  global_affine=args.global_affine, refine_rounds=args.refine_rounds,
                                  refine_steps=args.refine_steps, refine_path_lr=args.refine_path_lr)
     res = evaluate("gpslds", fit, extra, sim["latents"], two_rotation_drift)
+    if args.save_params:  # the fitted guide's parameters and the frame, to rerun the later reports without refitting
+        with open(args.save_params, "wb") as f:
+            pickle.dump({"params": {k: np.asarray(v) for k, v in fit.params.items()}, "P": res["P"], "o": res["o"]}, f)
     rows, regions, types = fixed_point_report(model, extra, res["P"], res["o"], sim["truth"]["fixed_points_true"])
     print(f"[gpslds] weights={args.weights} seed={args.seed} trials={args.trials} steps={steps} lr={lr} fit wall {wall:.1f}s; latent R2 {res['latent_r2']:.3f}; "
           f"dynamics NMSE (visited) {res['dynamics_nmse_visited']:.4f}; var f visited {res['var_f_visited']:.3g} vs "
@@ -431,6 +473,9 @@ def main():
               f"{res_b['var_f_unvisited']:.3g}")
     if args.joint_laplace:
         joint_laplace_report(model, fit, guide, sim, args.seed, res)
+    if args.path_gibbs:
+        path_gibbs_report(model, fit, guide, sim, args.seed,
+                          save=None if args.save_params is None else args.save_params + ".gibbs")
     print(f"total wall {time.perf_counter() - t_all:.1f}s")
 
 
