@@ -48,32 +48,39 @@ def _dense_log_evidence(a, e, params, y, dt, initial_scale):
 
 def test_sampler_matches_the_dense_posterior_of_a_linear_model():
     """One regime, K = 1, Gaussian emissions: p(x | theta, y) is Gaussian, so every Laplace proposal is accepted,
-    and the chain's marginal of the weights (a, e) matches quadrature of the dense-Gaussian posterior."""
+    and the chain's joint marginal of the weights (a, e) matches quadrature of the dense-Gaussian posterior. The
+    path sits near x = 2 while the centre is held at 0, so a and e are strongly correlated a posteriori."""
     model = GPSLDS(num_states=1, latent_dim=1, obs_dim=2, dt=DT, emission="gaussian", initial_scale=1.0)
     true = {"fixed_points": jnp.zeros((1, 1)), "slope_scales": jnp.ones(1), "offset_scale": jnp.asarray(1.0),
-            "regime_matrix": jnp.full((1, 1, 1), -1.0), "regime_offset": jnp.full((1, 1), 0.5),
+            "regime_matrix": jnp.full((1, 1, 1), -1.0), "regime_offset": jnp.full((1, 1), 2.0),
             "emission_matrix": jnp.asarray([[1.0], [-0.7]]), "emission_bias": jnp.asarray([0.2, -0.1]),
             "emission_scales": jnp.asarray([0.3, 0.4])}
-    data, sim = model.simulate(jax.random.PRNGKey(3), 2, 12, params=true)
+    data, sim = model.simulate(jax.random.PRNGKey(3), 3, 40, params=true)
     gibbs = sample_path_gibbs(model, data, true, np.asarray(sim["latents"]), num_draws=3000, burn_in=50, thin=1,
                               hold=("fixed_points", "slope_scales", "offset_scale"), seed=1)
     assert gibbs.path_acceptance.mean() == 1.0
     assert gibbs.partition_acceptance.size == 0 and gibbs.trace == {}
 
-    a_grid, e_grid = np.linspace(-6.0, 4.0, 161), np.linspace(-4.0, 5.0, 161)
+    draws = np.stack([gibbs.samples["regime_matrix"][:, 0, 0, 0], gibbs.samples["regime_offset"][:, 0, 0]], 1)
+    lo, hi = draws.mean(0) - 8 * draws.std(0), draws.mean(0) + 8 * draws.std(0)
+    a_grid, e_grid = np.linspace(lo[0], hi[0], 121), np.linspace(lo[1], hi[1], 121)
     y = np.asarray(data.y)
     log_post = np.array([[_dense_log_evidence(a, e, true, y, DT, 1.0) - 0.5 * a**2 - 0.5 * e**2 for e in e_grid]
                          for a in a_grid])
     w = np.exp(log_post - log_post.max())
     w /= w.sum()
     assert w[[0, -1], :].sum() + w[:, [0, -1]].sum() < 1e-6  # the grid holds the posterior
-    draws = {"a": gibbs.samples["regime_matrix"][:, 0, 0, 0], "e": gibbs.samples["regime_offset"][:, 0, 0]}
-    for name, marginal, grid in (("a", w.sum(1), a_grid), ("e", w.sum(0), e_grid)):
-        mean = np.sum(marginal * grid)
-        sd = np.sqrt(np.sum(marginal * (grid - mean) ** 2))
-        se = _batch_means_se(draws[name])
-        assert abs(draws[name].mean() - mean) < 4 * se + 0.01 * sd, (name, draws[name].mean(), mean, se)
-        assert 0.85 < draws[name].std() / sd < 1.15, (name, draws[name].std(), sd)
+    A, E = np.meshgrid(a_grid, e_grid, indexing="ij")
+    mean = np.array([np.sum(w * A), np.sum(w * E)])
+    d = np.stack([A - mean[0], E - mean[1]])
+    cov = np.einsum("iab,jab,ab->ij", d, d, w)
+    sd = np.sqrt(np.diag(cov))
+    assert cov[0, 1] / (sd[0] * sd[1]) < -0.5  # the case is informative about the weights' joint covariance
+    for i, name in enumerate(("a", "e")):
+        se = _batch_means_se(draws[:, i])
+        assert abs(draws[:, i].mean() - mean[i]) < 4 * se + 0.01 * sd[i], (name, draws[:, i].mean(), mean[i], se)
+        assert 0.85 < draws[:, i].std() / sd[i] < 1.15, (name, draws[:, i].std(), sd[i])
+    np.testing.assert_allclose(np.corrcoef(draws.T)[0, 1], cov[0, 1] / (sd[0] * sd[1]), atol=0.05)
 
 
 def _dense_collapsed_log_marginal(model, theta, x):
