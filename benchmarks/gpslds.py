@@ -19,7 +19,9 @@ latent R² (``affine_aligned_r2``); normalised dynamics MSE sum|f_hat - f|^2 / s
 of [-10, 10]^2 the true latents visit >= 20 times; recovered fixed points (clusters of per-draw Newton
 roots) vs the true (+-3.003, 0.0005) and whether their 94% credible ellipses contain them, also in the frame
 the readouts imply, with per-draw path frames and with weights imputed from each path draw
-(``joint_draw_report``) and, with ``--joint-laplace``, from the joint Laplace approximation (``joint_laplace_report``); posterior variance of f on visited vs unvisited cells; the partition's sharpness in the true frame and
+(``joint_draw_report``) and, with ``--joint-laplace``, from the joint Laplace approximation (``joint_laplace_report``),
+with ``--path-gibbs`` from p(x, theta | y) sampled by Metropolis-within-Gibbs (``path_gibbs_report``, in the frame of
+the chain's own mean path); posterior variance of f on visited vs unvisited cells; the partition's sharpness in the true frame and
 the tau the true and the fitted paths support (``partition_report``); wall time. Nothing is
 written to results.md.
 """
