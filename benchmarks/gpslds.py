@@ -315,10 +315,12 @@ def path_gibbs_report(model, fit, guide, sim, seed, num_draws=150, burn_in=100, 
     cells, visited = ga.visited_cells(sim["latents"], -10.0, 10.0, 20, 20)
     f_draws = ga.drift_draws(model, extra, (cells - o) @ np.linalg.inv(P).T) @ P.T
     nmse = ga.dynamics_nmse(f_draws.mean(0)[visited], np.asarray(two_rotation_drift(cells))[visited])
+    var = f_draws.var(0).sum(-1)
     print(f"[gpslds, path gibbs] {burn_in} + {num_draws} x {thin} sweeps in {gibbs.wall:.0f}s; path acceptance "
           f"{gibbs.path_acceptance.mean():.2f} (lowest trial {gibbs.path_acceptance.mean(0).min():.2f}); partition "
           f"acceptance {gibbs.partition_acceptance.mean():.2f}; Newton steps per sweep {gibbs.newton_steps.mean():.1f}; "
-          f"path-mean latent R2 {r2:.3f}; dynamics NMSE (visited) {nmse:.4f}")
+          f"path-mean latent R2 {r2:.3f}; dynamics NMSE (visited) {nmse:.4f}; var f visited {var[visited].mean():.3g} "
+          f"vs unvisited {var[~visited].mean():.3g}")
     rows, _, _ = fixed_point_report(model, extra, P, o, sim["truth"]["fixed_points_true"])
     print_fixed_point_rows("path gibbs", rows)
     partition_report(model, extra, sim, {"P": P, "o": o, "mean_path": gibbs.path_mean}, label="path gibbs")
