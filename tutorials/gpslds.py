@@ -122,7 +122,7 @@ fig.savefig(os.path.join(OUT, "gpslds_flow.png"), dpi=80)
 # weights integrated out) and the weights given both (exact). The readout is held, so the frame is fixed by
 # the data -- but the sampled paths are not the guide's shrunk mean path, so align the chain's own mean path
 # again. On the benchmark this moves the fixed points onto the truth with ellipses that hold it (model card,
-# "Sampling the path"); a full run is about 1 s per sweep on 2 CPU cores.
+# "Sampling the path"); a full run takes about 1.3-1.5 s per sweep on 2 CPU cores.
 
 # %%
 start, path = guide_means(model, guide, fit.params, data)

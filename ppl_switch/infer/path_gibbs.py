@@ -312,7 +312,9 @@ def _sample_path_gibbs(model, data, params, path, num_draws, burn_in, thin, part
     expected = (data.num_trials, data.num_timesteps, model.latent_dim)
     if x.shape != expected:
         raise ValueError(f"path: expected shape {expected} (trials, time, latent_dim), got {x.shape}")
-    prior_trace = numpyro.handlers.trace(numpyro.handlers.seed(model.program, 0)).get_trace(jdata)
+    # the path substituted: the trace only lists the sites and their priors, it does not simulate a path
+    shell = numpyro.handlers.substitute(numpyro.handlers.seed(model.program, 0), data={**params, "x": x})
+    prior_trace = numpyro.handlers.trace(shell).get_trace(jdata)
     sites = [k for k, v in prior_trace.items() if v["type"] == "sample" and not v["is_observed"] and k != "x"]
     missing = [k for k in sites if k not in params]
     if missing:
