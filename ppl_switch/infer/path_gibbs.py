@@ -60,6 +60,7 @@ class PathGibbsDraws:
         newton_steps: (num_sweeps,) Newton iterations to the path mode per sweep.
         trace: {site: (num_sweeps, ...)} every sweep's constrained value of the partition block's sites
             (burn-in included), for mixing diagnostics.
+        kept_sweeps: (num_draws,) indices of the sweeps whose draws are in ``samples``.
         wall: seconds.
     """
 
@@ -70,6 +71,7 @@ class PathGibbsDraws:
     partition_acceptance: np.ndarray
     newton_steps: np.ndarray
     trace: dict = field(repr=False)
+    kept_sweeps: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, int))
     wall: float = 0.0
 
     def to_inference_data(self, model, data, *, backend: str = "auto"):
@@ -88,11 +90,6 @@ class PathGibbsDraws:
             attrs={"inference": "path_gibbs", "path_acceptance": float(self.path_acceptance.mean()),
                    "partition_acceptance": float(self.partition_acceptance.mean()) if self.partition_acceptance.size else -1.0},
             backend=backend)
-
-    @property
-    def kept_sweeps(self) -> np.ndarray:
-        """Indices of the sweeps whose draws are in ``samples``."""
-        return np.asarray(self._kept)
 
 
 def _trial_log_joint(model, theta, data, x):
@@ -379,10 +376,8 @@ def _sample_path_gibbs(model, data, params, path, num_draws, burn_in, thin, part
                   f"Newton steps {np.mean(newton[-progress:]):.1f}", flush=True)
     path_mean = np.asarray(path_sum) / len(kept)
     path_sd = np.sqrt(np.maximum(np.asarray(path_sq) / len(kept) - path_mean**2, 0.0))
-    draws = PathGibbsDraws(samples={k: np.stack([d[k] for d in kept]) for k in kept[0]},
+    return PathGibbsDraws(samples={k: np.stack([d[k] for d in kept]) for k in kept[0]},
                           path_mean=path_mean, path_sd=path_sd, path_acceptance=np.stack(path_acc),
                           partition_acceptance=np.asarray(part_acc), newton_steps=np.asarray(newton),
                           trace={k: np.stack([d[k] for d in trace]) for k in block} if trace else {},
-                          wall=time.perf_counter() - t0)
-    draws._kept = kept_sweeps
-    return draws
+                          kept_sweeps=np.asarray(kept_sweeps), wall=time.perf_counter() - t0)
