@@ -37,7 +37,9 @@ import numpyro
 from numpyro.distributions import biject_to
 
 from ppl_switch.data import SequenceData, check_positive_int
-from ppl_switch.infer.joint_laplace import _unconstrained_fit, block_tridiagonal_hessian, block_tridiagonal_solve
+from ppl_switch.infer.joint_laplace import (_split_flat, _unconstrained_fit, block_tridiagonal_hessian,
+                                            block_tridiagonal_solve)
+from ppl_switch.infer.path_refinement import _negative_log_joint_jit
 from ppl_switch.ops.conjugate_drift import collapsed_log_marginal, weight_posterior
 from ppl_switch.ops.switching import gaussian_chain_sample
 
@@ -125,11 +127,6 @@ def _newton_direction(model, theta, data, x, damping):
 
 
 @partial(jax.jit, static_argnums=0)
-def _energy(model, theta, data, x):
-    return -jnp.sum(_trial_log_joint(model, theta, data, x))
-
-
-@partial(jax.jit, static_argnums=0)
 def _path_mh(model, theta, data, x, mode, diag, lower, key):
     """One independence Metropolis–Hastings step per trial with proposal N(mode, H^{-1}) (H from diag, lower).
 
@@ -179,7 +176,7 @@ def _path_mode(model, theta, data, x, *, tol: float, max_iters: int):
         scale = 1.0
         while scale > 1e-4:
             candidate = x - scale * step
-            if float(_energy(model, theta, data, candidate)) <= float(energy):
+            if float(_negative_log_joint_jit(model, theta, data, candidate)) <= float(energy):
                 break
             scale *= 0.5
         x = candidate
@@ -203,25 +200,17 @@ class _PartitionBlock:
 
     def unpack(self, u) -> dict:
         """u (m,) -> {site: constrained value}."""
-        out, i = {}, 0
-        for name, shape in self.sites.items():
-            n = int(np.prod(shape))
-            out[name] = self.transforms[name](u[i:i + n].reshape(shape))
-            i += n
-        return out
+        return {name: self.transforms[name](v) for name, v in _split_flat(u, self.sites).items()}
 
     def _log_density(self, u, theta, x):
-        values = self.unpack(u)
+        unconstrained = _split_flat(u, self.sites)
+        values = {name: self.transforms[name](v) for name, v in unconstrained.items()}
         th = {**theta, **values}
         stats = self.model.weight_regression_stats(th, x, self.data)
         lp = collapsed_log_marginal(self.model.weight_prior_precision(th), stats, self.model.dt)
-        i = 0
-        for name, shape in self.sites.items():
-            n = int(np.prod(shape))
-            t = self.transforms[name]
+        for name, v in unconstrained.items():
             lp = (lp + jnp.sum(self.priors[name].log_prob(values[name]))
-                  + jnp.sum(t.log_abs_det_jacobian(u[i:i + n].reshape(shape), values[name])))
-            i += n
+                  + jnp.sum(self.transforms[name].log_abs_det_jacobian(v, values[name])))
         return lp
 
     def _steps(self, num_steps, u, theta, x, chol, key):
