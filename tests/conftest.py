@@ -1,4 +1,5 @@
-"""Test configuration: float64 for oracle comparisons (float32 behaviour is tested explicitly).
+"""Test configuration: the user's precision (float32) by default; ``@pytest.mark.float64`` (or a module's
+``pytestmark``) runs a test with ``jax_enable_x64`` on, for oracle comparisons at 1e-8 and below.
 
 Compiled programs go to a persistent cache per xdist worker, shared with the subprocesses that worker
 starts (tutorials, CLI) for this test session: NumPyro's initialisation runs models op by op, and each
@@ -19,8 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/__init__.py) before JAX starts
 import jax
-
-jax.config.update("jax_enable_x64", True)
+import pytest
 
 # set once by the controlling process; workers and subprocesses inherit it through the environment
 if "PPL_SWITCH_TEST_JAX_CACHE" not in os.environ:
@@ -48,3 +48,23 @@ def pytest_configure(config):
         "XLA_FLAGS", ""
     ):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+
+def _wants_float64(node) -> bool:
+    return node.get_closest_marker("float64") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_precision(request):
+    """The module's precision, set before its module-scoped fixtures build arrays (autouse fixtures of a
+    scope run first)."""
+    jax.config.update("jax_enable_x64", _wants_float64(request.node))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _test_precision(request):
+    """Each test's precision from its markers; reset per test, so a runner called with ``x64=True`` (which
+    switches float64 on for the process) does not leak float64 into the next test."""
+    jax.config.update("jax_enable_x64", _wants_float64(request.node))
+    yield

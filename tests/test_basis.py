@@ -18,6 +18,9 @@ from ppl_switch.ops.basis import (
     wrapped_se_kernel,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def test_circle_spectrum_matches_reference_table():
     # CLDS notes §1.3: sigma=0.5, kappa=0.1, N=5 -> theta_3 = 3.9894, sqrt S(n) table.

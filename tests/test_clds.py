@@ -32,6 +32,9 @@ from ppl_switch.models.clds import CLDS, solve_sylvester_psd
 from ppl_switch.ops.basis import FourierBasis, HSGPBasis, LinearBasis
 from ppl_switch.ops.kalman import lgssm_joint_gaussian
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 SMALL_BASIS = FourierBasis(3, 0.7, 0.15)
 
 

@@ -23,6 +23,9 @@ from ppl_switch.datasets.head_direction import simulate_head_direction
 from ppl_switch.models.clds import CLDS, CLDSPathGuide
 from ppl_switch.ops.basis import FourierBasis
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 SMALL_BASIS = FourierBasis(3, 0.7, 0.15)
 T_FULL = 12
 LENGTHS = [7, T_FULL, 9]

@@ -16,6 +16,9 @@ from ppl_switch.infer import Fit, load
 from ppl_switch.models import get_model
 from ppl_switch.results import build_inference_data, get_group, group_names, load_inference_data
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def test_simulate_fit_summary_plot(tmp_path, capsys):
     data_path, fit_path, fig_path = tmp_path / "d.npz", tmp_path / "fit.nc", tmp_path / "fit.png"

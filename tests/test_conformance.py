@@ -27,6 +27,9 @@ from ppl_switch.data import DataError
 from ppl_switch.infer import fit_nuts, fit_svi
 from ppl_switch.models import get_model
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 class Case(NamedTuple):
     name: str

@@ -12,6 +12,9 @@ from numpyro.infer.util import log_density
 from ppl_switch.distributions.hmm import MarginalHMM
 from ppl_switch.ops.hmm import hmm_filter, hmm_smoother, hmm_viterbi
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 B, T, K = 2, 6, 3
 
 

@@ -12,6 +12,9 @@ from scipy.stats import multivariate_normal
 from ppl_switch.distributions.lgssm import LinearGaussianStateSpace
 from ppl_switch.ops import kalman
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 T, D, N = 5, 2, 3
 
 

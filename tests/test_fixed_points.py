@@ -20,6 +20,9 @@ from ppl_switch.analysis.fixed_points import (
 from ppl_switch.models.rslds import RSLDS
 from ppl_switch.results import _container, get_group, group_names
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _rotation(theta, radius=1.0):
     return radius * expm(np.array([[0.0, theta], [-theta, 0.0]]))

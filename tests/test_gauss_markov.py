@@ -16,6 +16,10 @@ from scipy.stats import multivariate_normal
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, chain_precision_blocks, gauss_markov_chain
 from ppl_switch.models.slds import SwitchingLinearChain
 from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
+import pytest
+
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
 
 
 def _random_chain(B=2, T=4, D=2, seed=0):

@@ -20,6 +20,9 @@ from ppl_switch.guides.gdm_guides import LinearGuide
 from ppl_switch.models.gdm import GDM, fit_gdm_svi
 from ppl_switch.models.gdm_start import hard_state_em, pca_projection, segmentation_start
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 @pytest.fixture(scope="module")
 def nascar_train():

@@ -15,6 +15,9 @@ from ppl_switch.datasets.gpslds_synthetic import TRUE_FIXED_POINTS, simulate_gps
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, chain_precision_blocks
 from ppl_switch.models.gpslds import GPSDE, GPSLDS, SDEPathChain, ssl_kernel
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _prior_drift_draws(model, num, key):
     """{site: (num, ...)} prior draws of the drift parameters (the program's own sample statements)."""

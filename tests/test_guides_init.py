@@ -13,6 +13,10 @@ from numpyro.infer.autoguide import AutoNormal
 import optax
 
 from ppl_switch.guides.init import init_to_sample_then_median, init_to_values_then_median
+import pytest
+
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
 
 
 def model():

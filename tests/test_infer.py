@@ -31,6 +31,9 @@ from ppl_switch.infer import (
 from ppl_switch.models.base import Model
 from ppl_switch.results import get_group, group_names
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 # ----- toy models ---------------------------------------------------------------------------------
 class ToyGaussian(Model):

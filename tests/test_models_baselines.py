@@ -15,6 +15,9 @@ from scipy import stats
 from ppl_switch.data import DataError
 from ppl_switch.models import ARHMM, HMM, LDS, MODELS, get_model
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 T_SMALL = 5
 
 

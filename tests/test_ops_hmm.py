@@ -15,6 +15,9 @@ from ppl_switch.ops.hmm import (
     hmm_viterbi,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 K, T = 3, 5
 
 

@@ -16,6 +16,9 @@ from ppl_switch.ops.kalman import (
     lgssm_smoother,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _spd(rng, n, scale=1.0):
     X = rng.normal(size=(n, n))

@@ -7,6 +7,9 @@ import pytest
 
 from ppl_switch.ops.scan import seeded_prefix_scan
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _compose(a, b):  # x -> b(a(x)) for affine maps x -> x @ A + c, batched
     A1, c1 = a

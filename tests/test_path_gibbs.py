@@ -10,6 +10,9 @@ import pytest
 from ppl_switch.infer.path_gibbs import _PartitionBlock, _proposal_cholesky, sample_path_gibbs
 from ppl_switch.models.gpslds import GPSDE, GPSLDS
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 DT = 0.1
 
 

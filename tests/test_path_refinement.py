@@ -10,6 +10,9 @@ from ppl_switch.infer.path_refinement import fit_svi_with_path_refinement, map_p
 from ppl_switch.models.gpslds import GPSLDS
 from ppl_switch.models.hmm import HMM
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 @pytest.fixture(scope="module")
 def linear_gaussian():

@@ -28,7 +28,7 @@ from scipy.stats import binom
 from ppl_switch.infer import fit_nuts
 from ppl_switch.models import HMM, LDS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.float64]
 
 NUM_CHAINS, NUM_WARMUP, NUM_SAMPLES = 2, 500, 500
 SEEDS = (11, 12, 13)

@@ -12,6 +12,9 @@ from ppl_switch.distributions.relaxed import (
     straight_through,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def concrete_density_oracle(z, logits, tau):
     """Maddison et al. (2016) eq. for the Concrete density, written with products (float64 NumPy)."""

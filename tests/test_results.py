@@ -27,6 +27,9 @@ from ppl_switch.results import (  # noqa: E402
     trial_log_likelihood,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 C, D = 2, 50  # chains, draws
 
 

@@ -20,6 +20,9 @@ from ppl_switch.models.slds import SLDS
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _model_and_draw(kind="recurrent", emission="gaussian", K=2, D=2, N=3, T=5, B=2, seed=0, input_dim=0):
     model = RSLDS(K, D, obs_dim=N, transitions=kind, emission=emission, input_dim=input_dim)

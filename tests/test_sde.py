@@ -23,6 +23,9 @@ from ppl_switch.ops.sde import (
     poisson_bin_log_prob,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 DT = 0.05
 A = np.array([[-0.4, -1.5], [1.5, -0.4]])
 CENTRE = np.array([0.7, -0.3])

@@ -13,6 +13,9 @@ from ppl_switch.ops.small_linalg import (
     solve_unrolled,
 )
 
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
 
 def _spd_batch(seed, batch, n):
     X = np.random.default_rng(seed).normal(size=batch + (n, n))

@@ -9,6 +9,10 @@ import sys
 from pathlib import Path
 
 from subprocess_env import ROOT, checkout_env
+import pytest
+
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
 
 TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
 
