@@ -51,9 +51,8 @@ from ppl_switch.analysis.gdm_metrics import (  # noqa: E402
 from ppl_switch.analysis.metrics import knn_classify  # noqa: E402
 from ppl_switch.datasets.nascar import nascar  # noqa: E402
 from ppl_switch.guides.gdm_guides import LinearGuide, MixtureGuide  # noqa: E402
-from ppl_switch.models.gdm import GDM, fit_gdm_svi  # noqa: E402
+from ppl_switch.models.gdm import GDM, fit_gdm_svi, temperature_schedule  # noqa: E402
 from ppl_switch.models.gdm_mixture import GDMMixture  # noqa: E402
-from ppl_switch.models.gdm_start import pca_projection, segmentation_start  # noqa: E402
 
 
 def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000, guide: str = "linear",
@@ -65,12 +64,11 @@ def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000,
     tests = {"new-path": nascar(1, num_timesteps, soft_sticky=soft, emission_matrix=C, stream="reference")}
     if not soft:  # the reference stream with the same seed and a given C: same path, fresh noise
         tests["same-path"] = nascar(0, num_timesteps, emission_matrix=C, stream="reference")
-    F = pca_projection(train.y, 2) if projection == "pca" else None
-    model = GDM(num_states=4, latent_dim=2, obs_dim=C.shape[0], projection_seed=seed, projection_matrix=F)
-    encoder = LinearGuide(model, sticky=guide == "sticky", seed=seed)
-    if start_kind == "segmentation":
-        encoder.start = segmentation_start(model, train.y, guide=encoder, seed=seed)
-    fit = fit_gdm_svi(model, train.y, guide=encoder, seed=seed, num_steps=num_steps)
+    model = GDM(num_states=4, latent_dim=2, obs_dim=C.shape[0], projection_seed=seed)
+    encoder = LinearGuide(model, sticky=True, seed=seed) if guide == "sticky" else None
+    fit = fit_gdm_svi(model, train.y, guide=encoder, seed=seed, num_steps=num_steps, start=start_kind,
+                      projection={"random": "model"}.get(projection, projection))
+    model = fit.model  # a copy with the PCA projection when projection is pca / auto
     z_train = fit.encode(num_samples=20, seed=seed)
     out = dict(variant=variant, seed=seed, steps=fit.num_steps, fit_time=fit.wall_time,
                final_elbo=float(-np.mean(fit.losses[-100:])),
@@ -120,6 +118,25 @@ def run_mixture_seed(variant: str, seed: int, num_steps: int, num_timesteps: int
             "acc_new-path": accuracy, "total_time": time.perf_counter() - start}
 
 
+def run_fresh_seed(seed: int, noise_std: float, num_steps: int = 4000, num_timesteps: int = 1000,
+                   start_kind: str = "auto", projection: str = "auto", **fit_options) -> dict:
+    """The default path on a fresh standard-NASCAR series (generator stream, not the paper's trials):
+    train = ``nascar(seed, noise_std=...)``, test = a new path ``nascar(seed + 10_000, ...)`` with the same C.
+    ``fit_gdm_svi(GDM(4, 2), y)`` with the given start/projection (defaults: the default path)."""
+    begin = time.perf_counter()
+    train = nascar(seed, num_timesteps, noise_std=noise_std)
+    C = train.params["emission_matrix"]
+    test = nascar(seed + 10_000, num_timesteps, noise_std=noise_std, emission_matrix=C)
+    model = GDM(num_states=4, latent_dim=2, obs_dim=C.shape[0], projection_seed=seed)
+    fit = fit_gdm_svi(model, train.y, start=start_kind, projection=projection, seed=seed, num_steps=num_steps, **fit_options)
+    z_train = np.asarray(fit.soft_states(num_samples=20, seed=seed)[0])
+    z_test = np.asarray(fit.soft_states(fit.model.prepare(test.y), num_samples=20, seed=seed + 1)[0])
+    return dict(seed=seed, noise_std=noise_std, x64=bool(jax.config.jax_enable_x64), start=fit.start,
+                projection=fit.projection, steps=fit.num_steps, final_elbo=float(-np.mean(fit.losses[-100:])),
+                acc=inferred_state_accuracy(z_train, train.states, z_test, test.states),
+                fit_time=fit.wall_time, total_time=time.perf_counter() - begin)
+
+
 def summarise(rows: list[dict]) -> dict:
     keys = [k for k in rows[0] if k not in ("variant", "seed") and not isinstance(rows[0][k], list)]
     return {k: (float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0) for k in keys}
@@ -134,12 +151,41 @@ def main(argv=None):
     parser.add_argument("--num-timesteps", type=int, default=1000)
     parser.add_argument("--guide", choices=["linear", "sticky"], default="linear",
                         help="GDM guide: the released code's linear encoder, or the paper's sticky one (+ B z_{t-1})")
-    parser.add_argument("--start", choices=["released", "segmentation"], default="released",
-                        help="GDM start: the released code's random one, or the hard-state EM fit (gdm_start)")
-    parser.add_argument("--projection", choices=["random", "pca"], default="random",
-                        help="GDM projection F: the released code's random one, or the data's principal directions")
+    parser.add_argument("--start", choices=["auto", "released", "segmentation"], default=None,
+                        help="GDM start: the released code's random one, or the hard-state EM fit (gdm_start); "
+                             "'auto' = fit_gdm_svi's default. Default: released on the paper's trials, auto with --fresh")
+    parser.add_argument("--projection", choices=["auto", "random", "pca"], default=None,
+                        help="GDM projection F: the released code's random one, or the data's principal directions; "
+                             "'auto' = fit_gdm_svi's default. Default: random on the paper's trials, auto with --fresh")
     parser.add_argument("--out", default=None, help="write the per-seed rows and summaries as JSON")
+    parser.add_argument("--fresh", action="store_true",
+                        help="fresh standard-NASCAR series (run_fresh_seed) instead of the paper's trials; with --noise")
+    parser.add_argument("--noise", nargs="+", type=float, default=[0.01, 0.1, 1.0], help="--fresh: observation noise sd")
+    parser.add_argument("--x64", action="store_true", help="float64 (default float32, what users run)")
+    parser.add_argument("--tau-end", type=float, default=None,
+                        help="--fresh: anneal tau from 0.99 to this value (temperature_schedule: delay 200, rise 400)")
+    parser.add_argument("--no-early-stopping", action="store_true", help="--fresh: run all --num-steps steps")
+    parser.add_argument("--restarts", type=int, default=20, help="--fresh: hard-state EM starts of the segmentation start")
     args = parser.parse_args(argv)
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    if args.fresh:
+        start = args.start or "auto"
+        projection = {"random": "model", "pca": "pca", "auto": "auto", None: "auto"}[args.projection]
+        rows = []
+        for noise in args.noise:
+            for seed in args.seeds:
+                options = dict(num_restarts=args.restarts, early_stopping=not args.no_early_stopping)
+                if args.tau_end is not None:
+                    options["temperature"] = temperature_schedule(0.99, args.tau_end)
+                row = run_fresh_seed(seed, noise, args.num_steps, args.num_timesteps, start, projection, **options)
+                row.update({k: v for k, v in vars(args).items() if k in ("tau_end", "no_early_stopping", "restarts")})
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
     if args.model == "mixture":
         jax.config.update("jax_enable_x64", True)
     run = run_mixture_seed if args.model == "mixture" else run_seed
@@ -147,7 +193,8 @@ def main(argv=None):
     for variant in args.variants:
         rows = []
         for seed in args.seeds:
-            row = run(variant, seed, args.num_steps, args.num_timesteps, args.guide, start_kind=args.start, projection=args.projection)
+            row = run(variant, seed, args.num_steps, args.num_timesteps, args.guide, start_kind=args.start or "released",
+                      projection=args.projection or "random")
             print(json.dumps(row), flush=True)
             rows.append(row)
         results[variant] = {"rows": rows, "summary": summarise(rows)}

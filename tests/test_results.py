@@ -253,3 +253,23 @@ def test_relabel_is_identity_without_states_or_features():
     out, perms = relabel_draws(ToyGaussian(), samples)
     np.testing.assert_array_equal(out["mu"], samples["mu"])
     assert num_permuted(perms) == 0
+
+
+def test_observed_steps_keep_partly_observed_steps():
+    """A step with some of its entries observed is a step of the observed-step view; only steps with no
+    observed entry go. Mask of 2 trials x 4 steps x 3 obs: trial 0 step 1 fully missing, step 2 partly
+    observed; trial 1 padded after step 2, step 0 partly observed."""
+    mask = np.ones((2, 4, 3), bool)
+    mask[0, 1] = False
+    mask[0, 2, :2] = False
+    mask[1, 0, 1:] = False
+    mask[1, 3] = False
+    ll = np.arange(2 * 3 * 2 * 4, dtype=float).reshape(2, 3, 2, 4)  # (chain, draw, trial, time)
+    idata = az.InferenceData(
+        log_likelihood=xr.Dataset({"y": (("chain", "draw", "trial", "time"), ll)}),
+        constant_data=xr.Dataset({"mask": (("trial", "time", "obs"), mask)}),
+    )
+    steps = get_group(observed_step_log_likelihood(idata), "log_likelihood")
+    kept = [(0, 0), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+    np.testing.assert_array_equal(np.stack([steps["trial_index"], steps["time_index"]], -1), kept)
+    np.testing.assert_array_equal(steps["y"].values, ll[:, :, [t for t, _ in kept], [s for _, s in kept]])

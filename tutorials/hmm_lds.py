@@ -59,7 +59,7 @@ print("trial lengths:", [len(y) for y in trials])
 # decoded afterwards for every draw (smoothed marginals, Viterbi path, one sampled path).
 
 # %%
-fit = fit_nuts(hmm, trials, num_warmup=WARMUP, num_samples=SAMPLES, num_chains=1, seed=1, progress_bar=False)
+fit = fit_nuts(hmm, trials, num_warmup=WARMUP, num_samples=SAMPLES, num_chains=2, seed=1, progress_bar=False)
 print(fit)
 print(az.summary(fit.idata, var_names=["transition_matrix"], kind="stats"))
 
@@ -68,6 +68,8 @@ probs = np.asarray(get_group(fit.idata, "posterior_states")["state_probs"])
 valid = np.arange(T)[None, :] < np.array(lengths)[:, None]
 accuracy = matched_state_accuracy(np.asarray(truth["states"])[valid], probs.argmax(-1)[valid], num_states=3)
 print(f"state accuracy after matching labels: {accuracy:.3f}")
+# expected: 1.000 (full run and smoke run); the test suite's smoke run checks the claim's direction
+assert accuracy >= 0.95, accuracy
 
 # %% [markdown]
 # The pointwise log-likelihood is per (trial, time step), marginal over states, and zero on padded or
@@ -108,3 +110,5 @@ point = {name: np.asarray(draws).mean(axis=(0, 1)) for name, draws in lds_fit.sa
 smoothed = np.asarray(lds.latent_posterior(point, lds_data)["means"])
 r2 = affine_aligned_r2(smoothed.reshape(-1, 2), np.asarray(lds_truth["latents"]).reshape(-1, 2))
 print(f"latent R^2 after affine alignment: {r2:.3f}")
+# expected: about 0.88 after the smoke run's 50 SVI steps (0.883 measured, float32); higher after the full 3000
+assert r2 >= (0.8 if SMOKE else 0.9), r2

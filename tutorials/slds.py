@@ -68,7 +68,10 @@ fit_known = fit_em(model, y, params=truth, learn=(), num_iters=40, x64=True)
 elbo = -fit_known.losses
 print("ELBO non-decreasing:", bool(np.all(np.diff(elbo) >= -1e-9)))
 q_known = fit_known.samples["q_state_probs"][0, 0, 0]
-print("state accuracy (known parameters):", matched_state_accuracy(z_true, q_known.argmax(-1), 2))
+accuracy_known = matched_state_accuracy(z_true, q_known.argmax(-1), 2)
+print("state accuracy (known parameters):", accuracy_known)
+# expected: 0.800 on the smoke run's 40 steps (measured, float64); the test suite's smoke run checks both
+assert np.all(np.diff(elbo) >= -1e-9) and accuracy_known >= 0.75, accuracy_known
 
 # %% [markdown]
 # ## 3. Learning every parameter with EM
@@ -80,7 +83,10 @@ print("state accuracy (known parameters):", matched_state_accuracy(z_true, q_kno
 # %%
 fit_learned = fit_em(model, y, num_iters=20 if SMOKE else 100, num_restarts=2 if SMOKE else 4, x64=True)
 q_learned = fit_learned.samples["q_state_probs"][0, 0, 0]
-print("state accuracy (learned, EM):", matched_state_accuracy(z_true, q_learned.argmax(-1), 2))
+accuracy_learned = matched_state_accuracy(z_true, q_learned.argmax(-1), 2)
+print("state accuracy (learned, EM):", accuracy_learned)
+# expected: 0.675 on the smoke run's 40 steps (measured); above 0.7 at T = 150 (model card)
+assert accuracy_learned >= (0.6 if SMOKE else 0.7), accuracy_learned
 print("learned A_k eigenvalues:", np.linalg.eigvals(fit_learned.params["dynamics_matrix"]))
 
 # %% [markdown]

@@ -15,13 +15,18 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, nonfinite_entries, restart_warnings
+from ppl_switch.infer.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
 
 _EM_METHODS = ("em", "fit_em")
+#: further attempts with new starts (a new ``key``) when an EM run ends non-finite
+EM_RETRIES = 2
 
 
-def _em_method(model):
+def em_method(model):
+    """The model's EM method (``em`` or ``fit_em``), or None."""
     for name in _EM_METHODS:
         method = getattr(model, name, None)
         if callable(method):
@@ -33,12 +38,19 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
     """Fit by the model's closed-form EM (``model.em``); other keyword arguments go to it.
 
     Returns a :class:`Fit` whose ``params`` is the point estimate and whose ``samples`` hold it as one
-    draw of one chain ``(1, 1, ...)``.
+    draw of one chain ``(1, 1, ...)``. ``fit.warnings`` (also emitted as FitWarning) reports data far
+    from the priors' scale, an objective still moving over its last 10% of iterations (unless the model
+    says it stopped by its tolerance), restarts that ended in different optima (the spread of their final
+    objectives), and an objective that became non-finite part way (the model kept the last finite
+    parameters).
 
     Raises:
         NotImplementedError: the model has no EM; the message names the model and the runners it supports.
+        FitError: the estimate is non-finite (or the model's EM raised FloatingPointError) on the first
+            try and on ``EM_RETRIES`` more tries with new starts (a new ``key``; only for an EM that takes
+            one); the message names the sites.
     """
-    em = _em_method(model)
+    em = em_method(model)
     if em is None:
         raise NotImplementedError(
             f"model {getattr(model, 'name', type(model).__name__)!r} ({type(model).__name__}) has no closed-form "
@@ -47,26 +59,76 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
     seed = check_int(seed, "seed", minimum=0)
     set_x64(x64)
     data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
+    found = data_scale_warnings(model, data)
+    emit(found)
     key_em, key_post = jax.random.split(jax.random.PRNGKey(seed))
-    if "key" in inspect.signature(em).parameters:
-        kw = {**kw, "key": key_em}
-    result = em(data, **kw)
-    params, history = result if isinstance(result, tuple) else (result, None)
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{type(model).__name__}.em: expected a params dict or (params, history), got {type(result).__name__}")
-    params = {name: np.asarray(value) for name, value in params.items()}
+    takes_key = "key" in inspect.signature(em).parameters
+    attempts = 1 + (EM_RETRIES if takes_key and kw.get("params") is None else 0)
+    failures, bad = [], []
+    for attempt in range(attempts):
+        call_kw = {**kw, "key": jax.random.fold_in(key_em, attempt) if attempt else key_em} if takes_key else kw
+        try:
+            result = em(data, **call_kw)
+        except FloatingPointError as err:
+            failures.append(f"try {attempt + 1}: {err}")
+            continue
+        params, history = (result[0], result[1]) if isinstance(result, tuple) and len(result) >= 2 else (result, None)
+        if not isinstance(params, Mapping):
+            raise TypeError(f"{type(model).__name__}.em: expected a params dict or (params, history), got {type(result).__name__}")
+        params = {name: np.asarray(value) for name, value in params.items()}
+        bad = nonfinite_entries(params)
+        if not bad:
+            break
+        failures.append(f"try {attempt + 1}: non-finite estimate at site(s) {bad}")
+    else:
+        raise FitError(
+            f"EM ({type(model).__name__}.em): no finite estimate after {attempts} tr{'y' if attempts == 1 else 'ies'} "
+            f"({'; '.join(failures)}). Check the data's scale (standardise y), try x64=True, or fit_svi.",
+            sites={"value": [f"site {name!r}" for name in bad]},
+        )
+    notes = [f"EM: {f}; retried with new starts (key folded with the try number)" for f in failures]
 
     diagnostics: dict[str, Any] = {}
     losses = None
+    converged = None
     if isinstance(history, Mapping):
         diagnostics.update(history)
+        converged = history.get("converged")
+        restarts = history.get("restart_objectives")
         history = history.get("log_likelihoods")
+        if restarts is not None:
+            notes += restart_warnings(restarts)
     if history is not None:
         history = np.asarray(history, dtype=float)
+        notes += _history_warnings(history, converged)
         diagnostics["log_likelihoods"] = history
         losses = -history
     samples = {name: value[None, None] for name, value in params.items()}
     config = {"seed": seed, "x64": bool(jax.config.jax_enable_x64), **{k: v for k, v in kw.items() if k != "key"}}
-    return assemble_fit(
+    fit = assemble_fit(
         model, data, "em", samples, key=key_post, params=params, losses=losses, diagnostics=diagnostics, config=config, relabel=False
     )
+    fit.estimate = dict(params)
+    fit.warnings = found + notes
+    emit(notes)
+    return fit
+
+
+def _history_warnings(history: np.ndarray, converged) -> list[str]:
+    """An objective that turned non-finite part way, or one still moving at the end."""
+    finite = np.isfinite(history)
+    if not finite.any():
+        raise FitError("EM objective: non-finite at every iteration although the estimate is finite; "
+                       "check the model's EM objective (stage 'em objective')")
+    last = int(np.flatnonzero(finite)[-1])
+    out = []
+    if not finite[: last + 1].all():
+        first = int(np.flatnonzero(~finite[: last + 1])[0])
+        raise FitError(f"EM objective: non-finite at iteration {first} and finite again later (stage 'em objective'); "
+                       "the EM went numerically wrong part way; try x64=True or standardised data")
+    if last < len(history) - 1:
+        out.append(f"EM objective became non-finite at iteration {last + 1} of {len(history)}; the model kept the "
+                   "last finite parameters: check them (x64=True or standardised data may avoid it)")
+    if converged is not True:
+        out += moving_objective_warnings(history[: last + 1], what="EM objective", advice="run more iterations (num_iters)")
+    return out

@@ -1,4 +1,4 @@
-"""Errors raised by the runners."""
+"""Errors raised and warnings emitted by the runners."""
 
 from __future__ import annotations
 
@@ -21,3 +21,8 @@ class FitError(RuntimeError):
         self.step = step
         self.sites = sites or {}
         self.losses = losses
+
+
+class FitWarning(RuntimeWarning):
+    """A fit finished but its checks found something to look at (non-convergence, restarts that
+    disagree, data far from the priors' scale). The same text is in ``fit.warnings`` and ``repr(fit)``."""

@@ -4,7 +4,7 @@ Saving writes two files and never pickles:
 
 * ``path`` (netCDF): the InferenceData, plus two groups that :func:`load` strips again:
   ``fit_params`` (the SVI guide parameters / EM point estimate, one variable per parameter) and
-  ``fit_losses`` (the loss history, dim ``step``);
+  ``fit_losses`` (the loss history, dim ``step``) and ``fit_estimate`` (the runner's own point estimate);
 * ``path + ".json"`` (the sidecar): model name and ``model.config()``, method, runner settings,
   diagnostics and library versions.
 
@@ -42,6 +42,7 @@ SIDECAR_FORMAT = "ppl-switch-fit"
 SIDECAR_VERSION = 1
 _PARAMS_GROUP = "fit_params"
 _LOSSES_GROUP = "fit_losses"
+_ESTIMATE_GROUP = "fit_estimate"
 
 
 @dataclasses.dataclass
@@ -53,13 +54,21 @@ class Fit:
         data: the validated SequenceData.
         method: "svi", "nuts" or "em".
         idata: the ArviZ output (``arviz.InferenceData`` or ``xarray.DataTree``, see :mod:`ppl_switch.results`).
-        params: SVI: the fitted guide parameters; EM: the point estimate; NUTS: None.
+        params: SVI: the guide's parameters as numpyro's ``svi.get_params`` returns them (not the model's
+            parameters: an autoguide's ``*_auto_loc`` live in the model's *unconstrained* space; use
+            :meth:`point_estimate` for the model's constrained values); EM: the point estimate; NUTS: None.
         samples: ``{site: (chain, draw, ...)}`` NumPy draws (relabelled if ``relabel``).
         losses: SVI: (num_steps,) negative ELBO per step; EM: negative log-likelihood per iteration if
             the model reports it; NUTS: None.
         diagnostics: NUTS: divergences, acceptance, step sizes, tree depth, r_hat/ess; EM: what the
             model's ``em`` reports; always ``relabelled_draws``.
-        config: the runner settings (JSON-serialisable).
+        config: the runner settings (JSON-serialisable); :func:`ppl_switch.fit` adds ``runner`` and
+            ``runner_options`` (the recommended runner that ran and what it was given).
+        warnings: what the runner's checks found (non-convergence, disagreeing restarts, data far from
+            the priors' scale; :mod:`ppl_switch.infer.checks`). Each was also emitted as a
+            :class:`~ppl_switch.infer.errors.FitWarning`, and ``repr(fit)`` lists them.
+        estimate: the point estimate :meth:`point_estimate` returns when the runner computed one
+            itself (SVI: the guide's median); None = the mean of ``samples``.
     """
 
     model: Any
@@ -71,6 +80,25 @@ class Fit:
     losses: Optional[np.ndarray] = None
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    estimate: Optional[dict[str, np.ndarray]] = None
+
+    def point_estimate(self) -> dict[str, np.ndarray]:
+        """The model's own parameters (and latent sites) in their constrained space, one value per site,
+        shaped as the site (no chain/draw dims).
+
+        * SVI: the fitted guide's median in the constrained space (``guide.median``, e.g. AutoNormal:
+          the constrained image of its ``loc``); for a guide without ``median``, the mean of the draws;
+        * NUTS: the posterior mean over chains and draws, after relabelling;
+        * EM: the estimate itself (its single draw);
+        * GDM SVI: the MAP point estimates, ``z`` as the mean of its draws.
+
+        The mean of constrained draws can leave a constraint that is not convex (e.g. the mean of
+        correlation Cholesky factors is not one); use the draws for such sites.
+        """
+        if self.estimate is not None:
+            return {name: np.array(value) for name, value in self.estimate.items()}
+        return {name: np.asarray(value).mean(axis=(0, 1)) for name, value in self.samples.items()}
 
     @property
     def num_divergences(self) -> Optional[int]:
@@ -83,10 +111,13 @@ class Fit:
             extra = f", final loss {float(self.losses[-1]):.6g}"
         if self.num_divergences is not None:
             extra += f", {self.num_divergences} divergences"
-        return (
+        text = (
             f"Fit(model={getattr(self.model, 'name', type(self.model).__name__)!r}, method={self.method!r}, "
             f"{chains} chain(s) x {draws} draws, trials={self.data.num_trials}{extra})"
         )
+        if self.warnings:
+            text += f"\n{len(self.warnings)} warning(s):" + "".join(f"\n  - {w}" for w in self.warnings)
+        return text
 
     def save(self, path) -> pathlib.Path:
         """Write ``path`` (netCDF) and ``path + ".json"`` (sidecar); returns the sidecar path."""
@@ -97,6 +128,13 @@ class Fit:
                 {
                     name: ([f"{name}_dim_{i}" for i in range(np.ndim(v))], np.asarray(v))
                     for name, v in self.params.items()
+                }
+            )
+        if self.estimate:
+            groups[_ESTIMATE_GROUP] = xr.Dataset(
+                {
+                    name: ([f"{name}_dim_{i}" for i in range(np.ndim(v))], np.asarray(v))
+                    for name, v in self.estimate.items()
                 }
             )
         if self.losses is not None:
@@ -115,6 +153,7 @@ class Fit:
             "method": self.method,
             "config": self.config,
             "diagnostics": self.diagnostics,
+            "warnings": list(self.warnings),
             "netcdf": netcdf_name,
             "versions": _versions(),
         }
@@ -183,7 +222,10 @@ def load(path, *, model=None, backend: str = "auto") -> Fit:
     if _PARAMS_GROUP in names:
         params = {name: np.asarray(v.values) for name, v in get_group(idata, _PARAMS_GROUP).data_vars.items()}
     losses = np.asarray(get_group(idata, _LOSSES_GROUP)["loss"].values) if _LOSSES_GROUP in names else None
-    idata = replace_groups(idata, {_PARAMS_GROUP: None, _LOSSES_GROUP: None})
+    estimate = None
+    if _ESTIMATE_GROUP in names:
+        estimate = {name: np.asarray(v.values) for name, v in get_group(idata, _ESTIMATE_GROUP).data_vars.items()}
+    idata = replace_groups(idata, {_PARAMS_GROUP: None, _LOSSES_GROUP: None, _ESTIMATE_GROUP: None})
     posterior = get_group(idata, "posterior")
     samples = {name: np.asarray(v.values) for name, v in posterior.data_vars.items()}
     return Fit(
@@ -196,6 +238,8 @@ def load(path, *, model=None, backend: str = "auto") -> Fit:
         losses=losses,
         diagnostics=meta.get("diagnostics") or {},
         config=meta.get("config") or {},
+        warnings=list(meta.get("warnings") or []),
+        estimate=estimate,
     )
 
 

@@ -21,6 +21,7 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
+from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
 from ppl_switch.infer.draws import draws_from_guide
 from ppl_switch.infer.errors import FitError
@@ -180,11 +181,15 @@ def fit_svi(
         relabel: align state labels across draws (:mod:`ppl_switch.relabel`) before writing.
 
     Returns:
-        A :class:`Fit` with ``params`` (the guide's fitted parameters, constrained), ``losses`` (num_steps,),
-        ``samples`` ``{site: (1, num_draws, ...)}`` and ``idata``.
+        A :class:`Fit` with ``params`` (the guide's own parameters as ``svi.get_params`` gives them: an
+        autoguide's locations are in the model's *unconstrained* space; ``fit.point_estimate()`` gives the
+        model's constrained values, the guide's median), ``losses`` (num_steps,), ``samples``
+        ``{site: (1, num_draws, ...)}``, ``idata`` and ``warnings``: data far from the priors' scale, a loss
+        still moving over its last 10% of steps (:mod:`ppl_switch.infer.checks`).
 
     Raises:
-        FitError: the loss or the parameters became non-finite; the message names the step and sites.
+        FitError: the loss, the parameters or a posterior draw became non-finite; the message names the
+            step and sites.
     """
     num_steps = check_int(num_steps, "num_steps")
     num_particles = check_int(num_particles, "num_particles")
@@ -196,6 +201,8 @@ def fit_svi(
         raise ValueError(f"guide: expected a callable with the model program's signature, got {guide!r}")
     set_x64(x64)
     data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
+    found = data_scale_warnings(model, data)
+    emit(found)
     optim = _as_numpyro_optim(optimizer, learning_rate)
     guide = default_guide_for(model) if guide is None else guide
 
@@ -227,7 +234,11 @@ def fit_svi(
         _raise_fit_error(svi, model, guide, state, dev, int(fail_step), losses, num_particles)
 
     params = svi.get_params(state)
-    samples = draws_from_guide(model.program, guide, params, dev, posterior_site_names(model, dev), key_draws, num_draws)
+    names = posterior_site_names(model, dev)
+    samples = draws_from_guide(model.program, guide, params, dev, names, key_draws, num_draws)
+    require_finite("SVI posterior draws", samples, losses=losses,
+                   hint="The guide's parameters are finite but its draws are not; check the constraints of these sites.")
+    estimate = guide_median(guide, params, names)
 
     config = {
         "num_steps": num_steps,
@@ -240,7 +251,7 @@ def fit_svi(
         "x64": bool(jax.config.jax_enable_x64),
         "relabel": bool(relabel),
     }
-    return assemble_fit(
+    fit = assemble_fit(
         model,
         data,
         "svi",
@@ -251,3 +262,27 @@ def fit_svi(
         config=config,
         relabel=relabel,
     )
+    if estimate is not None:  # sites the guide has no median for (deterministic ones): mean of the draws
+        fit.estimate = {**{k: np.asarray(v).mean(axis=(0, 1)) for k, v in fit.samples.items()}, **estimate}
+    moving = moving_objective_warnings(losses, what="SVI loss", advice="run more steps (num_steps) or raise the learning_rate")
+    fit.warnings = found + moving
+    emit(moving)
+    return fit
+
+
+def guide_median(guide, params, names) -> "dict[str, np.ndarray] | None":
+    """The guide's median of the posterior sites in the model's constrained space (``guide.median``, as
+    autoguides define it; only the sites it covers), or None for a guide without one (then
+    ``Fit.point_estimate`` averages the draws)."""
+    median = getattr(guide, "median", None)
+    if not callable(median):
+        return None
+    try:
+        values = median(params)
+    except Exception:  # a guide's median is optional: without one the draws' mean stands in
+        return None
+    out = {name: np.asarray(values[name]) for name in names if name in values}
+    if not out:
+        return None
+    require_finite("SVI guide median", out)
+    return out

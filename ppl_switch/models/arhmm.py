@@ -36,7 +36,7 @@ import numpyro.distributions as dist
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, require_obs_dim
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob
-from ppl_switch.models.hmm import LKJ_CONCENTRATION, SCALE_PRIOR_SCALE, StateChainModel, sample_markov_chain
+from ppl_switch.models.hmm import LKJ_CONCENTRATION, SCALE_PRIOR_SCALE, StateChainModel, check_initial, sample_markov_chain
 
 AR_WEIGHT_PRIOR_SCALE = 1.0
 BIAS_PRIOR_SCALE = 3.0
@@ -65,12 +65,25 @@ class ARHMM(StateChainModel):
         lags: L >= 1, the autoregressive order.
         input_dim: U >= 0, dimension of known inputs u_t entering as V_k u_t.
         sticky: extra Dirichlet concentration on self-transitions (>= 0).
+        initial: p(z_0): "learned" (Dirichlet(1) prior), "stationary" (the stationary distribution of
+            the transition matrix; then z_L, the first regressed step, is stationary too, as in
+            statsmodels' Markov switching regressions) or a fixed (K,) probability vector.
     """
 
     name = "arhmm"
+    recommended_runner = ("em", {})
 
-    def __init__(self, num_states: int, obs_dim: Optional[int] = None, lags: int = 1, input_dim: int = 0, sticky: float = 0.0):
+    def __init__(
+        self,
+        num_states: int,
+        obs_dim: Optional[int] = None,
+        lags: int = 1,
+        input_dim: int = 0,
+        sticky: float = 0.0,
+        initial="learned",
+    ):
         self.num_states = check_positive_int(num_states, "num_states")
+        self.initial = check_initial(initial, self.num_states)
         self.obs_dim = check_optional_dim(obs_dim, "obs_dim")
         self.lags = check_positive_int(lags, "lags")
         self.input_dim = check_nonneg_int(input_dim, "input_dim")
@@ -84,6 +97,7 @@ class ARHMM(StateChainModel):
             "lags": self.lags,
             "input_dim": self.input_dim,
             "sticky": self.sticky,
+            "initial": self.initial_config(),
         }
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
@@ -165,6 +179,15 @@ class ARHMM(StateChainModel):
         ll = jnp.where(first[:, None], ll_init[..., None], ll_ar)
         return jnp.where(self.step_mask(data)[..., None], ll, 0.0)
 
+    # ----- closed-form EM ----------------------------------------------------------------------
+    def em(self, data: SequenceData, **kw):
+        """Baum-Welch EM (restarts vmapped, one compiled program); see
+        :func:`ppl_switch.infer.hmm_em.chain_em` for the options (num_iters, num_restarts, tol, map,
+        params, min_covar). Returns ``(params, history)``."""
+        from ppl_switch.infer.hmm_em import chain_em  # infer builds on models: import at call time
+
+        return chain_em(self, data, **kw)
+
     # ----- replicates and simulation ------------------------------------------------------------
     def _rollout(self, key, params, states, inputs) -> jax.Array:
         """(trials, T, D) observations generated forward in time along a (trials, T) state path."""
@@ -228,7 +251,7 @@ class ARHMM(StateChainModel):
         @jax.jit  # one compilation instead of op-by-op dispatch
         def draw(key_z, key_y, params, inputs):
             keys = jax.random.split(key_z, num_trials)
-            chain = lambda k: sample_markov_chain(k, params["initial_probs"], params["transition_matrix"], num_timesteps)  # noqa: E731
+            chain = lambda k: sample_markov_chain(k, *self.chain_params(params), num_timesteps)  # noqa: E731
             states = jax.vmap(chain)(keys)
             return states, self._rollout(key_y, params, states, inputs)
 

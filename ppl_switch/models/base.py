@@ -38,6 +38,8 @@ class Model:
     input_dim: int = 0
     #: the emission family, e.g. "gaussian", "poisson", "bernoulli"
     emission: str = "gaussian"
+    #: what ``ppl_switch.fit`` runs: (runner, options); see :mod:`ppl_switch.infer.recommended`
+    recommended_runner: ClassVar[tuple[str, dict]] = ("svi", {})
 
     # ----- data ---------------------------------------------------------------------------------
     def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:

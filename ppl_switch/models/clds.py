@@ -150,6 +150,7 @@ class CLDS(Model):
     """
 
     name = "clds"
+    recommended_runner = ("em", {"num_iters": 200, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {"num_steps": 1000, "learning_rate": 0.01})})  # exact MAP-EM; Poisson: path-guide SVI
     num_states = 0
 
     def __init__(

@@ -60,6 +60,7 @@ class GDM(GDMBase):
     """
 
     name = "gdm"
+    recommended_runner = ("gdm_svi", {"start": "auto", "projection": "auto"})  # GS-BBVI from the segmentation start (model card)
     _config_keys = ("num_states", "latent_dim", "obs_dim", "input_dim", "emission", "sticky", "transition", "gru_hidden",
                     "temperature", "train_projection", "constrain_gamma", "projection_seed", "prior_scale",
                     "projection_matrix")
@@ -365,7 +366,11 @@ class GDMFit:
         params: the model's point estimates by site name.
         losses: (steps,) negative ELBO per step.
         num_steps: steps run (early stopping may end before the maximum).
-        wall_time: seconds for the fit, compilation included.
+        wall_time: seconds for the fit, compilation included (and the start's time).
+        start: where SVI started: "segmentation" (hard-state EM fit), "given" (the guide's own ``start``
+            values) or "released" (the released code's random start).
+        projection: "pca" (``model`` is a copy of the model passed, with F = ``pca_projection(data, D)``)
+            or "model" (the model's own F). Read results with ``fit.model``, not the model passed in.
     """
 
     model: GDM
@@ -376,6 +381,8 @@ class GDMFit:
     wall_time: float
     data: SequenceData
     seed: int = 0
+    start: str = "released"
+    projection: str = "model"
     params: dict = field(init=False)
 
     def __post_init__(self):
@@ -435,11 +442,118 @@ def _first_stop(elbo: np.ndarray, chunk_start: int, window: int, tolerance: floa
     return None
 
 
+STARTS = ("auto", "segmentation", "released")
+PROJECTIONS = ("auto", "pca", "model")
+
+
+def _supports_segmentation(model) -> bool:
+    """The configurations :func:`~ppl_switch.models.gdm_start.segmentation_start` covers (and the
+    measured default path was measured on): the 2-level GDM, Gaussian, linear transition, no inputs."""
+    return isinstance(model, GDM) and model.emission == "gaussian" and model.transition == "linear" and not model.input_dim
+
+
+def _resolve_start(model, guide, data: SequenceData, start: str, projection: str, num_restarts: int, seed: int):
+    """(model, guide, start used, projection used) for :func:`fit_gdm_svi`; see its docstring."""
+    from ppl_switch.guides.gdm_guides import LinearGuide, MixtureGuide
+    from ppl_switch.models.gdm_start import pca_projection, segmentation_start
+
+    if start not in STARTS:
+        raise ValueError(f"start: expected one of {STARTS}, got {start!r}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+    supported = _supports_segmentation(model)
+    fully_observed = bool(np.all(np.asarray(data.mask).all(-1) | ~np.asarray(data.time_mask)))
+    own_guide = guide is not None
+    for name, value, needed in (("start", start, "segmentation"), ("projection", projection, "pca")):
+        if value == needed and not supported:
+            raise ValueError(f"{name}={needed!r} needs a 2-level GDM with emission='gaussian', transition='linear' "
+                             f"and no inputs; use {name}='auto' (falls back to the released code's) for this model")
+        if value == needed and not fully_observed:
+            raise DataError(f"{name}={needed!r} needs every dimension observed at every step inside a trial; "
+                            f"pass {name}='auto' or impute the missing entries")
+    # auto: the measured best path where it applies (model card, "Default path"), else the released code's
+    if projection == "auto":
+        projection = "pca" if supported and fully_observed and not own_guide and model.projection_matrix is None else "model"
+    if projection == "pca":
+        model = GDM(**{**model.config(), "obs_dim": data.obs_dim,
+                       "projection_matrix": pca_projection(data, model.latent_dim)})
+        if own_guide:
+            guide.model = model
+    if guide is None:
+        guide = LinearGuide(model, seed=seed)
+    if getattr(guide, "start", None) is not None:
+        return model, guide, "given", projection
+    linear = isinstance(guide, LinearGuide) and not isinstance(guide, MixtureGuide)
+    if start == "segmentation" and not linear:
+        raise ValueError(f"start='segmentation' fits a LinearGuide's encoder; got {type(guide).__name__} (use start='released')")
+    if start == "auto":
+        start = "segmentation" if supported and fully_observed and linear else "released"
+    if start == "segmentation":
+        guide.start = segmentation_start(model, data, guide=guide, num_restarts=num_restarts, seed=seed)
+    return model, guide, start, projection
+
+
+def _check_start_values(guide, obs_dim: int, start: str) -> None:
+    """FitError naming the start values that are not finite (before anything is compiled)."""
+    from ppl_switch.infer.errors import FitError
+
+    bad = sorted(k for k, v in guide.init_values(obs_dim).items() if not np.all(np.isfinite(np.asarray(v))))
+    if bad:
+        raise FitError(f"fit_gdm_svi: stage 'start' ({start}): non-finite start values for {bad}; "
+                       "pass start='released' or check the data's scale", step=0, sites={"params": bad})
+
+
+def _nonfinite_sites(model, guide, params, data, key) -> dict[str, list[str]]:
+    """Sites of the guide and of the program (replayed on the guide's draw) whose value or log-density is
+    not finite at ``params``, in one compiled call (tracing op by op takes minutes on a T = 1000 series)."""
+    from numpyro.handlers import replay, seed, substitute, trace
+
+    @jax.jit
+    def finite_flags(params, key):
+        guide_key, model_key = jax.random.split(key)
+        guide_tr = trace(substitute(seed(guide, guide_key), data=params)).get_trace(data)
+        model_tr = trace(replay(seed(model.program, model_key), guide_tr)).get_trace(data)
+        flags = {}
+        for where, tr in (("model", model_tr), ("guide", guide_tr)):
+            for name, site in tr.items():
+                if site["type"] == "sample":
+                    flags[("value", f"{where} site {name!r}")] = jnp.all(jnp.isfinite(site["value"]))
+                    flags[("log_density", f"{where} site {name!r}")] = jnp.all(jnp.isfinite(site["fn"].log_prob(site["value"])))
+        return flags
+
+    found = {"params": sorted(k for k, v in params.items() if not np.all(np.isfinite(np.asarray(v)))), "value": [], "log_density": []}
+    for (kind, name), ok in finite_flags(params, key).items():
+        if not bool(ok):
+            found[kind].append(name)
+    return found
+
+
+def _raise_nonfinite(svi, model, guide, state, data, step, losses):
+    """FitError for a non-finite ELBO at ``step``: names the sites whose value or log-density is not
+    finite at ``state`` (the parameters of the last chunk that ended finite) on a fresh draw."""
+    from ppl_switch.infer.errors import FitError
+
+    try:
+        found = _nonfinite_sites(model, guide, svi.get_params(state), data, jax.random.PRNGKey(step))
+        where = "; ".join(f"non-finite {kind.replace('_', '-')} at {', '.join(names)}" for kind, names in found.items() if names)
+        where = where or "no site is non-finite on a fresh draw (the failing draw was an outlier)"
+    except Exception as err:  # the diagnosis must never hide the failure itself
+        found, where = {}, f"(could not trace the program: {type(err).__name__}: {err})"
+    raise FitError(
+        f"fit_gdm_svi: stage 'svi': the ELBO became non-finite at step {step}. Traced at the parameters of the "
+        f"last finite chunk: {where}. Try a smaller learning_rate, a higher temperature, or x64.",
+        step=step, sites=found, losses=losses[: step + 1],
+    )
+
+
 def fit_gdm_svi(
     model: GDM,
     data,
     *,
     guide=None,
+    start: str = "auto",
+    projection: str = "auto",
+    num_restarts: int = 20,
     num_steps: int = 4000,
     num_particles: int = 10,
     learning_rate: float = 1e-2,
@@ -456,21 +570,40 @@ def fit_gdm_svi(
     seed: int = 0,
     progress: bool = False,
 ) -> GDMFit:
-    """GS-BBVI (paper §3) with the released code's optimiser settings.
+    """GS-BBVI (paper §3), by default from the data-driven start that measured best (model card,
+    "Default path").
 
-    Reparameterised Trace_ELBO with ``num_particles`` vectorised samples; optax chain
-    clip_by_global_norm(clip_norm) -> AdamW(weight_decay) on the schedule of :func:`learning_rate_schedule`.
+    Start and projection (the defaults measured best on fresh standard-NASCAR series, noise sd 0.01-1,
+    float32 and float64; the released code's protocol is ``start="released", projection="model"``):
+
+    * ``projection``: "pca" replaces a fixed random F by the data's D leading principal directions
+      (``models.gdm_start.pca_projection``); the fit's ``model`` is then a copy of ``model`` with that
+      ``projection_matrix``. "model" keeps the model's F. "auto" (default): "pca" when the model
+      supports the segmentation start (2-level, Gaussian, linear transition, no inputs), has no
+      ``projection_matrix`` of its own, no ``guide`` is passed and every step is fully observed.
+    * ``start``: "segmentation" starts SVI from the hard-state EM fit
+      (``models.gdm_start.segmentation_start``, best of ``num_restarts`` EM starts); "released" from the
+      released code's random start; "auto" (default): "segmentation" where supported, else "released".
+      A ``guide`` that carries its own ``start`` values is used as given. ``fit.start`` says which ran.
+
+    Optimiser (the released code's): reparameterised Trace_ELBO with ``num_particles`` vectorised samples;
+    clip_by_global_norm(clip_norm) -> AdamW(weight_decay) on :func:`learning_rate_schedule`.
     ``temperature``: None (the model's tau, 0.99), a float, or a callable step -> tau (e.g.
     :func:`temperature_schedule`). Early stopping as in the released code: stop once the mean per-step
     ELBO change over the last ``window`` steps is below ``tolerance``, checked at every step after
     ``min_steps`` (the run ends at the end of the chunk where this first happens, so at most
     ``chunk_size - 1`` extra steps at the final learning rate).
+
+    Raises:
+        FitError: non-finite start values (stage 'start') or a non-finite ELBO (stage 'svi'); the
+            message names the step and the sites found non-finite.
     """
-    start = _time.perf_counter()
+    begin = _time.perf_counter()
     if not isinstance(data, SequenceData):
         data = model.prepare(data)
     num_steps = check_positive_int(num_steps, "num_steps")
     num_particles = check_positive_int(num_particles, "num_particles")
+    num_restarts = check_positive_int(num_restarts, "num_restarts")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     for name, value in dict(learning_rate=learning_rate, final_learning_rate=final_learning_rate, clip_norm=clip_norm).items():
         if not float(value) > 0:
@@ -483,10 +616,8 @@ def fit_gdm_svi(
         tau_fn = lambda step: jnp.asarray(float(temperature))  # noqa: E731
     else:
         raise ValueError(f"temperature: expected a positive number or a callable, got {temperature!r}")
-    if guide is None:
-        from ppl_switch.guides.gdm_guides import LinearGuide
-
-        guide = LinearGuide(model, seed=seed)
+    model, guide, start, projection = _resolve_start(model, guide, data, start, projection, num_restarts, seed)
+    _check_start_values(guide, data.obs_dim, start)
     jdata = _device(data)
 
     optim = numpyro.optim.optax_to_numpyro(gdm_optimizer(learning_rate, final_learning_rate, warmup_steps, weight_decay, clip_norm))
@@ -505,11 +636,12 @@ def fit_gdm_svi(
     done = 0
     while done < num_steps:
         n = min(chunk_size, num_steps - done)
-        state, chunk_losses = run_chunk(state, jnp.arange(done, done + n), jdata)
+        new_state, chunk_losses = run_chunk(state, jnp.arange(done, done + n), jdata)
         chunk_losses = np.asarray(chunk_losses)
         if not np.all(np.isfinite(chunk_losses)):
             bad = done + int(np.argmin(np.isfinite(chunk_losses)))
-            raise FloatingPointError(f"fit_gdm_svi: the ELBO became non-finite at step {bad}; lower learning_rate or raise temperature")
+            _raise_nonfinite(svi, model, guide, state, jdata, bad, np.concatenate(losses + [chunk_losses]))
+        state = new_state
         losses.append(chunk_losses)
         done += n
         if progress:
@@ -517,4 +649,11 @@ def fit_gdm_svi(
         if early_stopping and _first_stop(-np.concatenate(losses), done - n, window, tolerance, min_steps) is not None:
             break
     svi_params = jax.tree.map(np.asarray, svi.get_params(state))
-    return GDMFit(model, guide, svi_params, np.concatenate(losses), done, _time.perf_counter() - start, data, seed)
+    bad = sorted(k for k, v in svi_params.items() if not np.all(np.isfinite(v)))
+    if bad:
+        from ppl_switch.infer.errors import FitError
+
+        raise FitError(f"fit_gdm_svi: stage 'svi': non-finite parameters {bad} after step {done} with a finite ELBO",
+                       step=done, sites={"params": bad}, losses=np.concatenate(losses))
+    return GDMFit(model, guide, svi_params, np.concatenate(losses), done, _time.perf_counter() - begin, data, seed,
+                  start, projection)

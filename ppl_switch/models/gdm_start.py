@@ -11,7 +11,7 @@ and this has closed-form EM (forward-backward, then weighted least squares per s
 :func:`hard_state_em` fits it from several starts and keeps the best log-likelihood;
 :func:`segmentation_start` turns the estimate into start values for the GDM's point estimates and its
 linear encoder (multinomial logistic regressions of the smoothed states on F y_{t-1} and on y_t), to pass
-as ``LinearGuide(model, start=...)``. :func:`pca_projection` gives a projection F that keeps the data's
+as ``LinearGuide(model, start=...)``; ``models.gdm.fit_gdm_svi`` does this by default (``start="auto"``). :func:`pca_projection` gives a projection F that keeps the data's
 leading principal subspace; the released code's random F can all but lose a latent direction (model card).
 """
 

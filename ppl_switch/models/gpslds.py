@@ -473,6 +473,7 @@ class GPSLDS(_LatentSDEModel):
     """
 
     name = "gpslds"
+    recommended_runner = ("svi_path_refinement", {"num_rounds": 2, "latent_scale": 2.0})  # the card's refined SVI fit
 
     def __init__(self, num_states: int = 2, latent_dim: int = 2, obs_dim: Optional[int] = None, input_dim: int = 0, *,
                  dt: float = 0.001, emission: str = "point_process", link: str = "softplus", features: str = "linear",

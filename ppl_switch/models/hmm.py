@@ -39,9 +39,10 @@ from ppl_switch.models._common import (
 )
 from ppl_switch.models._emissions import state_log_likelihoods
 from ppl_switch.models.base import Model
-from ppl_switch.ops.hmm import hmm_filter, hmm_sample, hmm_smoother, hmm_viterbi
+from ppl_switch.ops.hmm import hmm_filter, hmm_sample, hmm_smoother, hmm_viterbi, stationary_distribution
 
 EMISSIONS = ("gaussian", "diag_gaussian", "poisson")
+INITIAL_MODES = ("learned", "stationary")
 
 # Prior hyperparameters (stated in the module docstring and the model card).
 MEAN_PRIOR_SCALE = 5.0
@@ -63,6 +64,24 @@ def sample_markov_chain(key, initial_probs, transition_matrix, num_timesteps: in
     return jnp.concatenate([z0[None], rest]).astype(jnp.int32)
 
 
+def check_initial(initial, num_states: int):
+    """Validate the ``initial`` option: "learned", "stationary" or a fixed (K,) probability vector.
+
+    Returns the string, or the fixed vector as a float numpy array.
+    """
+    if isinstance(initial, str):
+        if initial not in INITIAL_MODES:
+            raise ValueError(f"initial: expected one of {INITIAL_MODES} or a ({num_states},) probability vector, got {initial!r}")
+        return initial
+    probs = np.asarray(initial, dtype=float)
+    if probs.shape != (num_states,) or not np.all(np.isfinite(probs)) or np.any(probs < 0) or abs(probs.sum() - 1) > 1e-6:
+        raise ValueError(
+            f"initial: a fixed initial distribution must be a ({num_states},) non-negative vector summing to 1, "
+            f"got {np.array2string(probs, precision=4)}"
+        )
+    return probs
+
+
 def per_step_log_likelihood(initial_probs, transition_matrix, log_likelihoods, step_mask) -> jax.Array:
     """(T,) log p(y_t | y_{<t}) for one trial; sums to the marginal log-likelihood, 0 where unobserved.
 
@@ -80,14 +99,44 @@ class StateChainModel(Model):
     """
 
     sticky: float = 0.0
+    #: p(z_0): "learned" (a Dirichlet(1) site), "stationary" (the stationary distribution of the
+    #: transition matrix, as in statsmodels' Markov switching models) or a fixed (K,) vector
+    initial: Any = "learned"
+
+    def initial_config(self):
+        """``initial`` as JSON (a list when fixed)."""
+        return self.initial if isinstance(self.initial, str) else [float(v) for v in self.initial]
+
+    @property
+    def learns_initial(self) -> bool:
+        return isinstance(self.initial, str) and self.initial == "learned"
 
     # ----- the chain prior ----------------------------------------------------------------------
     def sample_chain_params(self) -> tuple[jax.Array, jax.Array]:
         K = self.num_states
-        initial_probs = numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(K)))
+        if self.learns_initial:
+            initial_probs = numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(K)))
         concentration = jnp.ones((K, K)) + self.sticky * jnp.eye(K)
         transition_matrix = numpyro.sample("transition_matrix", dist.Dirichlet(concentration).to_event(1))
+        if not self.learns_initial:  # a function of P, or a constant: recorded, not sampled
+            initial_probs = numpyro.deterministic("initial_probs", self.initial_probs_of(transition_matrix))
         return initial_probs, transition_matrix
+
+    def initial_probs_of(self, transition_matrix) -> jax.Array:
+        """p(z_0) implied by ``initial`` when it is not learned: (K,) (batched over leading axes of P)."""
+        P = jnp.asarray(transition_matrix)
+        if self.learns_initial:
+            raise ValueError("initial_probs_of: initial='learned' has no implied initial distribution")
+        if isinstance(self.initial, str):  # "stationary"
+            return stationary_distribution(P)
+        return jnp.broadcast_to(jnp.asarray(self.initial, P.dtype), P.shape[:-1])
+
+    def chain_params(self, params) -> tuple[jax.Array, jax.Array]:
+        """(initial_probs, transition_matrix) of one draw; initial_probs derived when not learned."""
+        P = jnp.asarray(params["transition_matrix"])
+        if self.learns_initial:
+            return jnp.asarray(params["initial_probs"]), P
+        return self.initial_probs_of(P), P
 
     def step_mask(self, data: SequenceData) -> jax.Array:
         """(trials, T) bool: steps whose emission log-likelihood enters the chain."""
@@ -100,7 +149,7 @@ class StateChainModel(Model):
         """Add log p(y_n) of every trial, the state path summed out by the forward filter."""
         ll = self.emission_log_likelihoods(params, data)
         mask = self.step_mask(data)
-        pi, P = params["initial_probs"], params["transition_matrix"]
+        pi, P = self.chain_params(params)
         log_marginal = jax.vmap(lambda l, m: hmm_filter(pi, P, l, m).log_normalizer)(ll, mask)
         with numpyro.plate("trial", data.num_trials):
             numpyro.factor("y", log_marginal)
@@ -110,21 +159,21 @@ class StateChainModel(Model):
     # ----- quantities from one draw -------------------------------------------------------------
     def _per_step(self, params, ll, mask):
         fn = jax.vmap(per_step_log_likelihood, in_axes=(None, None, 0, 0))
-        return fn(params["initial_probs"], params["transition_matrix"], ll, mask)
+        return fn(*self.chain_params(params), ll, mask)
 
     def log_likelihood(self, params, data: SequenceData) -> jax.Array:
         return self._per_step(params, self.emission_log_likelihoods(params, data), self.step_mask(data))
 
     def state_posterior(self, params, data: SequenceData) -> dict[str, jax.Array]:
         ll, mask = self.emission_log_likelihoods(params, data), self.step_mask(data)
-        pi, P = params["initial_probs"], params["transition_matrix"]
+        pi, P = self.chain_params(params)
         probs = jax.vmap(lambda l, m: hmm_smoother(pi, P, l, m).smoothed_probs)(ll, mask)
         viterbi = jax.vmap(lambda l, m: hmm_viterbi(pi, P, l, m))(ll, mask)
         return {"state_probs": probs, "viterbi": viterbi}
 
     def sample_states(self, key, params, data: SequenceData) -> jax.Array:
         ll, mask = self.emission_log_likelihoods(params, data), self.step_mask(data)
-        pi, P = params["initial_probs"], params["transition_matrix"]
+        pi, P = self.chain_params(params)
         keys = jax.random.split(key, data.num_trials)
         return jax.vmap(lambda k, l, m: hmm_sample(k, pi, P, l, m))(keys, ll, mask)
 
@@ -146,12 +195,18 @@ class HMM(StateChainModel):
         obs_dim: D, or None to take it from the data (then pass it to simulate).
         emission: "gaussian" (full covariance), "diag_gaussian" or "poisson".
         sticky: extra Dirichlet concentration on self-transitions (>= 0; 0 = uniform Dirichlet(1) rows).
+        initial: p(z_0): "learned" (Dirichlet(1) prior), "stationary" (the stationary distribution of
+            the transition matrix) or a fixed (K,) probability vector.
     """
 
     name = "hmm"
+    recommended_runner = ("em", {})
 
-    def __init__(self, num_states: int, obs_dim: Optional[int] = None, emission: str = "gaussian", sticky: float = 0.0):
+    def __init__(
+        self, num_states: int, obs_dim: Optional[int] = None, emission: str = "gaussian", sticky: float = 0.0, initial="learned"
+    ):
         self.num_states = check_positive_int(num_states, "num_states")
+        self.initial = check_initial(initial, self.num_states)
         self.obs_dim = check_optional_dim(obs_dim, "obs_dim")
         if emission not in EMISSIONS:
             raise ValueError(f"emission: expected one of {EMISSIONS}, got {emission!r}")
@@ -160,7 +215,13 @@ class HMM(StateChainModel):
         self.input_dim = 0
 
     def config(self) -> dict[str, Any]:
-        return {"num_states": self.num_states, "obs_dim": self.obs_dim, "emission": self.emission, "sticky": self.sticky}
+        return {
+            "num_states": self.num_states,
+            "obs_dim": self.obs_dim,
+            "emission": self.emission,
+            "sticky": self.sticky,
+            "initial": self.initial_config(),
+        }
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         dims = {"initial_probs": ("state",), "transition_matrix": ("state", "state_to")}
@@ -209,6 +270,15 @@ class HMM(StateChainModel):
         corr = jnp.ones(scales.shape + (1,)) if corr is None else jnp.asarray(corr)
         return {"means": params["means"], "scale_tril": scales[..., :, None] * corr}
 
+    # ----- closed-form EM ----------------------------------------------------------------------
+    def em(self, data: SequenceData, **kw):
+        """Baum-Welch EM (restarts vmapped, one compiled program); see
+        :func:`ppl_switch.infer.hmm_em.chain_em` for the options (num_iters, num_restarts, tol, map,
+        params, min_covar). Returns ``(params, history)``."""
+        from ppl_switch.infer.hmm_em import chain_em  # infer builds on models: import at call time
+
+        return chain_em(self, data, **kw)
+
     # ----- replicates and simulation ------------------------------------------------------------
     def _emit(self, key, params, states) -> jax.Array:
         """(trials, T, D) emissions for a (trials, T) state path."""
@@ -237,7 +307,7 @@ class HMM(StateChainModel):
         @jax.jit  # one compilation instead of op-by-op dispatch
         def draw(key_z, key_y, params):
             keys = jax.random.split(key_z, num_trials)
-            chain = lambda k: sample_markov_chain(k, params["initial_probs"], params["transition_matrix"], num_timesteps)  # noqa: E731
+            chain = lambda k: sample_markov_chain(k, *self.chain_params(params), num_timesteps)  # noqa: E731
             states = jax.vmap(chain)(keys)
             return states, self._emit(key_y, params, states)
 

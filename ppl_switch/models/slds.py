@@ -457,6 +457,7 @@ class SLDS(Model):
     """
 
     name = "slds"
+    recommended_runner = ("em", {"num_restarts": 4, "num_iters": 100, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {})})  # structured mean-field EM (model card)
     #: the constructor arguments :meth:`config` records, in order (a subclass lists its own)
     _config_keys: ClassVar[tuple[str, ...]] = (
         "num_states", "latent_dim", "obs_dim", "input_dim", "emission", "emission_cov", "link", "bin_size", "stickiness",

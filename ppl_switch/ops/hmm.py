@@ -575,6 +575,22 @@ def hmm_sample(
     return jax.vmap(lambda k: _backward_sample(k, filtered, inputs, parallel))(keys)
 
 
+def stationary_distribution(transition_matrix: Array) -> Array:
+    """(K,) stationary distribution pi of a (K, K) row-stochastic matrix: pi P = pi, sum(pi) = 1.
+
+    Solves the linear system (I - P + 1 1')' pi = 1, which is non-singular exactly when the chain has
+    a unique stationary distribution (one recurrent class); differentiable in ``transition_matrix``.
+    Batches over leading axes.
+    """
+    P = jnp.asarray(transition_matrix)
+    if P.ndim < 2 or P.shape[-1] != P.shape[-2]:
+        raise ValueError(f"transition_matrix must have shape (..., K, K), got shape {P.shape}")
+    K = P.shape[-1]
+    system = jnp.eye(K, dtype=P.dtype) - P + 1.0
+    ones = jnp.ones(P.shape[:-1], P.dtype)
+    return jnp.linalg.solve(jnp.swapaxes(system, -1, -2), ones[..., None])[..., 0]
+
+
 __all__ = [
     "HMMFilterResult",
     "HMMSmootherResult",
@@ -583,4 +599,5 @@ __all__ = [
     "hmm_viterbi",
     "hmm_sample",
     "hmm_log_normalizer_from_logits",
+    "stationary_distribution",
 ]

@@ -1,0 +1,175 @@
+"""Mutation check: does the default test run catch deliberate one-line bugs?
+
+Each mutant replaces one line fragment in a scratch copy of this checkout and runs the tests that should
+catch it (default run only, i.e. not ``-m slow``). A mutant is *caught* when those tests fail, *survived*
+when they pass. Grow the list with each new model, runner or metric: a bug that survives names a test to
+write.
+
+    python benchmarks/mutants.py                 # all mutants (one pytest process each; ~1-3 min each on 2 cores)
+    python benchmarks/mutants.py --only nmse knn # names containing these words
+    python benchmarks/mutants.py --list
+
+Results (date, caught/survived) go to benchmarks/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Mutant(NamedTuple):
+    name: str
+    path: str  # relative to the checkout
+    old: str  # must occur exactly once in the file
+    new: str
+    tests: tuple[str, ...]  # pytest node ids / files (with -k after "::-k " if needed)
+    why: str
+
+
+MUTANTS = [
+    # ----- found surviving by the review of 2026-12-05 (issue 26); each now has a default-run test -----
+    Mutant(
+        "rslds bernoulli readout without posterior covariance",
+        "ppl_switch/models/_rslds_laplace_em.py",
+        "Egg = Egg.at[..., :D, :D].add(S)",
+        "Egg = Egg",
+        ("tests/test_rslds_m_steps.py",),
+        "E[x x'] without Cov[x]: the objective still never decreases, but the step is not its maximiser",
+    ),
+    Mutant(
+        "observed steps keep only fully observed steps",
+        "ppl_switch/results.py",
+        'observed = get_group(idata, "constant_data")["mask"].values.any(axis=-1)',
+        'observed = get_group(idata, "constant_data")["mask"].values.all(axis=-1)',
+        ("tests/test_results.py",),
+        "partly observed multi-dim steps dropped from the per-step loo view",
+    ),
+    Mutant(
+        "gpslds visited cells transposed",
+        "ppl_switch/analysis/gpslds_analysis.py",
+        "np.histogram2d(pts[:, 1], pts[:, 0], bins=[edges, edges])",
+        "np.histogram2d(pts[:, 0], pts[:, 1], bins=[edges, edges])",
+        ("tests/test_metrics.py",),
+        "the headline gpSLDS NMSE is computed on the wrong cells",
+    ),
+    Mutant(
+        "dynamics nmse normalised by the estimate",
+        "ppl_switch/analysis/gpslds_analysis.py",
+        "return float(np.sum((f_est - f_true) ** 2) / np.sum(f_true**2))",
+        "return float(np.sum((f_est - f_true) ** 2) / np.sum(f_est**2))",
+        ("tests/test_metrics.py",),
+        "the headline gpSLDS NMSE rewards a drift estimate that is too large",
+    ),
+    Mutant(
+        "gdm knn state accuracy with k = 1",
+        "ppl_switch/analysis/gdm_metrics.py",
+        "def inferred_state_accuracy(train_soft_states, train_labels, test_soft_states, test_labels, k: int = 10)",
+        "def inferred_state_accuracy(train_soft_states, train_labels, test_soft_states, test_labels, k: int = 1)",
+        ("tests/test_gdm.py",),
+        "the GDM paper's metric is 10-NN; 1-NN reports another number",
+    ),
+    Mutant(
+        "hmm pointwise log-likelihood scaled",
+        "ppl_switch/models/hmm.py",
+        "return self._per_step(params, self.emission_log_likelihoods(params, data), self.step_mask(data))",
+        "return self._per_step(params, 1.01 * self.emission_log_likelihoods(params, data), self.step_mask(data))",
+        ("tests/test_conformance.py::TestConformance_hmm_K2",),
+        "the log_likelihood group (loo, waic) no longer matches the likelihood the program fits",
+    ),
+    # ----- kernels and analyses (the oracle tests; caught in the 2026-12-05 review) -----
+    Mutant(
+        "hmm log normaliser drops the likelihood shift",
+        "ppl_switch/ops/hmm.py",
+        "return filtered, jnp.sum(jnp.log(c)) + jnp.sum(shift)",
+        "return filtered, jnp.sum(jnp.log(c))",
+        ("tests/test_ops_hmm.py",),
+        "forward algorithm against brute-force enumeration",
+    ),
+    Mutant(
+        "matched state accuracy without matching",
+        "ppl_switch/analysis/metrics.py",
+        "rows, cols = linear_sum_assignment(-confusion)",
+        "rows, cols = np.arange(len(confusion)), np.arange(len(confusion))",
+        ("tests/test_metrics.py",),
+        "accuracy after label matching against the best permutation by brute force",
+    ),
+]
+
+
+def _copy_checkout(dest: Path) -> None:
+    ignore = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", "*.nc", "out")
+    shutil.copytree(ROOT, dest, ignore=ignore)
+
+
+def run_mutant(mutant: Mutant, scratch: Path, timeout: float) -> tuple[str, float, str]:
+    """('caught' | 'survived' | 'not applied' | 'timeout', seconds, detail)."""
+    path = scratch / mutant.path
+    original = path.read_text()
+    count = original.count(mutant.old)
+    if count != 1:
+        return "not applied", 0.0, f"fragment found {count} times in {mutant.path}"
+    path.write_text(original.replace(mutant.old, mutant.new))
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:xdist", *mutant.tests],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start, ""
+    finally:
+        path.write_text(original)
+    seconds = time.perf_counter() - start
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode == 1:
+        return "caught", seconds, last
+    if proc.returncode == 0:
+        return "survived", seconds, last
+    return f"error (exit {proc.returncode})", seconds, last
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="run mutants whose name contains any of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default: 900)")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if not args.only or any(w in m.name for w in args.only)]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:<55} {m.path}  <- {', '.join(m.tests)}")
+        return 0
+    # a sanity check that every fragment still exists in the checkout, before anything runs
+    missing = [m.name for m in mutants if (ROOT / m.path).read_text().count(m.old) != 1]
+    if missing:
+        print(f"mutants whose fragment is not found exactly once (update the list): {missing}", file=sys.stderr)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ppl_switch_mutants_") as tmp:
+        scratch = Path(tmp) / "checkout"
+        _copy_checkout(scratch)
+        for m in mutants:
+            status, seconds, detail = run_mutant(m, scratch, args.timeout)
+            results.append((m, status))
+            print(f"{status:<12} {seconds:6.0f} s  {m.name}  ({detail})", flush=True)
+    caught = sum(s == "caught" for _, s in results)
+    survived = [m.name for m, s in results if s == "survived"]
+    print(f"{caught} caught, {len(survived)} survived, {len(results) - caught - len(survived)} other, of {len(results)}")
+    if survived:
+        print("survived: " + "; ".join(survived))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

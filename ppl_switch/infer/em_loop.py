@@ -1,0 +1,103 @@
+"""The EM driver shared by the HMM, ARHMM and LDS EMs: the whole iteration loop as one
+``lax.while_loop`` and the restarts as one ``vmap``, so a fit is a single compiled program.
+
+A family supplies three pure functions of JAX arrays:
+
+* ``init(key) -> params``: a starting point for one restart;
+* ``e_step(params) -> (stats, log_likelihood, objective)``: expected sufficient statistics at
+  ``params``, the data log-likelihood there, and the EM objective (log-likelihood, plus the log prior
+  under MAP);
+* ``m_step(params, stats) -> params``: the (conditional) maximiser.
+
+The loop stops after ``num_iters`` M-steps or when the objective has moved by less than
+``max(tol, eps |objective|)`` in ``PATIENCE`` consecutive iterations (the second term: changes below the
+float resolution are noise; the patience: EM can crawl across a plateau with gains near that
+resolution before it speeds up again, and one small step is no evidence of convergence).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: consecutive small changes of the objective that count as convergence
+PATIENCE = 3
+
+
+class EMRun(NamedTuple):
+    """Per-restart output of :func:`run_em` (leading axis: restarts R).
+
+    Attributes:
+        params: the final parameters (pytree, leading axis R).
+        log_likelihoods: (R, num_iters + 1) log-likelihood at the start of every iteration, then at the
+            final parameters in entry ``num_iterations``; NaN after it.
+        objectives: (R, num_iters + 1) the EM objective, laid out the same way.
+        num_iterations: (R,) M-steps taken.
+        converged: (R,) stopped by the tolerance (not by ``num_iters``).
+    """
+
+    params: Any
+    log_likelihoods: jax.Array
+    objectives: jax.Array
+    num_iterations: jax.Array
+    converged: jax.Array
+
+
+def run_em(init: Callable, e_step: Callable, m_step: Callable, keys, num_iters: int, tol: float) -> EMRun:
+    """Run EM from ``init(key)`` for every key in ``keys`` (R, 2) in one vmapped while loop.
+
+    Traceable: call it inside ``jax.jit`` with ``num_iters`` static.
+    """
+
+    def one(key):
+        p0 = init(key)
+        # every iteration: E-step at p_i (its objective is recorded), then p_{i+1} = M(p_i) unless
+        # the objective has stopped moving; the E-step and M-step are traced once each
+        dtype = jnp.result_type(*jax.tree.leaves(p0))
+        nan = jnp.full((num_iters + 1,), jnp.nan, dtype)
+        eps = jnp.finfo(dtype).eps
+
+        def cond(carry):
+            i, _, _, _, _, _, done = carry
+            return (i <= num_iters) & ~done
+
+        def body(carry):
+            i, p, obj_prev, small, lls, objs, _ = carry
+            stats, ll, obj = e_step(p)
+            lls, objs = lls.at[i].set(ll), objs.at[i].set(obj)
+            is_small = (i > 0) & (jnp.abs(obj - obj_prev) < jnp.maximum(tol, eps * jnp.abs(obj)))
+            small = jnp.where(is_small, small + 1, 0)
+            done = (small >= PATIENCE) | (i == num_iters) | ~jnp.isfinite(obj)
+            p_new = m_step(p, stats)
+            p = jax.tree.map(lambda new, old: jnp.where(done, old, new), p_new, p)
+            return i + 1, p, obj, small, lls, objs, done
+
+        carry = (jnp.asarray(0), p0, jnp.asarray(jnp.nan, dtype), jnp.asarray(0), nan, nan, jnp.asarray(False))
+        i, p, obj, _, lls, objs, done = jax.lax.while_loop(cond, body, carry)
+        n = i - 1  # M-steps taken: the last E-step evaluated the returned parameters
+        converged = (n < num_iters) & jnp.isfinite(obj)
+        return EMRun(p, lls, objs, n, converged)
+
+    return jax.vmap(one)(keys)
+
+
+def best_restart(run: EMRun) -> tuple[int, dict]:
+    """Index of the restart with the highest final objective, and the history dict a Fit stores."""
+    n = np.asarray(run.num_iterations)
+    objs = np.asarray(run.objectives, dtype=float)
+    lls = np.asarray(run.log_likelihoods, dtype=float)
+    final = objs[np.arange(len(n)), n]
+    if not np.isfinite(final).any():
+        raise FloatingPointError("EM: every restart ended with a non-finite objective (check the data's scale)")
+    best = int(np.nanargmax(np.where(np.isfinite(final), final, -np.inf)))
+    history = {
+        "log_likelihoods": lls[best, : n[best] + 1],
+        "objective": objs[best, : n[best] + 1],
+        "restart_objectives": final,
+        "num_iterations": int(n[best]),
+        "converged": bool(np.asarray(run.converged)[best]),
+    }
+    return best, history
