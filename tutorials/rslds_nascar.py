@@ -13,19 +13,17 @@
 # p(z_t = j | z_{t-1} = i, x_{t-1}) = softmax_j(R_ij + W_j x_{t-1} + r_j). On the NASCAR track the regime
 # is decided by location alone (two turns around (+-2, 0), two straights), so we fit
 # `transitions="recurrent_only"` with the fast path (Laplace-type variational EM, `fit_em`), then look
-# at the learned fixed points and the partition of latent space. Set `PPL_SWITCH_SMOKE=1` for a quick run.
+# at the learned fixed points and the partition of latent space. Set `PPL_SWITCH_SMOKE=1` for a quick run
+# (T = 300, 5 iterations, one start: its numbers are not the model card's).
 
 # %%
 import os
 
-import jax
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-
-jax.config.update("jax_enable_x64", True)
 
 from ppl_switch.analysis.fixed_points import STABILITY_TYPES, add_fixed_points_group, fixed_points, stability_types
 from ppl_switch.analysis.metrics import affine_align, affine_aligned_r2, matched_state_accuracy
@@ -48,21 +46,26 @@ y, z_true, x_true = sim["y"], sim["states"][0], sim["latents"][0]
 print("regime fractions:", np.bincount(z_true, minlength=4) / T)
 
 # %% [markdown]
-# ## 2. Fast path: Laplace EM, best of several starts
+# ## 2. Fast path: Laplace EM, the default call (float32)
 #
-# Starts: PCA + one AR(1) fit, segmentations from k-means on local linear dynamics (and one random sticky
-# segmentation); each start runs the same number of iterations and the highest objective wins. The
-# objective (an ELBO with the transition term at the mean of q(x)) never decreases.
+# Starts: PCA + one AR(1) fit, regime segmentations from k-means on local linear dynamics (two) and one
+# random sticky segmentation; each start runs 100 iterations and the highest final objective wins. The
+# objective (an ELBO with the transition term at the mean of q(x)) never decreases. `benchmarks/rslds.py --which
+# nascar` makes the same call on the same data, so the numbers printed here are the model card's.
 
 # %%
 model = RSLDS(num_states=4, latent_dim=2, obs_dim=10, transitions="recurrent_only")
-fit = fit_em(model, y, num_iters=5 if SMOKE else 50, num_restarts=1 if SMOKE else 2, x64=True)
+fit = fit_em(model, y, **(dict(num_iters=5, num_restarts=1) if SMOKE else {}))
 objective = -fit.losses
-print("objective non-decreasing:", bool(np.all(np.diff(objective) >= -1e-8 * np.abs(objective).max())))
+print("objective non-decreasing (up to float32 rounding):", bool(np.all(np.diff(objective) >= -1e-5 * np.abs(objective).max())))
 x_hat = fit.samples["x"][0, 0, 0]
 z_hat = fit.samples["q_state_probs"][0, 0, 0].argmax(-1)
-print("state accuracy:", matched_state_accuracy(z_true, z_hat, 4))
+accuracy = matched_state_accuracy(z_true, z_hat, 4)
+print("state accuracy:", accuracy)  # model card (full run, float32): 0.9898
 print("latent R2 after affine alignment:", affine_aligned_r2(x_hat, x_true))
+assert np.isfinite(objective).all()
+if not SMOKE:
+    assert accuracy >= 0.98, accuracy
 
 # %% [markdown]
 # ## 3. Fixed points and the regime partition

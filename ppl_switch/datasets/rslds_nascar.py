@@ -16,6 +16,15 @@ and x2 <- 0.9 x2 - 0.1 (bottom). With pure translations the overshoot of each di
 (up to one step of 0.25) enlarges the turning radius lap after lap, and the noise makes it a random
 walk; over 10,000 steps the track grows from radius 1 to > 30. The pull keeps the oval stationary and
 leaves the rotations' fixed points (+-2, 0) unchanged.
+
+:func:`simulate_reference_nascar` is the recipe of the recurrent-SLDS NASCAR example of the rSLDS
+authors' software (no lane pull; simulated here with our own code from the recipe):
+
+    logits = [100 (x1 - 2), 100 (-x1 - 2), 10 x2, -10 x2]           (recurrent-only, softer straights)
+    regime 0: clockwise rotation by pi/24 about (2, 0);  regime 1: clockwise by pi/48 about (-2, 0)
+    regime 2: x <- x + (0.1, 0);  regime 3: x <- x + (-0.25, 0)
+    x_t = A_z x_{t-1} + b_z + N(0, 1e-4 I);  x_0 ~ N((0, 1), 1e-4 I),  z_0 ~ uniform
+    y_t = C x_t + d + N(0, 1e-2 I),  C (N, 2) with orthonormal columns (QR of a N(0, 1) matrix), d ~ N(0, 1)
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import numpy as np
 
 from ppl_switch.datasets.nascar import nascar_parameters
 
-__all__ = ["rslds_nascar_parameters", "simulate_rslds_nascar"]
+__all__ = ["rslds_nascar_parameters", "simulate_rslds_nascar", "reference_nascar_parameters", "simulate_reference_nascar"]
 
 
 def rslds_nascar_parameters(obs_dim: int = 10, rng=None, dynamics_noise: float = 0.01, emission_noise: float = 0.1) -> dict:
@@ -78,5 +87,62 @@ def simulate_rslds_nascar(seed: int = 0, num_timesteps: int = 10000, obs_dim: in
         x_t = A[z_t] @ x_prev + b[z_t] + dynamics_noise * rng.standard_normal(2)
         z[t], x[t] = z_t, x_t
         z_prev, x_prev = z_t, x_t
+    y = x @ p["emission_matrix"].T + p["emission_bias"] + emission_noise * rng.standard_normal((T, N))
+    return {"y": y[None], "states": z[None], "latents": x[None], "params": p}
+
+
+def _clockwise(theta: float) -> np.ndarray:
+    return np.array([[np.cos(theta), np.sin(theta)], [-np.sin(theta), np.cos(theta)]])
+
+
+def reference_nascar_parameters(obs_dim: int = 10, rng=None, dynamics_noise: float = 0.01, emission_noise: float = 0.1) -> dict:
+    """True parameters of the reference recipe (module docstring) in the site names of
+    :class:`ppl_switch.models.rslds.RSLDS` (recurrent_only); C, d drawn from ``rng``."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    K, D = 4, 2
+    A = np.stack([_clockwise(np.pi / 24), _clockwise(np.pi / 48), np.eye(D), np.eye(D)])
+    centres = np.array([[2.0, 0.0], [-2.0, 0.0]])
+    b = np.array([(np.eye(D) - A[0]) @ centres[0], (np.eye(D) - A[1]) @ centres[1], [0.1, 0.0], [-0.25, 0.0]])
+    C = np.linalg.qr(rng.standard_normal((obs_dim, D)))[0]
+    return {
+        "initial_probs": np.full(K, 1.0 / K),
+        "transition_weights": np.array([[100.0, 0.0], [-100.0, 0.0], [0.0, 10.0], [0.0, -10.0]]),
+        "transition_bias": np.array([-200.0, -200.0, 0.0, 0.0]),
+        "dynamics_matrix": A,
+        "dynamics_bias": b,
+        "dynamics_scales": np.full((K, D), dynamics_noise),
+        "dynamics_corr_chol": np.broadcast_to(np.eye(D), (K, D, D)).copy(),
+        "initial_mean": np.array([0.0, 1.0]),
+        "initial_scales": np.full(D, dynamics_noise),
+        "emission_matrix": C,
+        "emission_bias": rng.standard_normal(obs_dim),
+        "emission_scales": np.full(obs_dim, emission_noise),
+        "fixed_points": np.concatenate([centres, np.full((2, 2), np.nan)]),
+    }
+
+
+def simulate_reference_nascar(seed: int = 0, num_timesteps: int = 10000, obs_dim: int = 10,
+                              dynamics_noise: float = 0.01, emission_noise: float = 0.1) -> dict:
+    """One trial of the reference recipe: ``y`` (1, T, N), ``states`` (1, T), ``latents`` (1, T, 2),
+    ``params`` (true values, as :func:`reference_nascar_parameters`)."""
+    T, N = int(num_timesteps), int(obs_dim)
+    if T < 1:
+        raise ValueError(f"num_timesteps: expected an integer >= 1, got {num_timesteps}")
+    if N < 2:
+        raise ValueError(f"obs_dim: expected an integer >= 2 (C has orthonormal columns), got {obs_dim}")
+    if dynamics_noise < 0 or emission_noise < 0:
+        raise ValueError("dynamics_noise, emission_noise: expected non-negative numbers")
+    rng = np.random.default_rng(seed)
+    p = reference_nascar_parameters(N, rng, dynamics_noise, emission_noise)
+    W, r, A, b = p["transition_weights"], p["transition_bias"], p["dynamics_matrix"], p["dynamics_bias"]
+    z = np.empty(T, int)
+    x = np.empty((T, 2))
+    z[0] = rng.integers(4)
+    x[0] = p["initial_mean"] + dynamics_noise * rng.standard_normal(2)
+    for t in range(1, T):
+        logits = W @ x[t - 1] + r
+        prob = np.exp(logits - logits.max())
+        z[t] = rng.choice(4, p=prob / prob.sum())
+        x[t] = A[z[t]] @ x[t - 1] + b[z[t]] + dynamics_noise * rng.standard_normal(2)
     y = x @ p["emission_matrix"].T + p["emission_bias"] + emission_noise * rng.standard_normal((T, N))
     return {"y": y[None], "states": z[None], "latents": x[None], "params": p}

@@ -19,9 +19,10 @@ What each model recommends, and why (the model cards hold the measurements):
 =========  ===================================================  ===============================================
 model      runner (options)                                     why
 =========  ===================================================  ===============================================
-hmm,       ``em`` (restarts)                                    closed-form Baum-Welch, best of several starts:
-arhmm                                                           seconds, and no chain stuck in a poor mode
-lds        ``svi`` (base default)                               no EM yet
+hmm,       ``em`` (8 restarts in one vmapped program)           closed-form Baum-Welch / Kalman EM, best of
+arhmm,                                                          several starts: at or above hmmlearn's and
+lds                                                             statsmodels' maxima on their real series, warm
+                                                                fits 0.00-0.25x their time (benchmarks/baselines.py)
 slds       ``em`` (4 restarts, 100 iterations); Poisson:        structured mean-field EM is the card's fast,
            ``svi`` with the Gauss-Markov path guide             monotone path; the restarts (k-means on local
                                                                 dynamics + a random sticky path) choose the mode
