@@ -31,7 +31,7 @@ class Mutant(NamedTuple):
     path: str  # relative to the checkout
     old: str  # must occur exactly once in the file
     new: str
-    tests: tuple[str, ...]  # pytest node ids / files (with -k after "::-k " if needed)
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, "-k", "expression"
     why: str
 
 
@@ -74,7 +74,7 @@ MUTANTS = [
         "ppl_switch/analysis/gdm_metrics.py",
         "def inferred_state_accuracy(train_soft_states, train_labels, test_soft_states, test_labels, k: int = 10)",
         "def inferred_state_accuracy(train_soft_states, train_labels, test_soft_states, test_labels, k: int = 1)",
-        ("tests/test_gdm.py",),
+        ("tests/test_gdm.py", "-k", "knn_state_accuracy"),
         "the GDM paper's metric is 10-NN; 1-NN reports another number",
     ),
     Mutant(
@@ -84,6 +84,23 @@ MUTANTS = [
         "return self._per_step(params, 1.01 * self.emission_log_likelihoods(params, data), self.step_mask(data))",
         ("tests/test_conformance.py::TestConformance_hmm_K2",),
         "the log_likelihood group (loo, waic) no longer matches the likelihood the program fits",
+    ),
+    # ----- this session's code (2026-12-06) -----
+    Mutant(
+        "nuts r-hat limit loosened",
+        "ppl_switch/infer/checks.py",
+        "R_HAT_LIMIT = 1.01",
+        "R_HAT_LIMIT = 1.1",
+        ("tests/test_never_silent.py",),
+        "a posterior with R-hat 1.05 would pass without a word",
+    ),
+    Mutant(
+        "hmm em weighted covariance with a wrong normaliser",
+        "ppl_switch/infer/hmm_em.py",
+        'cov = jnp.einsum("ntk,ntkd,ntke->kde", w, resid, resid) / jnp.maximum(nk, 1e-30)[:, None, None]',
+        'cov = jnp.einsum("ntk,ntkd,ntke->kde", w, resid, resid) / jnp.maximum(nk + 1.0, 1e-30)[:, None, None]',
+        ("tests/test_baseline_em.py",),
+        "the Gaussian M-step is no longer the maximiser (stationarity test)",
     ),
     # ----- kernels and analyses (the oracle tests; caught in the 2026-12-05 review) -----
     Mutant(

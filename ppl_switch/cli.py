@@ -602,12 +602,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Shows every default: argparse's "(default: X)", unless the help already says what the default is."""
 
     def _get_help_string(self, action):
-        help_text = action.help or ""
+        help_text = action.help.render() if isinstance(action.help, _LazyHelp) else (action.help or "")
         if "default:" in help_text or action.default is argparse.SUPPRESS:
             return help_text
         if action.required or (not action.option_strings and action.default is None):
             return help_text  # required: no default to show
         return super()._get_help_string(action) if help_text else "(default: %(default)s)"
+
+
+class _LazyHelp(str):
+    """A help text computed when the help is shown, not when the parser is built: the texts below read
+    the runners' and models' signatures, and importing those (JAX, NumPyro) would make every command,
+    ``ppl-switch list`` included, pay for it. The str value is a placeholder that argparse only tests
+    for being non-empty; :class:`HelpFormatter` renders the real text."""
+
+    def __new__(cls, make):
+        obj = super().__new__(cls, "(computed when shown)")
+        obj.make = make
+        return obj
+
+    def render(self) -> str:
+        return self.make()
 
 
 def _runner_default(runner: str, name: str) -> str:
@@ -667,27 +682,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="a built-in dataset name, a .npz or a .csv file (required)")
     p.add_argument("--method", choices=METHODS, default="auto",
                    help="auto: the model's recommended method (ppl_switch.infer.fit); svi, nuts or em (models with EM)")
-    p.add_argument("--num-states", type=int, help=f"number of discrete states ({_requirement('num_states')})")
-    p.add_argument("--latent-dim", type=int, help=f"latent dimension ({_requirement('latent_dim')})")
+    p.add_argument("--num-states", type=int, help=_LazyHelp(lambda: f"number of discrete states ({_requirement('num_states')})"))
+    p.add_argument("--latent-dim", type=int, help=_LazyHelp(lambda: f"latent dimension ({_requirement('latent_dim')})"))
     p.add_argument("--seed", type=int, default=0, help="seed of the fit (and of a built-in dataset)")
     p.add_argument("--out", required=True, help="the .nc file to write, with FILE.json beside it (required)")
     p.add_argument("--option", type=_parse_option, action="append",
                    help="model option NAME=VALUE, repeatable, e.g. emission=poisson (default: the model's)")
     auto = "; with --method auto, the recommended method's"
-    p.add_argument("--num-steps", type=int, help=f"SVI steps (default: {_runner_default('fit_svi', 'num_steps')}{auto})")
+    p.add_argument("--num-steps", type=int, help=_LazyHelp(lambda: f"SVI steps (default: {_runner_default('fit_svi', 'num_steps')}{auto})"))
     p.add_argument("--learning-rate", type=float,
-                   help=f"SVI learning rate (default: {_runner_default('fit_svi', 'learning_rate')}{auto})")
-    p.add_argument("--num-draws", type=int, help="SVI: posterior draws from the fitted guide "
-                                                 f"(default: {_runner_default('fit_svi', 'num_draws')}{auto})")
+                   help=_LazyHelp(lambda: f"SVI learning rate (default: {_runner_default('fit_svi', 'learning_rate')}{auto})"))
+    p.add_argument("--num-draws", type=int, help=_LazyHelp(lambda: "SVI: posterior draws from the fitted guide "
+                                                 f"(default: {_runner_default('fit_svi', 'num_draws')}{auto})"))
     p.add_argument("--num-warmup", type=int,
-                   help=f"NUTS warmup steps (default: {_runner_default('fit_nuts', 'num_warmup')}{auto})")
+                   help=_LazyHelp(lambda: f"NUTS warmup steps (default: {_runner_default('fit_nuts', 'num_warmup')}{auto})"))
     p.add_argument("--num-samples", type=int,
-                   help=f"NUTS draws per chain (default: {_runner_default('fit_nuts', 'num_samples')}{auto})")
+                   help=_LazyHelp(lambda: f"NUTS draws per chain (default: {_runner_default('fit_nuts', 'num_samples')}{auto})"))
     p.add_argument("--num-chains", type=int, help=f"NUTS chains (default: {NUTS_DEFAULT_CHAINS}, the fewest that give "
                                                   f"R-hat{auto})")
     p.add_argument("--init", choices=["prior", "svi"],
-                   help="NUTS start: prior (random, a different point per chain) or svi (every chain from a short "
-                        f"SVI fit; keeps chains out of poor modes) (default: {_runner_default('fit_nuts', 'init')}{auto})")
+                   help=_LazyHelp(lambda: "NUTS start: prior (random, a different point per chain) or svi (every chain from a short "
+                        f"SVI fit; keeps chains out of poor modes) (default: {_runner_default('fit_nuts', 'init')}{auto})"))
     p.add_argument("--num-iters", type=int, help="EM iterations (default: the model's EM setting, e.g. 100 for slds)")
     p.add_argument("--x64", action="store_true", help="compute in float64 (default: float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -739,7 +754,6 @@ def main(argv=None) -> int:
     except SystemExit as exit_:  # argparse's own usage errors (exit 2) and --help (exit 0)
         return exit_.code if isinstance(exit_.code, int) else 2
     from ppl_switch.data import DataError
-    from ppl_switch.infer import FitError
 
     prefix = f"ppl-switch {args.command}: error:"
     try:
@@ -753,7 +767,10 @@ def main(argv=None) -> int:
         if isinstance(err, NotImplementedError):  # a runner the model lacks, found late
             print(f"{prefix} {_one_line(err)}", file=sys.stderr)
             return 2
-        if isinstance(err, FitError):
+        # a FitError can only come from an imported ppl_switch.infer (importing it here would cost every
+        # command the JAX/NumPyro imports)
+        errors = sys.modules.get("ppl_switch.infer.errors")
+        if errors is not None and isinstance(err, errors.FitError):
             print(f"{prefix} {_one_line(err)}", file=sys.stderr)
             return 1
         hint = "" if args.debug or args.debug_main else " (rerun with --debug for the traceback)"

@@ -21,17 +21,52 @@ from numpyro.handlers import seed, substitute, trace
 DEFAULT_CHUNK_SIZE = 64
 
 
+def _freeze(value):
+    """A hashable, value-equal stand-in for a config value (dicts, lists, arrays, scalars)."""
+    if isinstance(value, dict):
+        return ("dict",) + tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_freeze(v) for v in value)
+    if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+        array = np.asarray(value)
+        return ("array", array.dtype.str, array.shape, array.tobytes())
+    try:
+        hash(value)
+    except TypeError:
+        return ("repr", repr(value))
+    return value
+
+
+def model_key(model):
+    """``(type, frozen model.config())``: models of the same class and config trace to the same program,
+    so compiled functions are shared between them (a new ``HMM(3, obs_dim=2)`` per fit reuses the first
+    one's compilations). None for an object without a usable ``config()`` (then identity is the key)."""
+    config = getattr(model, "config", None)
+    if not callable(config):
+        return None
+    try:
+        return (type(model), _freeze(config()))
+    except Exception:  # no config (NotImplementedError) or an unusual one: fall back to identity
+        return None
+
+
 class Static:
-    """Wraps a callable or model as a static argument of ``jax.jit`` that is hashed by identity (models
-    may be unhashable dataclasses; a bound method is identified by its object and function, since
-    ``model.method`` is a new object on every access). The jit cache holds the wrapped value, so an id
-    cannot be reused while its entry exists."""
+    """Wraps a callable or model as a static argument of ``jax.jit``.
+
+    A model (or a bound method of one) is hashed by its class and ``config()`` (:func:`model_key`), so a
+    new instance of the same model reuses the compiled code; anything else by identity (``model.method``
+    is a new object on every access, so a bound method is identified by its object and function). The
+    jit cache holds the wrapped value, so an id cannot be reused while its entry exists."""
 
     __slots__ = ("value", "_key")
 
     def __init__(self, value):
         self.value = value
-        self._key = (id(value.__self__), value.__func__) if inspect.ismethod(value) else (id(value),)
+        owner, func = (value.__self__, value.__func__) if inspect.ismethod(value) else (value, None)
+        key = model_key(owner)
+        if key is None:
+            key = (id(owner),)
+        self._key = key if func is None else (key, func)
 
     def __hash__(self):
         return hash(self._key)
@@ -116,24 +151,41 @@ class _KeyedFn(Static):
         return wrapped
 
 
-def draws_from_guide(program, guide, params, data, names, key, num_draws: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE):
+#: compiled draw functions of :func:`draws_from_guide`, by the caller's ``cache_key``
+_DRAW_FNS: dict = {}
+
+
+def draws_from_guide(program, guide, params, data, names, key, num_draws: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                     cache_key=None):
     """``num_draws`` posterior draws from a fitted guide, as ``{name: (1, num_draws, ...)}``.
 
     Each draw runs the guide (with its fitted ``params``) and then the model program with the guide's
     samples substituted, and keeps the model's values of ``names``: latent sites come from the guide,
     deterministic sites are recomputed by the model, and any latent site the guide does not sample is
     drawn from the model's conditional prior. One compiled function does all of it.
+
+    ``cache_key``: a hashable key saying that ``(program, guide)`` trace to the same functions as on an
+    earlier call with this key (same model config, guide kind and data shapes); the function compiled
+    then is reused. The guide object of that earlier call is the one traced, which is only valid when
+    its structure (sites, plates) is the same: the key must imply it. None: compile afresh.
     """
     names = tuple(names)
+    fn = None if cache_key is None else _DRAW_FNS.get((cache_key, names))
+    if fn is None:
 
-    def one(k, data_and_params):
-        d, p = data_and_params
-        guide_key, model_key = jax.random.split(k)
-        guide_tr = trace(substitute(seed(guide, guide_key), data=p)).get_trace(d)
-        latent = {name: site["value"] for name, site in guide_tr.items() if site["type"] == "sample"}
-        model_tr = trace(substitute(seed(program, model_key), data=latent)).get_trace(d)
-        return {name: model_tr[name]["value"] for name in names}
+        def one(k, data_and_params):
+            d, p = data_and_params
+            guide_key, program_key = jax.random.split(k)
+            guide_tr = trace(substitute(seed(guide, guide_key), data=p)).get_trace(d)
+            latent = {name: site["value"] for name, site in guide_tr.items() if site["type"] == "sample"}
+            model_tr = trace(substitute(seed(program, program_key), data=latent)).get_trace(d)
+            return {name: model_tr[name]["value"] for name in names}
 
+        fn = Static(one)
+        if cache_key is not None:
+            _DRAW_FNS[cache_key, names] = fn
+            while len(_DRAW_FNS) > 32:  # oldest first out
+                _DRAW_FNS.pop(next(iter(_DRAW_FNS)))
     chunk = max(1, min(int(chunk_size), num_draws))
-    out = _map_chunked(Static(one), chunk, jax.random.split(key, num_draws), (data, params))
+    out = _map_chunked(fn, chunk, jax.random.split(key, num_draws), (data, params))
     return {name: np.asarray(value)[None] for name, value in out.items()}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from numpyro.handlers import seed, trace
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.infer.draws import model_key
 
 
 def set_x64(x64: bool) -> None:
@@ -80,9 +81,20 @@ def model_sites(program, data: SequenceData, **kwargs) -> dict[str, dict[str, An
     return sites
 
 
+#: posterior site names by (model class and config, data structure, shapes and dtypes)
+_SITE_NAMES: dict = {}
+
+
 def posterior_site_names(model, data: SequenceData) -> list[str]:
     """Sites written to the posterior: the program's latent sample sites, plus its deterministic sites
-    that ``model.site_dims()`` lists (other deterministic sites are intermediate quantities)."""
+    that ``model.site_dims()`` lists (other deterministic sites are intermediate quantities).
+
+    Found by an abstract trace of the program, once per model config and data shapes (cached)."""
+    mkey = model_key(model)
+    leaves, tree = jax.tree.flatten(data)
+    key = None if mkey is None else (mkey, str(tree), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves))
+    if key is not None and key in _SITE_NAMES:
+        return list(_SITE_NAMES[key])
     try:
         listed = set(model.site_dims())
     except NotImplementedError:
@@ -92,6 +104,8 @@ def posterior_site_names(model, data: SequenceData) -> list[str]:
         latent = info["type"] == "sample" and not info["observed"]
         if latent or (info["type"] == "deterministic" and name in listed):
             names.append(name)
+    if key is not None:
+        _SITE_NAMES[key] = tuple(names)
     return names
 
 

@@ -23,7 +23,7 @@ from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
 from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
-from ppl_switch.infer.draws import draws_from_guide
+from ppl_switch.infer.draws import draws_from_guide, model_key
 from ppl_switch.infer.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import (
@@ -100,6 +100,39 @@ def _make_chunk_runner(svi: SVI, chunk: int, num_steps: int):
         return state, fail_step, losses
 
     return run
+
+
+#: compiled chunk runners by :func:`_runner_key`, oldest first (at most ``_MAX_CACHED`` kept)
+_RUNNERS: dict = {}
+_MAX_CACHED = 32
+
+
+def _runner_key(model, guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev):
+    """What a compiled chunk runner depends on, or None (then nothing is cached): the model's class and
+    config, the guide (the model's default guide, or that guide object), the optimiser (the default at
+    this learning rate, or that object), the ELBO's particles, the chunk layout and the data's pytree
+    structure, shapes and dtypes (they fix the guide's plates). Two fits with equal keys trace the same
+    program, so the second reuses the first one's compiled steps."""
+    mkey = model_key(model)
+    if mkey is None:
+        return None
+    guide_key = "default" if guide is None else ("id", id(guide))
+    optim_key = ("default", float(learning_rate)) if optimizer is None else ("id", id(optimizer))
+    leaves, tree = jax.tree.flatten(dev)
+    shapes = tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
+    return (mkey, guide_key, optim_key, num_particles, chunk, num_steps, str(tree), shapes, bool(jax.config.jax_enable_x64))
+
+
+def _cached_runner(key, make, keep_alive):
+    """The runner cached under ``key`` or ``make()`` (cached; ``keep_alive`` holds the objects whose ids
+    the key uses, so that an id cannot be reused while its entry exists)."""
+    if key is None:
+        return make()
+    if key not in _RUNNERS:
+        _RUNNERS[key] = (make(), keep_alive)
+        while len(_RUNNERS) > _MAX_CACHED:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+    return _RUNNERS[key][0]
 
 
 def _progress(total: int, enabled: bool):
@@ -204,6 +237,7 @@ def fit_svi(
     found = data_scale_warnings(model, data)
     emit(found)
     optim = _as_numpyro_optim(optimizer, learning_rate)
+    user_guide = guide
     guide = default_guide_for(model) if guide is None else guide
 
     dev = device_data(data)
@@ -215,7 +249,11 @@ def fit_svi(
         state = svi.init(key_init, dev)
 
     chunk = max(1, math.ceil(num_steps / NUM_PROGRESS_UPDATES))
-    run_chunk = _make_chunk_runner(svi, chunk, num_steps)
+    # Compiled once per model config, guide, optimiser and data shapes: a later fit with equal key reuses
+    # the runner (and the draw function below) traced with the first fit's svi/guide objects, which
+    # have the same structure; this fit's own guide was initialised above from its own seed and data.
+    cache_key = _runner_key(model, user_guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev)
+    run_chunk = _cached_runner(cache_key, lambda: _make_chunk_runner(svi, chunk, num_steps), (user_guide, optimizer))
     fail_step = jnp.array(-1, dtype=jnp.int32)
     chunks = []
     with _progress(num_steps, progress_bar) as bar:
@@ -235,7 +273,8 @@ def fit_svi(
 
     params = svi.get_params(state)
     names = posterior_site_names(model, dev)
-    samples = draws_from_guide(model.program, guide, params, dev, names, key_draws, num_draws)
+    samples = draws_from_guide(model.program, guide, params, dev, names, key_draws, num_draws,
+                               cache_key=None if cache_key is None else cache_key[:2] + cache_key[6:])
     require_finite("SVI posterior draws", samples, losses=losses,
                    hint="The guide's parameters are finite but its draws are not; check the constraints of these sites.")
     estimate = guide_median(guide, params, names)
