@@ -323,7 +323,7 @@ def test_residual_covariances_equal_the_conjugate_m_step():
         prior = model.em_prior(N)
         learn = frozenset({"dynamics", "emission_matrix", "emission_bias", "emission_cov"})
         want = sw.em_m_step(p, stats, prior, learn, not full, tied)
-        got = lem.residual_covariances(want, post, gamma, y, mask, tm, u, prior, learn, not full, tied)
+        got = sw.residual_covariances(want, post, gamma, y, mask, tm, u, prior, learn, not full, tied)
         np.testing.assert_allclose(got["dynamics_covs"], want["dynamics_covs"], rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(got["emission_cov"], want["emission_cov"], rtol=1e-10, atol=1e-12)
 
@@ -340,7 +340,7 @@ def test_residual_covariances_stay_accurate_in_float32_on_near_noiseless_data():
     prior = model.em_prior(N, jnp.float32)
     learn = frozenset({"dynamics", "emission_matrix", "emission_bias", "emission_cov"})
     p = sw.em_m_step(p, stats, prior, learn, True)
-    got = lem.residual_covariances(p, post, gamma, y, mask, tm, u, prior, learn, True, False)
+    got = sw.residual_covariances(p, post, gamma, y, mask, tm, u, prior, learn, True, False)
     # oracle: the same maximiser in float64 numpy, at the float32 step's regression weights
     A, b = np.asarray(p["dynamics_matrices"], float), np.asarray(p["dynamics_biases"], float)
     W = np.concatenate([A, b[..., None]], -1)

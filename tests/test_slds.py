@@ -349,7 +349,7 @@ def test_em_start_fits_one_shared_lds_first():
     run = _compiled_em(learn, 30, True, True, False)
     args = (jnp.asarray(data.y), jnp.asarray(data.mask), jnp.asarray(data.time_mask), jnp.zeros((1, 150, 0)), model.em_prior(2))
     uniform = jnp.full((1, 1, 150, 2), 0.5)
-    _, trace, _ = run(jax.tree.map(lambda a: a[None], base), uniform, *args)
+    trace = run(jax.tree.map(lambda a: a[None], base), uniform, *args)[1]
     trace = np.asarray(trace[0])
     assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1])), np.diff(trace).min()
     fitted = _single_lds_fit(run, base, *args)
@@ -611,3 +611,64 @@ def test_gaussian_pointwise_log_likelihood_is_the_collapsed_filter():
     sp = jax.tree.map(lambda a: a[0], model.switching_params(truth["params"], data))
     exact = sw.exact_log_likelihood_by_enumeration(sp, jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
     np.testing.assert_allclose(ll.sum(), exact, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The residual-form covariance M-step and never-silent restarts
+
+
+def _smf_em_inputs(seed=3, T=60):
+    sim = simulate_slds_tutorial(seed=seed, num_trials=2, num_timesteps=T)
+    y = jnp.asarray(sim["y"])
+    B, _, N = y.shape
+    gamma = jnp.asarray(np.eye(2)[sim["states"]], jnp.float64)
+    return y, gamma, jnp.ones(y.shape, bool), jnp.ones((B, T), bool), jnp.zeros((B, T, 0))
+
+
+@pytest.mark.parametrize("emission_cov,tied", [("diagonal", False), ("full", True)])
+def test_smf_em_with_residual_covariances_equals_the_moment_form_in_float64(monkeypatch, emission_cov, tied):
+    """Exact arithmetic: Q_k and R from per-step residuals (sw.residual_covariances) are the conjugate
+    M-step's maximisers, so 15 EM iterations give the moment form's parameters and objective."""
+    y, gamma, m, tm, u = _smf_em_inputs()
+    model = SLDS(2, 2, obs_dim=2, emission_cov=emission_cov)
+    p = model.params_to_em(model.default_params(jax.random.PRNGKey(1)), jnp.float64)
+    prior, learn, diag = model.em_prior(2, jnp.float64), frozenset(sw.EM_GROUPS), emission_cov == "diagonal"
+
+    def run():
+        p1 = sw.em_init_step(p, gamma, y, m, tm, u, prior, learn, diag, tied)
+        return sw.structured_mean_field_em(p1, gamma, y, m, tm, u, prior, learn, 15, diag, tied)[:2]
+
+    new_p, new_trace = run()
+    monkeypatch.setattr(sw, "residual_covariances", lambda p, *args: p)  # the moment form alone
+    old_p, old_trace = run()
+    for name in old_p:
+        np.testing.assert_allclose(new_p[name], old_p[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    np.testing.assert_allclose(new_trace, old_trace, rtol=1e-12)
+    assert not np.allclose(new_p["dynamics_covs"], p["dynamics_covs"])  # the M-step did move Q_k
+
+
+def test_slds_em_with_a_non_finite_m_step_raises_fit_error_naming_the_stage(monkeypatch):
+    """Never silent: a NaN Q_k from the M-step drops every restart; FitError names stage and iteration."""
+    import ppl_switch.models.slds as slds_module
+    from ppl_switch.infer.errors import FitError
+
+    monkeypatch.setattr(slds_module, "_EM_CACHE", {})  # compile the broken M-step afresh, then forget it
+    monkeypatch.setattr(sw, "residual_covariances", lambda p, *args: {**p, "dynamics_covs": p["dynamics_covs"] * jnp.nan})
+    sim = simulate_slds_tutorial(seed=0, num_trials=1, num_timesteps=30)
+    model = SLDS(2, 2, obs_dim=2)
+    with pytest.raises(FitError, match=r"every restart became non-finite \(restart 0: stage 'start' at iteration 0; restart 1"), \
+            pytest.warns(RuntimeWarning, match="shared-LDS start became non-finite"):
+        model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=3, num_restarts=2)
+
+
+def test_first_nonfinite_stage_names_the_first_failing_stage():
+    from ppl_switch.models.slds import _first_nonfinite_stage
+
+    ok = {"start": True, "e_step": np.ones(4, bool), "m_step": np.ones(3, bool)}
+    assert _first_nonfinite_stage(ok) is None
+    assert _first_nonfinite_stage({**ok, "start": False}) == ("start", 0)
+    assert _first_nonfinite_stage({**ok, "m_step": np.array([True, False, False])}) == ("M-step", 1)
+    assert _first_nonfinite_stage({**ok, "e_step": np.array([True, True, False, False]),
+                                   "m_step": np.array([True, False, False])}) == ("M-step", 1)
+    assert _first_nonfinite_stage({**ok, "e_step": np.array([True, False, False, False])}) == ("E-step", 1)
+    assert _first_nonfinite_stage({**ok, "e_step": np.array([True, True, True, False])}) == ("final E-step", 3)

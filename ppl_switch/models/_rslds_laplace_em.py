@@ -41,6 +41,7 @@ from ppl_switch.models._rslds_transitions import path_transition_logits, path_tr
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_smoother
 from ppl_switch.ops.switching import chain_solve  # re-exported: the Newton step's solver
+from ppl_switch.ops.switching import residual_covariances  # re-exported: the stable Q_k / R update
 
 #: candidate step sizes of every damped Newton step (0 keeps the current point: never a decrease)
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.0)
@@ -241,64 +242,6 @@ def transition_m_step(kind, tp, prior: TransitionPrior, mus, pairwise, time_mask
 
     flat, _ = lax.scan(newton, flat0, None, length=num_newton)
     return unravel(flat)
-
-
-def residual_covariances(p, posts, gamma, y, mask, time_mask, inputs, prior: sw.EMPrior, learn: frozenset, diagonal: bool,
-                         tied: bool):
-    """Q_k and R of the conjugate M-step recomputed from per-step residuals (same maximiser, stable).
-
-    ``ops.switching.em_m_step`` forms the residual scatter as Syy - W Syf' - Syf W' + W Sff W' from
-    summed second moments. On near-noiseless data (observation sd 0.01, nearly deterministic dynamics)
-    the sums are O(T |x|^2) while the scatter is O(T Q): in float32 the difference loses every digit and
-    goes indefinite (Q_k with a negative diagonal after ~13 iterations on NASCAR, T = 3000, then NaN
-    everywhere). Here the same quantity is summed term by term from residuals of the means plus the
-    small covariance corrections, each of which is already of the size of the result:
-
-        Q_k = [sum_t w_tk E_q[e_tk e_tk'] + (W_k - W0) V0^-1 (W_k - W0)' + Psi] / (n_k + F + nu + D + 1),
-        e_tk = x_{t+1} - A_k x_t - b_k - B_k u_{t+1},
-        E_q[e e'] = r r' + S_{t+1} - A_k X_t' - X_t A_k' + A_k S_t A_k'   (r: residual of the means);
-        R_nn = [sum_t m_tn ((y_tn - c_n mu_t - d_n)^2 + c_n S_t c_n') + psi_n] / (n_n + nu + 2)   (diagonal),
-
-    the full-R case likewise. Exact arithmetic gives ``em_m_step``'s values (tested), so the objective
-    stays monotone. posts: ChainPosterior with leading trial axis (means (B, T, D), covs, cross_covs
-    (B, T-1, D, D) = Cov[x_{t+1}, x_t]); gamma (B, T, K); p: params after ``em_m_step``.
-    """
-    p = dict(p)
-    D = p["initial_mean"].shape[0]
-    mu, S, X = posts.means, posts.covs, posts.cross_covs
-    if "dynamics" in learn:
-        A = p["dynamics_matrices"]
-        b = p["dynamics_biases"][None, None] + jnp.einsum("kdu,btu->btkd", p["input_matrices"], inputs[:, 1:])
-        r = mu[:, 1:, None, :] - jnp.einsum("kij,btj->btki", A, mu[:, :-1]) - b  # (B, T-1, K, D)
-        AX = jnp.einsum("kij,btlj->btkil", A, X)  # A_k Cov[x_t, x_{t+1}] (B, T-1, K, D, D)
-        ASA = jnp.einsum("kij,btjl,kml->btkim", A, S[:, :-1], A)
-        E = S[:, 1:, None] - AX - jnp.swapaxes(AX, -1, -2) + ASA + r[..., :, None] * r[..., None, :]
-        w = gamma[:, 1:] * time_mask[:, 1:, None]  # (B, T-1, K)
-        scatter = jnp.einsum("btk,btkij->kij", w, E)
-        W = jnp.concatenate([A, p["dynamics_biases"][..., None], p["input_matrices"]], -1)
-        dW = W - prior.dynamics_prior_mean
-        scatter = scatter + dW @ prior.dynamics_prior_precision @ jnp.swapaxes(dW, -1, -2)
-        F = W.shape[-1]
-        n = w.sum((0, 1))
-        if tied:
-            Q = sw._sym(jnp.sum(scatter, 0) + prior.dynamics_cov_scale) / (jnp.sum(n) + W.shape[0] * F + prior.dynamics_cov_dof + D + 1)
-            p["dynamics_covs"] = jnp.broadcast_to(Q, scatter.shape)
-        else:
-            p["dynamics_covs"] = sw._sym(scatter + prior.dynamics_cov_scale) / (n + F + prior.dynamics_cov_dof + D + 1)[:, None, None]
-    if "emission_cov" in learn:
-        C, d = p["emission_matrix"], p["emission_bias"]
-        resid = jnp.where(mask, y - jnp.einsum("nd,btd->btn", C, mu) - d, 0.0)  # (B, T, N)
-        if diagonal:
-            m = mask.astype(mu.dtype)
-            cov_part = jnp.einsum("nd,btde,ne->btn", C, S, C)
-            sq = jnp.sum(m * (resid**2 + cov_part), (0, 1))
-            p["emission_cov"] = jnp.diag((sq + prior.emission_cov_scale) / (m.sum((0, 1)) + prior.emission_cov_dof + 2))
-        else:
-            step = jnp.any(mask, -1).astype(mu.dtype)  # (B, T): full R needs all-or-nothing steps
-            E = resid[..., :, None] * resid[..., None, :] + jnp.einsum("nd,btde,me->btnm", C, S, C)
-            N = C.shape[0]
-            p["emission_cov"] = sw._sym(jnp.einsum("bt,btnm->nm", step, E) + prior.emission_cov_scale) / (step.sum() + prior.emission_cov_dof + N + 1)
-    return p
 
 
 # --------------------------------------------------------------------------------------------------

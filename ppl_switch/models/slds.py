@@ -41,6 +41,7 @@ filter :meth:`SLDS.filter` for online filtering and an approximate log p(y).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -1106,7 +1107,12 @@ class SLDS(Model):
             needs_init_step = True
             run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
             if K > 1:  # fit one shared LDS first: the least-squares start puts the observation noise into Q
-                base = _single_lds_fit(run, base, y, m, tm, u, prior)
+                shared = _single_lds_fit(run, base, y, m, tm, u, prior)
+                if all(bool(jnp.all(jnp.isfinite(v))) for v in shared.values()):
+                    base = shared
+                else:  # never silent; the restarts can still succeed from the least-squares start
+                    warnings.warn("SLDS.em: the shared-LDS start became non-finite; the restarts start from the "
+                                  "least-squares start instead", RuntimeWarning, stacklevel=2)
             # starts: k-means on local dynamics of the LDS-smoothed path (all but one restart) and random
             # sticky segments
             starts = _local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
@@ -1117,8 +1123,21 @@ class SLDS(Model):
         # restarts one after another through the same compiled run (a leading axis of one): the
         # same total work on CPU as a vmap over restarts, with a restart's memory only
         results = [run(jax.tree.map(lambda a: a[None], p_r), g_r[None], y, m, tm, u, prior) for p_r, g_r in zip(p0, gammas)]
-        p_fit, traces, q = jax.tree.map(lambda *a: jnp.concatenate(a), *results)
-        best = int(jnp.argmax(traces[:, -1]))
+        p_fit, traces, q, checks = jax.tree.map(lambda *a: jnp.concatenate(a), *results)
+        # never silent: a restart with a non-finite value is dropped (warning); none left is a FitError
+        failures = [_first_nonfinite_stage(jax.tree.map(lambda a: np.asarray(a[r]), checks)) for r in range(len(results))]
+        failed = [f"restart {r}: stage {f[0]!r} at iteration {f[1]}" for r, f in enumerate(failures) if f]
+        if len(failed) == len(results):
+            from ppl_switch.infer.errors import FitError  # lazy: models sit below infer
+
+            raise FitError(f"SLDS.em: every restart became non-finite ({'; '.join(failed)}); nothing is returned. "
+                           "Try x64=True, standardised y, or more informative priors",
+                           sites={"params": sorted(k for k, v in p_fit.items() if not np.all(np.isfinite(np.asarray(v))))})
+        if failed:
+            warnings.warn(f"SLDS.em: {len(failed)} of {len(results)} restarts became non-finite and were dropped: "
+                          + "; ".join(failed), RuntimeWarning, stacklevel=2)
+        finals = np.where([f is None for f in failures], np.asarray(traces[:, -1]), -np.inf)
+        best = int(np.argmax(finals))
         p_best = jax.tree.map(lambda a: a[best], p_fit)
         q_best = jax.tree.map(lambda a: a[best], q)
         out = self.params_from_em(p_best)
@@ -1127,7 +1146,8 @@ class SLDS(Model):
         history = {
             "log_likelihoods": np.asarray(traces[best]),
             "objective": "ELBO + log prior of the M-step's conjugate regularisers (non-decreasing)",
-            "restart_objectives": np.asarray(traces[:, -1]),
+            "restart_objectives": np.where([f is None for f in failures], np.asarray(traces[:, -1]), np.nan),
+            "failed_starts": failed,
         }
         if return_posterior:
             return out, history, q_best
@@ -1141,13 +1161,32 @@ def _compiled_em(learn: frozenset, num_iters: int, diagonal: bool, init_step: bo
         def one(p, gamma, y, m, tm, u, prior):
             if init_step:
                 p = sw.em_init_step(p, gamma, y, m, tm, u, prior, learn, diagonal, tied)
-            return sw.structured_mean_field_em(p, gamma, y, m, tm, u, prior, learn, num_iters, diagonal, tied)
+            start_ok = sw.all_finite(p)  # the start after the symmetry-breaking M-step
+            p, trace, q, checks = sw.structured_mean_field_em(p, gamma, y, m, tm, u, prior, learn, num_iters, diagonal,
+                                                              tied, return_checks=True)
+            return p, trace, q, {**checks, "start": start_ok}
 
         _EM_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
     return _EM_CACHE[key]
 
 
 _EM_CACHE: dict = {}
+
+
+def _first_nonfinite_stage(checks) -> Optional[tuple]:
+    """(stage, iteration) of the first non-finite value of one EM run, or None when all are finite.
+
+    ``checks``: {"start": bool, "e_step": (I + 1,) bool, "m_step": (I,) bool} from the compiled run; the
+    E-step of iteration i runs before its M-step, and the last E-step is the final one."""
+    if not checks["start"]:
+        return ("start", 0)
+    num_iters = len(checks["m_step"])
+    for i in range(num_iters + 1):
+        if not checks["e_step"][i]:
+            return ("E-step" if i < num_iters else "final E-step", i)
+        if i < num_iters and not checks["m_step"][i]:
+            return ("M-step", i)
+    return None
 
 _REGIME_KEYS = ("dynamics_matrices", "dynamics_biases", "input_matrices", "dynamics_covs")
 
@@ -1162,7 +1201,7 @@ def _single_lds_fit(run, base, y, m, tm, u, prior):
     B, T = y.shape[:2]
     K = base["transition_matrix"].shape[0]
     uniform = jnp.full((1, B, T, K), 1.0 / K, y.dtype)
-    p_fit, _, _ = run(jax.tree.map(lambda a: a[None], base), uniform, y, m, tm, u, prior)
+    p_fit = run(jax.tree.map(lambda a: a[None], base), uniform, y, m, tm, u, prior)[0]
     p_fit = jax.tree.map(lambda a: a[0], p_fit)
     out = dict(base)
     for name in ("initial_mean", "initial_cov", "emission_matrix", "emission_bias", "emission_cov"):

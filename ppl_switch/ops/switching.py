@@ -19,6 +19,8 @@ What is here:
   information form (block-tridiagonal precision J and linear term h): means, marginal and lag-one
   covariances, log normaliser and log|J| in O(T D^3). This is the q(x) step of structured mean-field
   variational EM, whose q(z)-averaged dynamics are naturally a block-tridiagonal precision.
+* the structured mean-field EM itself (:func:`structured_mean_field_em`, :func:`em_m_step`) and
+  :func:`residual_covariances`, the float32-stable form of its Q_k / R update (shared with the rSLDS).
 """
 
 from __future__ import annotations
@@ -662,6 +664,64 @@ def em_m_step(p, stats, prior: EMPrior, learn: frozenset, diagonal_emission: boo
     return p
 
 
+def residual_covariances(p, posts, gamma, y, mask, time_mask, inputs, prior: EMPrior, learn: frozenset, diagonal: bool,
+                         tied: bool):
+    """Q_k and R of the conjugate M-step recomputed from per-step residuals (same maximiser, stable).
+
+    :func:`em_m_step` forms the residual scatter as Syy - W Syf' - Syf W' + W Sff W' from
+    summed second moments. On near-noiseless data (observation sd 0.01, nearly deterministic dynamics)
+    the sums are O(T |x|^2) while the scatter is O(T Q): in float32 the difference loses every digit and
+    goes indefinite (Q_k with a negative diagonal after ~13 iterations of the rSLDS EM on NASCAR, T = 3000, then
+    NaN everywhere). Here the same quantity is summed term by term from residuals of the means plus the
+    small covariance corrections, each of which is already of the size of the result:
+
+        Q_k = [sum_t w_tk E_q[e_tk e_tk'] + (W_k - W0) V0^-1 (W_k - W0)' + Psi] / (n_k + F + nu + D + 1),
+        e_tk = x_{t+1} - A_k x_t - b_k - B_k u_{t+1},
+        E_q[e e'] = r r' + S_{t+1} - A_k X_t' - X_t A_k' + A_k S_t A_k'   (r: residual of the means);
+        R_nn = [sum_t m_tn ((y_tn - c_n mu_t - d_n)^2 + c_n S_t c_n') + psi_n] / (n_n + nu + 2)   (diagonal),
+
+    the full-R case likewise. Exact arithmetic gives :func:`em_m_step`'s values (tested), so the objective
+    stays monotone. posts: ChainPosterior with leading trial axis (means (B, T, D), covs, cross_covs
+    (B, T-1, D, D) = Cov[x_{t+1}, x_t]); gamma (B, T, K); p: params after ``em_m_step``.
+    """
+    p = dict(p)
+    D = p["initial_mean"].shape[0]
+    mu, S, X = posts.means, posts.covs, posts.cross_covs
+    if "dynamics" in learn:
+        A = p["dynamics_matrices"]
+        b = p["dynamics_biases"][None, None] + jnp.einsum("kdu,btu->btkd", p["input_matrices"], inputs[:, 1:])
+        r = mu[:, 1:, None, :] - jnp.einsum("kij,btj->btki", A, mu[:, :-1]) - b  # (B, T-1, K, D)
+        AX = jnp.einsum("kij,btlj->btkil", A, X)  # A_k Cov[x_t, x_{t+1}] (B, T-1, K, D, D)
+        ASA = jnp.einsum("kij,btjl,kml->btkim", A, S[:, :-1], A)
+        E = S[:, 1:, None] - AX - jnp.swapaxes(AX, -1, -2) + ASA + r[..., :, None] * r[..., None, :]
+        w = gamma[:, 1:] * time_mask[:, 1:, None]  # (B, T-1, K)
+        scatter = jnp.einsum("btk,btkij->kij", w, E)
+        W = jnp.concatenate([A, p["dynamics_biases"][..., None], p["input_matrices"]], -1)
+        dW = W - prior.dynamics_prior_mean
+        scatter = scatter + dW @ prior.dynamics_prior_precision @ jnp.swapaxes(dW, -1, -2)
+        F = W.shape[-1]
+        n = w.sum((0, 1))
+        if tied:
+            Q = _sym(jnp.sum(scatter, 0) + prior.dynamics_cov_scale) / (jnp.sum(n) + W.shape[0] * F + prior.dynamics_cov_dof + D + 1)
+            p["dynamics_covs"] = jnp.broadcast_to(Q, scatter.shape)
+        else:
+            p["dynamics_covs"] = _sym(scatter + prior.dynamics_cov_scale) / (n + F + prior.dynamics_cov_dof + D + 1)[:, None, None]
+    if "emission_cov" in learn:
+        C, d = p["emission_matrix"], p["emission_bias"]
+        resid = jnp.where(mask, y - jnp.einsum("nd,btd->btn", C, mu) - d, 0.0)  # (B, T, N)
+        if diagonal:
+            m = mask.astype(mu.dtype)
+            cov_part = jnp.einsum("nd,btde,ne->btn", C, S, C)
+            sq = jnp.sum(m * (resid**2 + cov_part), (0, 1))
+            p["emission_cov"] = jnp.diag((sq + prior.emission_cov_scale) / (m.sum((0, 1)) + prior.emission_cov_dof + 2))
+        else:
+            step = jnp.any(mask, -1).astype(mu.dtype)  # (B, T): full R needs all-or-nothing steps
+            E = resid[..., :, None] * resid[..., None, :] + jnp.einsum("nd,btde,me->btnm", C, S, C)
+            N = C.shape[0]
+            p["emission_cov"] = _sym(jnp.einsum("bt,btnm->nm", step, E) + prior.emission_cov_scale) / (step.sum() + prior.emission_cov_dof + N + 1)
+    return p
+
+
 class EMTrialPosterior(NamedTuple):
     """q(x) and q(z) of every trial after the last E-step. Shapes lead with trials."""
 
@@ -701,18 +761,20 @@ def em_init_step(p, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_em
         sp = _switching_params(p, u_b)
         post = gaussian_chain_posterior(*smf_x_potentials(sp, gamma_b, y_b, m_b, tm_b))
         pairwise = gamma_b[:-1, :, None] * gamma_b[1:, None, :]
-        return _sufficient_stats(post, gamma_b, pairwise, y_b, m_b, tm_b, u_b)
+        return _sufficient_stats(post, gamma_b, pairwise, y_b, m_b, tm_b, u_b), post
 
-    stats = _sum_trials(jax.vmap(trial)(gamma, y, mask, time_mask, inputs))
-    return em_m_step(p, stats, prior, learn, diagonal_emission, tied_dynamics_cov)
+    stats, posts = jax.vmap(trial)(gamma, y, mask, time_mask, inputs)
+    p_new = em_m_step(p, _sum_trials(stats), prior, learn, diagonal_emission, tied_dynamics_cov)
+    return residual_covariances(p_new, posts, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_emission, tied_dynamics_cov)
 
 
 def structured_mean_field_em(p, gamma, y, mask, time_mask, inputs, prior: EMPrior, learn: frozenset, num_iters: int,
-                             diagonal_emission: bool, tied_dynamics_cov: bool = False):
+                             diagonal_emission: bool, tied_dynamics_cov: bool = False, return_checks: bool = False):
     """Structured mean-field variational EM for a batch of trials (jit-able; ``learn``, ``num_iters`` static).
 
     Each iteration: q(x) given q(z) (Gaussian chain), q(z) given q(x) (HMM forward-backward), the
-    objective, then the M-step of the groups in ``learn`` (subset of :data:`EM_GROUPS`).
+    objective, then the M-step of the groups in ``learn`` (subset of :data:`EM_GROUPS`); its Q_k and R
+    come from :func:`residual_covariances` (float32-stable on near-noiseless data).
 
     Args:
         p: parameter dict (module comment). gamma: (B, T, K) initial q(z) marginals.
@@ -721,6 +783,9 @@ def structured_mean_field_em(p, gamma, y, mask, time_mask, inputs, prior: EMPrio
         (params, objective trace (num_iters,), :class:`EMTrialPosterior` under the final params).
         objective[i] = ELBO(q_i, theta_i) + log p(theta_i), non-decreasing in i.
         ``tied_dynamics_cov`` (static): the M-step fits one Q shared by all regimes.
+        With ``return_checks`` (static) a fourth element ``{"e_step": (num_iters + 1,) bool,
+        "m_step": (num_iters,) bool}``: whether each E-step (objective, q) and each M-step (every
+        parameter) gave finite values, so a caller can name the first stage that did not.
     """
     e_step = jax.vmap(_e_step_trial, in_axes=(None, 0, 0, 0, 0, 0))
 
@@ -729,9 +794,20 @@ def structured_mean_field_em(p, gamma, y, mask, time_mask, inputs, prior: EMPrio
         elbo, stats, q = e_step(p, gamma, y, mask, time_mask, inputs)
         objective = jnp.sum(elbo) + em_log_prior(p, prior, diagonal_emission, tied_dynamics_cov)
         p_new = em_m_step(p, _sum_trials(stats), prior, learn, diagonal_emission, tied_dynamics_cov)
-        return (p_new, q.state_probs), objective
+        p_new = residual_covariances(p_new, q, q.state_probs, y, mask, time_mask, inputs, prior, learn, diagonal_emission,
+                                     tied_dynamics_cov)
+        return (p_new, q.state_probs), (objective, all_finite((objective, q)), all_finite(p_new))
 
-    (p_final, gamma), trace = lax.scan(body, (p, gamma), None, length=num_iters)
+    (p_final, gamma), (trace, e_ok, m_ok) = lax.scan(body, (p, gamma), None, length=num_iters)
     elbo, _, q = e_step(p_final, gamma, y, mask, time_mask, inputs)
     final = jnp.sum(elbo) + em_log_prior(p_final, prior, diagonal_emission, tied_dynamics_cov)
-    return p_final, jnp.concatenate([trace, final[None]]), q
+    out = (p_final, jnp.concatenate([trace, final[None]]), q)
+    if return_checks:
+        out = out + ({"e_step": jnp.concatenate([e_ok, all_finite((final, q))[None]]), "m_step": m_ok},)
+    return out
+
+
+def all_finite(tree) -> Array:
+    """() bool: every floating leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
