@@ -20,6 +20,54 @@ def _group(idata, name: str):
         return None
 
 
+def credible_interval_convention() -> tuple[float, str]:
+    """(probability, kind) of every credible interval the library draws: ArviZ's default for the installed
+    generation, so figures agree with ``az.summary`` and ``ppl-switch summary``.
+
+    arviz >= 1: ``rcParams["stats.ci_prob"]`` and ``rcParams["stats.ci_kind"]`` (0.89, "eti" unless changed);
+    arviz < 1: ``rcParams["stats.hdi_prob"]`` (0.94 unless changed) and "hdi", what its summary reports.
+    """
+    import arviz as az
+
+    rc = az.rcParams
+    if "stats.ci_kind" in rc:  # arviz >= 1 (0.2x has "stats.ci_prob" as an alias of hdi_prob, but no kind)
+        return float(rc["stats.ci_prob"]), str(rc["stats.ci_kind"])
+    return float(rc["stats.ci_prob" if "stats.ci_prob" in rc else "stats.hdi_prob"]), "hdi"
+
+
+def interval_label(prob: float, kind: str) -> str:
+    """'89% ETI', '94% HDI': how figures name an interval."""
+    return f"{100 * prob:.0f}% {kind.upper()}"
+
+
+def credible_interval(draws, *, axis: int = 0, prob: Optional[float] = None, kind: Optional[str] = None):
+    """(lower, upper) of the ``prob`` credible interval of ``draws`` along ``axis``; the other axes are kept.
+
+    kind "eti": equal-tailed, the (1 - prob)/2 and (1 + prob)/2 quantiles. kind "hdi": the narrowest interval
+    [x_(i), x_(i + floor(prob n))] between sorted draws, as ArviZ computes it. Defaults: the convention
+    (:func:`credible_interval_convention`).
+    """
+    default_prob, default_kind = credible_interval_convention()
+    prob = default_prob if prob is None else float(prob)
+    kind = default_kind if kind is None else kind
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob: {prob} is not in (0, 1); pass e.g. 0.89")
+    x = np.moveaxis(np.asarray(draws, dtype=float), axis, 0)
+    if kind == "eti":
+        lo, hi = np.quantile(x, [(1 - prob) / 2, (1 + prob) / 2], axis=0)
+        return lo, hi
+    if kind != "hdi":
+        raise ValueError(f"kind: {kind!r} is not 'eti' or 'hdi'")
+    x = np.sort(x, axis=0)
+    n = x.shape[0]
+    span = int(np.floor(prob * n))
+    if span >= n:
+        return x[0], x[-1]
+    widths = x[span:] - x[: n - span]  # (n - span, ...): width of each candidate interval
+    start = np.argmin(widths, axis=0)[None]
+    return np.take_along_axis(x, start, 0)[0], np.take_along_axis(x, start + span, 0)[0]
+
+
 STATE_COLOURS = np.array(
     [[0.12, 0.47, 0.71], [1.0, 0.5, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16], [0.58, 0.4, 0.74],
      [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.5, 0.5, 0.5], [0.74, 0.74, 0.13], [0.09, 0.75, 0.81]]
@@ -47,8 +95,10 @@ def plot_states(state_probs: np.ndarray, ax, *, true_states: Optional[np.ndarray
 
 
 def plot_fit(idata, out: Optional[str] = None, *, trial: int = 0, max_obs_dims: int = 3, true_states=None):
-    """One figure summarising a fit for trial ``trial``: observations with the 94% posterior predictive band,
-    and the posterior state probabilities (for models with states). Saved to ``out`` if given."""
+    """One figure summarising a fit for trial ``trial``: observations with the posterior predictive band (the
+    library's credible interval, :func:`credible_interval_convention`; its legend names it, e.g. "89% ETI
+    predictive"), its median, and the posterior state probabilities (for models with states). Saved to
+    ``out`` if given."""
     import matplotlib
 
     if out is not None:
@@ -75,8 +125,10 @@ def plot_fit(idata, out: Optional[str] = None, *, trial: int = 0, max_obs_dims: 
         obs = np.where(mask[:length, d], y[:length, d], np.nan) if mask is not None else y[:length, d]
         if predictive is not None and "y" in predictive:
             draws = np.asarray(predictive["y"].isel(trial=trial, obs=d)).reshape(-1, y.shape[0])[:, :length]
-            lo, mid, hi = np.percentile(draws, [3, 50, 97], axis=0)
-            ax.fill_between(t, lo, hi, color="0.8", label="94% predictive")
+            prob, kind = credible_interval_convention()
+            lo, hi = credible_interval(draws, axis=0, prob=prob, kind=kind)
+            mid = np.median(draws, axis=0)
+            ax.fill_between(t, lo, hi, color="0.8", label=f"{interval_label(prob, kind)} predictive")
             ax.plot(t, mid, color="0.4", lw=0.8)
         ax.plot(t, obs, ".", ms=2.5, color="k", label="observed")
         ax.set_ylabel(f"y[{d}]")

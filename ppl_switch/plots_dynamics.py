@@ -13,7 +13,7 @@ __all__ = ["plot_dynamics"]
 
 
 def plot_dynamics(samples, ax=None, *, model=None, latents=None, states=None, grid_size: int = 25, limits=None,
-                  level: float = 0.95, out: Optional[str] = None):
+                  level: Optional[float] = None, out: Optional[str] = None):
     """Flow field x_{t+1} - x_t of the most likely regime at each grid point, fixed points (posterior
     mean) with ``level`` credible ellipses, and optionally a trajectory.
 
@@ -26,13 +26,18 @@ def plot_dynamics(samples, ax=None, *, model=None, latents=None, states=None, gr
             flow under that regime; without it the flow of regime 0 is drawn everywhere.
         latents: optional (T, D) path to overlay; states: optional (T,) regimes to colour it.
         limits: ((x0, x1), (y0, y1)); default from the path or the fixed points.
+        level: probability of the ellipses; default the library's credible probability
+            (:func:`ppl_switch.plots.credible_interval_convention`: 0.89 under arviz >= 1, 0.94 under arviz < 1).
         out: save the figure there.
     Returns:
         the axes.
     """
     import matplotlib.pyplot as plt
 
-    from ppl_switch.plots import state_colours
+    from ppl_switch.plots import credible_interval_convention, state_colours
+
+    if level is None:
+        level = credible_interval_convention()[0]
 
     A = np.asarray(samples["dynamics_matrix"], float)
     b = np.asarray(samples["dynamics_bias"], float)

@@ -11,8 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ppl_switch.analysis.gpslds_analysis import ELLIPSE_CHI2_94
-from ppl_switch.plots import state_colours
+from ppl_switch.plots import credible_interval_convention, state_colours
 
 __all__ = ["plot_flow_field", "plot_drift_variance", "plot_slow_points", "plot_fixed_point_regions", "plot_latents",
            "plot_gpslds_summary"]
@@ -59,12 +58,18 @@ def plot_slow_points(flow, ax):
 
 
 def plot_fixed_point_regions(regions: Sequence[dict], ax, *, true_points=None, colour="C3"):
-    """Mean and 94% credible ellipse of each root cluster (from ``fixed_point_regions``); true points as stars."""
+    """Mean and credible ellipse of each root cluster (from ``fixed_point_regions``); true points as stars.
+
+    The ellipse {(x - m)' S^-1 (x - m) <= -2 log(1 - p)} holds probability p of the cluster's Gaussian, with p
+    the library's credible probability (:func:`ppl_switch.plots.credible_interval_convention`: 0.89 under
+    arviz >= 1, 0.94 under arviz < 1); for a Gaussian it is also the highest-density region."""
+    prob, _ = credible_interval_convention()
+    chi2 = -2.0 * np.log1p(-prob)  # chi-square(2) quantile at prob
     t = np.linspace(0, 2 * np.pi, 100)
     circle = np.stack([np.cos(t), np.sin(t)])
     for r in regions:
         L = np.linalg.cholesky(r["cov"] + 1e-12 * np.eye(2))
-        ell = r["mean"][:, None] + np.sqrt(ELLIPSE_CHI2_94) * L @ circle
+        ell = r["mean"][:, None] + np.sqrt(chi2) * L @ circle
         ax.plot(ell[0], ell[1], color=colour)
         ax.plot(*r["mean"], "o", color=colour, ms=4)
     if true_points is not None:

@@ -151,6 +151,21 @@ def test_real_hmm_fit_through_fit():
     np.testing.assert_allclose(est["means"][order, 0], np.sort(true_means), atol=0.3)
 
 
+def test_em_refusing_partly_observed_steps_falls_back_to_svi_and_says_so():
+    """HMM(2) with a full covariance, a fifth of the entries missing at random: the closed-form EM refuses
+    partly observed steps before compiling; fit() then runs SVI on the same model, warns, and records why."""
+    model = get_model("hmm", num_states=2, obs_dim=2)
+    data, truth = model.simulate(jax.random.PRNGKey(1), 1, 60)
+    mask = np.random.default_rng(0).random(np.shape(data.y)) > 0.2
+    with pytest.warns(ppl_switch.infer.FitWarning, match="EM does not cover this data"):
+        fit = ppl_switch.fit(model, np.asarray(data.y), mask=mask, progress_bar=False, seed=0)
+    assert fit.method == "svi" and fit.config["runner"] == "svi"
+    assert "mask" in fit.config["fallback_reason"] and fit.warnings[0] == fit.config["fallback_reason"]
+    probs = np.asarray(fit.idata["posterior_states"]["state_probs"])[0]
+    accuracy = max(np.mean(probs.argmax(-1) == np.asarray(truth["states"])[0]), np.mean(probs.argmax(-1) != np.asarray(truth["states"])[0]))
+    assert accuracy >= 0.95, accuracy
+
+
 def test_real_gdm_fit_through_fit_is_one_fit_type(tmp_path):
     """The GDM's own trainer returns a GDMFit; fit() hands back a Fit with idata, the MAP estimate as
     point_estimate and the model actually fitted (with the PCA projection the 'auto' start chose)."""
