@@ -1,18 +1,10 @@
 """Test configuration: the user's precision (float32) by default; ``@pytest.mark.float64`` (or a module's
 ``pytestmark``) runs a test with ``jax_enable_x64`` on, for oracle comparisons at 1e-8 and below.
 
-Compiled programs go to a persistent cache per xdist worker, shared with the subprocesses that worker
-starts (tutorials, CLI) for this test session: NumPyro's initialisation runs models op by op, and each
-process would otherwise compile the same few hundred small kernels again. One directory per worker
-because JAX writes cache entries non-atomically and reads them without a lock: a worker reading an entry
-another worker was still writing crashed XLA's deserialiser (a segmentation fault in a CI run under
-load, 2026-12-04). A worker waits for its subprocesses, so they never race with it.
+Compilation is not cached on disk between processes (see below).
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 # jaxlib 0.9 logs two C++ ERROR lines per executable it loads from the persistent cache (a CPU-feature
 # naming mismatch, harmless); at -s they bury the test output. Set before JAX loads.
@@ -22,19 +14,9 @@ import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/
 import jax
 import pytest
 
-# set once by the controlling process; workers and subprocesses inherit it through the environment
-if "PPL_SWITCH_TEST_JAX_CACHE" not in os.environ:
-    os.environ["PPL_SWITCH_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="ppl_switch_jax_cache_")
-    atexit.register(shutil.rmtree, os.environ["PPL_SWITCH_TEST_JAX_CACHE"], ignore_errors=True)
-# this process's directory (xdist sets PYTEST_XDIST_WORKER before conftest loads); inherited by subprocesses
-_cache_dir = os.path.join(os.environ["PPL_SWITCH_TEST_JAX_CACHE"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
-os.makedirs(_cache_dir, exist_ok=True)
-jax.config.update("jax_compilation_cache_dir", _cache_dir)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# No persistent compilation cache (users have none): with one per xdist worker, two full runs on 2026-12-06
+# each lost two workers to crashes inside JAX's compile-and-write-cache path (an abort in
+# backend_compile_and_load, a segmentation fault in put_executable_and_time), under jaxlib 0.9.2 and 0.10.2.
 
 
 def pytest_configure(config):
