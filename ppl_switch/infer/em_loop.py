@@ -84,6 +84,15 @@ def run_em(init: Callable, e_step: Callable, m_step: Callable, keys, num_iters: 
     return jax.vmap(one)(keys)
 
 
+def compiled_program(cache: dict, model_key: str, build: Callable, model, *options):
+    """``build(model, *options)``, built once per process for a model configuration (``model_key``, its JSON
+    config) and options: models with equal configurations share it, so a new instance does not recompile."""
+    key = (model_key,) + options
+    if key not in cache:
+        cache[key] = build(model, *options)
+    return cache[key]
+
+
 def best_restart(run: EMRun) -> tuple[int, dict]:
     """Index of the restart with the highest final objective, and the history dict a Fit stores."""
     n = np.asarray(run.num_iterations)

@@ -36,7 +36,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import gammaln, xlogy
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.infer.em_loop import best_restart, run_em
+from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_smoother, stationary_distribution
@@ -219,13 +219,6 @@ def _features(model, y, mask, step):
 _PROGRAMS: dict = {}
 
 
-def _program(model_key: str, model, *options):
-    """The compiled EM for a model configuration (``model_key``, its JSON config) and options, built
-    once per process: models with equal configurations share it, so a new instance does not recompile."""
-    key = (model_key,) + options
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = _build_program(model, *options)
-    return _PROGRAMS[key]
 
 
 def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: float, given_start: bool):
@@ -431,7 +424,7 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
         start, num_restarts = _from_sites(model, params, dtype), 1
     keys = jax.random.split(key, num_restarts)
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
-    run = _program(model_key, model, num_iters, float(tol), bool(map), float(min_covar), start is not None)
+    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map), float(min_covar), start is not None)
     inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
     out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
     best, history = best_restart(out)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.infer.em_loop import best_restart, run_em
+from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
 from ppl_switch.ops.kalman import lgssm_smoother
 
 
@@ -56,13 +56,6 @@ def _residual_var(G, c, yy, n, w):
 _PROGRAMS: dict = {}
 
 
-def _program(model_key: str, model, *options):
-    """The compiled EM for a model configuration (``model_key``, its JSON config) and options, built
-    once per process: models with equal configurations share it, so a new instance does not recompile."""
-    key = (model_key,) + options
-    if key not in _PROGRAMS:
-        _PROGRAMS[key] = _build_program(model, *options)
-    return _PROGRAMS[key]
 
 
 def _build_program(model, num_iters: int, tol: float, min_var: float, given_start: bool):
@@ -245,7 +238,7 @@ def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int =
         start, num_restarts = {k: jnp.asarray(params[k], dtype) for k in free}, 1
     keys = jax.random.split(key, num_restarts)
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
-    run = _program(model_key, model, num_iters, float(tol), float(min_var), start is not None)
+    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), float(min_var), start is not None)
     inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
     out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
     best, history = best_restart(out)
