@@ -104,41 +104,32 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
             loglik = sm.log_likelihood.sum()
             return stats, loglik, loglik
 
+        def regression(full, out, prefix, G, c):
+            """One block of the M-step: W = [M b B] (rows, F) for ``prefix`` ("emission" / "dynamics"), the
+            free columns solved from the expected normal equations, written back into ``out``; returns W."""
+            parts = [full[f"{prefix}_matrix"], full[f"{prefix}_bias"][:, None]]
+            if U:
+                parts.append(full[f"{prefix}_input_weights"])
+            W = jnp.concatenate(parts, -1).astype(dtype)
+            free = jnp.concatenate(
+                [jnp.full(H, f"{prefix}_matrix" in learn), jnp.full(1, f"{prefix}_bias" in learn), jnp.full(U, True)]
+            )
+            W = _solve_rows(G, c, free, W)
+            if f"{prefix}_matrix" in learn:
+                out[f"{prefix}_matrix"] = W[:, :H]
+            if f"{prefix}_bias" in learn:
+                out[f"{prefix}_bias"] = W[:, H]
+            if U:
+                out[f"{prefix}_input_weights"] = W[:, H + 1 :]
+            return W
+
         def m_step(p, s):
             full = model.full_params(p)
             out = dict(p)
-            # emissions: W_e = [C d F] (D, F)
-            parts = [full["emission_matrix"], full["emission_bias"][:, None]]
-            if U:
-                parts.append(full["emission_input_weights"])
-            We = jnp.concatenate(parts, -1).astype(dtype)
-            free_e = jnp.concatenate(
-                [jnp.full(H, "emission_matrix" in learn), jnp.full(1, "emission_bias" in learn), jnp.full(U, True)]
-            )
-            We = _solve_rows(s["Ge"], s["ce"], free_e, We)
+            We = regression(full, out, "emission", s["Ge"], s["ce"])  # W_e = [C d F] (D, F)
             r2 = _residual_var(s["Ge"], s["ce"], s["ye"], mask.sum((0, 1)).astype(dtype), We)
             out["emission_scales"] = jnp.sqrt(jnp.maximum(r2, floor))
-            if "emission_matrix" in learn:
-                out["emission_matrix"] = We[:, :H]
-            if "emission_bias" in learn:
-                out["emission_bias"] = We[:, H]
-            if U:
-                out["emission_input_weights"] = We[:, H + 1 :]
-            # dynamics: W_d = [A b B] (H, F)
-            parts = [full["dynamics_matrix"], full["dynamics_bias"][:, None]]
-            if U:
-                parts.append(full["dynamics_input_weights"])
-            Wd = jnp.concatenate(parts, -1).astype(dtype)
-            free_d = jnp.concatenate(
-                [jnp.full(H, "dynamics_matrix" in learn), jnp.full(1, "dynamics_bias" in learn), jnp.full(U, True)]
-            )
-            Wd = _solve_rows(s["Gd"], s["cd"], free_d, Wd)
-            if "dynamics_matrix" in learn:
-                out["dynamics_matrix"] = Wd[:, :H]
-            if "dynamics_bias" in learn:
-                out["dynamics_bias"] = Wd[:, H]
-            if U:
-                out["dynamics_input_weights"] = Wd[:, H + 1 :]
+            Wd = regression(full, out, "dynamics", s["Gd"], s["cd"])  # W_d = [A b B] (H, F)
             if "dynamics_scales" in learn:
                 q2 = _residual_var(s["Gd"], s["cd"], s["xd"], jnp.full(H, s["nd"]), Wd)
                 out["dynamics_scales"] = jnp.sqrt(jnp.maximum(q2, jnp.finfo(dtype).tiny))
