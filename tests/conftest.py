@@ -1,5 +1,6 @@
 """Test configuration: the user's precision (float32) by default; ``@pytest.mark.float64`` (or a module's
-``pytestmark``) runs a test with ``jax_enable_x64`` on, for oracle comparisons at 1e-8 and below.
+``pytestmark``) runs a test with ``jax_enable_x64`` on, for oracle comparisons at 1e-8 and below. Programs
+compile as users' do (XLA's default optimisation; no flags beyond those ``import ppl_switch`` sets).
 
 Compilation is not cached on disk between processes (see below).
 """
@@ -14,22 +15,20 @@ import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/
 import jax
 import pytest
 
-# No persistent compilation cache (users have none): with one per xdist worker, two full runs on 2026-12-06
-# each lost two workers to crashes inside JAX's compile-and-write-cache path (an abort in
-# backend_compile_and_load, a segmentation fault in put_executable_and_time), under jaxlib 0.9.2 and 0.10.2.
+# No persistent compilation cache (users have none).
 
 
-def pytest_configure(config):
-    """The default (not slow) tests run tiny problems, so their time is mostly XLA compilation (NumPyro's
-    initialisation alone compiles hundreds of small kernels). Skipping LLVM's optimisation passes cuts
-    compile time by about a third (tests/test_ops_*.py: 155 -> 105 s on 2 cores) and changes no result
-    beyond rounding. The slow runs, whose time is execution, keep full optimisation. Runs in the
-    controller and in every xdist worker before JAX starts its CPU backend (the first computation);
-    the tutorial and CLI subprocesses inherit it."""
-    if "not slow" in (config.getoption("markexpr") or "") and "--xla_backend_optimization_level" not in os.environ.get(
-        "XLA_FLAGS", ""
-    ):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+#: release compiled programs after a test when the process holds more memory mappings than this (the limit is
+#: 65,530; see _module_precision)
+_MAPPINGS_HIGH_WATER = 40_000
+
+
+def _memory_map_count() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
 
 
 def _wants_float64(node) -> bool:
@@ -39,9 +38,20 @@ def _wants_float64(node) -> bool:
 @pytest.fixture(scope="module", autouse=True)
 def _module_precision(request):
     """The module's precision, set before its module-scoped fixtures build arrays (autouse fixtures of a
-    scope run first)."""
+    scope run first). At the module's end, every compiled program is released (``jax.clear_caches()``).
+
+    Why: each XLA CPU executable holds about six memory mappings until it is freed, and JAX keeps every
+    executable it compiled. A test worker compiles thousands (every model, shape and precision), so it
+    reached Linux's limit of 65,530 mappings per process (vm.max_map_count) after ~70% of the run, and
+    the next compilation died with a segmentation fault or an abort inside XLA (CI and two local runs,
+    2026-12-06: 26,000 mappings after 3.5 min of one worker). Module fixtures that hold fits keep arrays,
+    not executables, so nothing a later module uses is lost except compiled code."""
     jax.config.update("jax_enable_x64", _wants_float64(request.node))
     yield
+    jax.clear_caches()
+    if os.environ.get("PPL_SWITCH_TEST_MAPS_LOG"):  # diagnosis: mappings left after each module
+        with open(os.environ["PPL_SWITCH_TEST_MAPS_LOG"], "a") as log:
+            log.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {request.node.nodeid} {_memory_map_count()}\n")
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +60,5 @@ def _test_precision(request):
     switches float64 on for the process) does not leak float64 into the next test."""
     jax.config.update("jax_enable_x64", _wants_float64(request.node))
     yield
+    if _memory_map_count() > _MAPPINGS_HIGH_WATER:  # a module that compiles very many programs
+        jax.clear_caches()

@@ -85,9 +85,11 @@ def test_padding_and_missing_steps_give_the_same_fit():
         return model.prepare(y_pad, mask=mask, lengths=[50, 35])
 
     a, b = padded(60), padded(64)
-    pa, ha = model.em(a, key=KEY, num_restarts=2)
-    pb, hb = model.em(b, key=KEY, num_restarts=2)
-    assert ha["num_iterations"] == hb["num_iterations"] >= 2
+    # a fixed number of iterations, short of convergence: the stopping rule compares the objective's change
+    # with its float32 rounding, which padding may move by one ulp (and so the stop by one iteration)
+    pa, ha = model.em(a, key=KEY, num_restarts=2, num_iters=3)
+    pb, hb = model.em(b, key=KEY, num_restarts=2, num_iters=3)
+    assert ha["num_iterations"] == hb["num_iterations"] == 3
     np.testing.assert_allclose(ha["objective"], hb["objective"], rtol=1e-5)
     for name in pa:
         np.testing.assert_allclose(pa[name], pb[name], rtol=1e-4, atol=1e-5, err_msg=name)

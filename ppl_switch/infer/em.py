@@ -19,6 +19,7 @@ from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_
 from ppl_switch.infer.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
+from ppl_switch.infer.sharding import SHARDED_EM_MODELS, resolve_mesh, unsupported
 
 _EM_METHODS = ("em", "fit_em")
 #: further attempts with new starts (a new ``key``) when an EM run ends non-finite
@@ -34,8 +35,15 @@ def em_method(model):
     return None
 
 
-def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: bool = False, **kw) -> Fit:
+def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: bool = False, devices=None, **kw) -> Fit:
     """Fit by the model's closed-form EM (``model.em``); other keyword arguments go to it.
+
+    ``devices``: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a
+    ``jax.sharding.Mesh`` with a ``"trial"`` axis. The trials are padded with empty trials to a multiple
+    of the device count and split over the devices; the EM's sums over trials run as cross-device
+    reductions inside its one compiled program (:mod:`ppl_switch.infer.sharding`). Supported by the
+    HMM, ARHMM and LDS EMs (same result as one device up to float rounding); other models' EMs (SLDS,
+    rSLDS, ...) raise a ValueError naming ``devices``.
 
     Returns a :class:`Fit` whose ``params`` is the point estimate and whose ``samples`` hold it as one
     draw of one chain ``(1, 1, ...)``. ``fit.warnings`` (also emitted as FitWarning) reports data far
@@ -57,6 +65,11 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
             "EM (no `em` method); it supports fit_svi and fit_nuts"
         )
     seed = check_int(seed, "seed", minimum=0)
+    if devices is not None:
+        if not (getattr(model, "name", None) in SHARDED_EM_MODELS or "devices" in inspect.signature(em).parameters):
+            raise unsupported(f"the EM of {type(model).__name__}", "trials")
+        mesh = resolve_mesh(devices)  # checked before anything compiles
+        kw = {**kw, "devices": mesh}
     set_x64(x64)
     data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
     found = data_scale_warnings(model, data)
@@ -104,7 +117,9 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
         diagnostics["log_likelihoods"] = history
         losses = -history
     samples = {name: value[None, None] for name, value in params.items()}
-    config = {"seed": seed, "x64": bool(jax.config.jax_enable_x64), **{k: v for k, v in kw.items() if k != "key"}}
+    config = {"seed": seed, "x64": bool(jax.config.jax_enable_x64), **{k: v for k, v in kw.items() if k not in ("key", "devices")}}
+    if devices is not None:
+        config["num_devices"] = int(kw["devices"].devices.size)
     fit = assemble_fit(
         model, data, "em", samples, key=key_post, params=params, losses=losses, diagnostics=diagnostics, config=config, relabel=False
     )

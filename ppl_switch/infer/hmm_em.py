@@ -37,6 +37,7 @@ from jax.scipy.special import gammaln, xlogy
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
+from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_smoother, stationary_distribution
@@ -233,6 +234,8 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
         N, T, D = y.shape
         data = SequenceData(y, mask, lengths, inputs)
         time_ok = jnp.arange(T) < lengths[:, None]  # (N, T)
+        real = lengths > 0  # (N,) False only for the length-0 trials that pad N for devices= (sharding.py)
+        num_real = real.sum()
         pair_ok = time_ok[:, 1:]  # a transition t -> t+1 inside the trial
         step = model.step_mask(data)
         y0 = jnp.where(mask, y, 0.0)
@@ -261,9 +264,9 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
             sm = jax.vmap(lambda l, m: hmm_smoother(pi, P, l, m))(ll, step)
             gamma = sm.smoothed_probs * step[..., None]
             counts = jnp.einsum("ntij,nt->ij", sm.pairwise_probs, pair_ok.astype(dtype))
-            loglik = sm.log_normalizer.sum()
+            loglik = jnp.where(real, sm.log_normalizer, 0.0).sum()  # a padding trial's is 0 only up to rounding
             obj = loglik + _log_prior(model, site) if use_map else loglik
-            return (gamma, counts, sm.smoothed_probs[:, 0]), loglik, obj
+            return (gamma, counts, sm.smoothed_probs[:, 0] * real[:, None]), loglik, obj
 
         def m_emission(p, w):
             """Emission parameters from weights w (N, T, K) (and, under MAP, the current ones)."""
@@ -324,7 +327,7 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
                 rows = jnp.maximum(counts.sum(-1, keepdims=True), jnp.finfo(dtype).tiny)
                 out["P"] = jnp.where(rows > jnp.finfo(dtype).tiny, counts / rows, p["P"])
             if initial == "learned":
-                out["pi"] = first.mean(0)
+                out["pi"] = first.sum(0) / num_real  # the mean over real trials
             out.update(m_emission(p, gamma))
             return out
 
@@ -389,7 +392,7 @@ def _check(model, data: SequenceData, use_map: bool) -> None:
 
 
 def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int = 500, num_restarts: int = 8,
-             tol: float = 1e-6, map: bool = False, min_covar: float = 1e-6):
+             tol: float = 1e-6, map: bool = False, min_covar: float = 1e-6, devices=None):
     """EM for an HMM or ARHMM; ``model.em`` delegates here.
 
     Args:
@@ -405,6 +408,11 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
         map: maximise log-likelihood + log prior (closed-form cases only) instead of the likelihood.
         min_covar: covariance floor, relative to the data variance (and Poisson rate floor, relative
             to the mean count).
+        devices: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a Mesh
+            with a ``"trial"`` axis: the N trials are padded with empty trials to a multiple of the
+            device count and split over the devices (:mod:`ppl_switch.infer.sharding`); the sums over
+            trials become cross-device reductions inside the one compiled program. Same result as on one
+            device up to float rounding.
 
     Returns:
         ``(params, history)``: site-form estimate and ``{"log_likelihoods", "objective",
@@ -426,7 +434,12 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
     run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map), float(min_covar), start is not None)
     inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
-    out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
+    mesh = resolve_mesh(devices)
+    if mesh is None:
+        out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
+    else:  # trials padded and split over the mesh; keys and start replicated
+        placed = shard_trials(data, mesh, dtype)
+        out = run(replicate(keys, mesh), placed.y, placed.mask, placed.lengths, placed.inputs, replicate(start, mesh))
     best, history = best_restart(out)
     p = jax.tree.map(lambda a: a[best], out.params)
     site = {name: np.asarray(v) for name, v in _to_sites(model, p).items()}

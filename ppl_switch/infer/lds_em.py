@@ -29,6 +29,7 @@ import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
+from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
 from ppl_switch.ops.kalman import lgssm_smoother
 
 
@@ -72,6 +73,8 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
         y0 = jnp.where(mask, y, 0.0)
         u = inputs if U else jnp.zeros((N, T, 0), dtype)
         pair_ok = (jnp.arange(1, T) < lengths[:, None]).astype(dtype)  # (N, T-1)
+        real = lengths > 0  # (N,) False only for the length-0 trials that pad N for devices= (sharding.py)
+        num_real = real.sum()
         mk = mask.astype(dtype)
         nobs = jnp.maximum(mk.sum((0, 1)), 1)
         ymean = y0.sum((0, 1)) / nobs
@@ -100,8 +103,8 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
             Exz = Exz.at[..., :H].set(X + m[:, 1:, :, None] * m[:, :-1, None, :])
             cd = jnp.einsum("nt,nthf->hf", pair_ok, Exz)
             xd = jnp.einsum("nt,nth->h", pair_ok, jnp.diagonal(Exx[:, 1:], axis1=-2, axis2=-1))
-            stats = dict(Ge=Ge, ce=ce, ye=ye, Gd=Gd, cd=cd, xd=xd, nd=pair_ok.sum(), m0=m[:, 0], V0=V[:, 0])
-            loglik = sm.log_likelihood.sum()
+            stats = dict(Ge=Ge, ce=ce, ye=ye, Gd=Gd, cd=cd, xd=xd, nd=pair_ok.sum(), m0=m[:, 0] * real[:, None], V0=V[:, 0])
+            loglik = jnp.where(real, sm.log_likelihood, 0.0).sum()  # a padding trial's is 0 only up to rounding
             return stats, loglik, loglik
 
         def regression(full, out, prefix, G, c):
@@ -134,11 +137,12 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
                 q2 = _residual_var(s["Gd"], s["cd"], s["xd"], jnp.full(H, s["nd"]), Wd)
                 out["dynamics_scales"] = jnp.sqrt(jnp.maximum(q2, jnp.finfo(dtype).tiny))
             # initial state
-            m0 = s["m0"].mean(0) if "initial_mean" in learn else full.get("initial_mean")
+            # initial moments: means over the real trials (padding trials have m0 = V0 = 0 in the stats)
+            m0 = s["m0"].sum(0) / num_real if "initial_mean" in learn else full.get("initial_mean")
             if "initial_mean" in learn:
                 out["initial_mean"] = m0
             if "initial_scales" in learn:
-                v0 = jnp.mean(jnp.diagonal(s["V0"], axis1=-2, axis2=-1) + (s["m0"] - m0) ** 2, 0)
+                v0 = jnp.sum(jnp.where(real[:, None], jnp.diagonal(s["V0"], axis1=-2, axis2=-1) + (s["m0"] - m0) ** 2, 0.0), 0) / num_real
                 out["initial_scales"] = jnp.sqrt(jnp.maximum(v0, jnp.finfo(dtype).tiny))
             return out
 
@@ -148,7 +152,7 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
             k_c, k_a, k_r, k_q = jax.random.split(key, 4)
             # principal directions of the observations (zero-filled where missing)
             resid = jnp.where(mask, y - ymean, 0.0).reshape(-1, D)
-            evals, evecs = jnp.linalg.eigh(resid.T @ resid / jnp.maximum(resid.shape[0], 1))
+            evals, evecs = jnp.linalg.eigh(resid.T @ resid / jnp.maximum(num_real * T, 1))  # N T steps, padding excluded
             top = evecs[:, ::-1][:, :H] * jnp.sqrt(jnp.maximum(evals[::-1][:H], 0.0))
             if top.shape[1] < H:  # H > D
                 top = jnp.concatenate([top, jnp.zeros((D, H - top.shape[1]), dtype)], 1)
@@ -181,7 +185,7 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
 
 
 def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int = 500, num_restarts: int = 4,
-           tol: float = 1e-6, min_var: float = 1e-6, map: bool = False):
+           tol: float = 1e-6, min_var: float = 1e-6, map: bool = False, devices=None):
     """Kalman EM for an :class:`~ppl_switch.models.lds.LDS`; ``model.em`` delegates here.
 
     Args:
@@ -198,6 +202,11 @@ def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int =
         min_var: floor of the emission variances, relative to the data variance.
         map: not supported for the LDS (its Normal priors on C and A are not conjugate jointly with
             the Q = I scale convention); use fit_svi with an AutoDelta guide.
+        devices: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a Mesh
+            with a ``"trial"`` axis: the N trials are padded with empty trials to a multiple of the
+            device count and split over the devices (:mod:`ppl_switch.infer.sharding`); the sums over
+            trials become cross-device reductions inside the one compiled program. Same result as on one
+            device up to float rounding.
 
     Returns:
         ``(params, history)``: site-form estimate of the free sites and ``{"log_likelihoods",
@@ -231,6 +240,11 @@ def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int =
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
     run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), float(min_var), start is not None)
     inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
-    out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
+    mesh = resolve_mesh(devices)
+    if mesh is None:
+        out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
+    else:  # trials padded and split over the mesh; keys and start replicated
+        placed = shard_trials(data, mesh, dtype)
+        out = run(replicate(keys, mesh), placed.y, placed.mask, placed.lengths, placed.inputs, replicate(start, mesh))
     best, history = best_restart(out)
     return {k: np.asarray(v[best]) for k, v in out.params.items()}, history

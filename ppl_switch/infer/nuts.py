@@ -15,6 +15,7 @@ from numpyro.infer.initialization import init_to_value
 from ppl_switch.infer.checks import chain_log_density_gap, data_scale_warnings, emit, mcmc_warnings, require_finite
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_float, check_int, device_data, posterior_site_names, prepare_data, set_x64
+from ppl_switch.infer.sharding import resolve_mesh
 
 CHAIN_METHODS = ("sequential", "parallel", "vectorized")
 INITS = ("prior", "svi")
@@ -113,6 +114,7 @@ def fit_nuts(
     init: str = "prior",
     dense_mass=False,
     max_tree_depth: int = 10,
+    devices=None,
 ) -> Fit:
     """Sample the posterior of ``model`` given ``data`` with NUTS.
 
@@ -141,6 +143,11 @@ def fit_nuts(
             next to a long path.
         max_tree_depth: cap on the NUTS tree depth (at most 2**max_tree_depth - 1 leapfrog steps).
         x64, relabel, progress_bar: as in :func:`fit_svi`.
+        devices: None, a number of devices, a list of ``jax.Device`` or a Mesh: one chain per device,
+            by numpyro's ``chain_method="parallel"`` (set for you; "vectorized" is refused). Needs
+            ``len(devices) >= num_chains``, and numpyro's pmap puts chain i on ``jax.local_devices()[i]``,
+            so those first ``num_chains`` local devices must be among ``devices``; otherwise a
+            ValueError naming ``devices``. The trials are not split: every chain sees all of them.
 
     Returns:
         A :class:`Fit` with ``samples`` ``{site: (chain, draw, ...)}``, ``diagnostics`` (number of
@@ -166,6 +173,8 @@ def fit_nuts(
     max_tree_depth = check_int(max_tree_depth, "max_tree_depth")
     if init not in INITS:
         raise ValueError(f"init: expected one of {INITS}, got {init!r}")
+    if devices is not None:
+        chain_method = _chains_on_devices(devices, num_chains, chain_method)
     set_x64(x64)
     data = prepare_data(model, data, mask=mask, lengths=lengths, inputs=inputs)
     dev = device_data(data)
@@ -239,6 +248,22 @@ def fit_nuts(
     fit.warnings = found + mcmc_warnings(fit.diagnostics, num_chains, max_tree_depth)
     emit(fit.warnings[len(found):])
     return fit
+
+
+def _chains_on_devices(devices, num_chains: int, chain_method: str) -> str:
+    """``"parallel"`` after checking that ``devices`` can hold one chain each where numpyro puts them."""
+    chosen = list(resolve_mesh(devices).devices.flat)
+    if chain_method == "vectorized":
+        raise ValueError("devices: chains are placed one per device (chain_method='parallel'); chain_method='vectorized' "
+                         "runs them on one device: pass one or the other")
+    if len(chosen) < num_chains:
+        raise ValueError(f"devices: fit_nuts places one chain per device; {num_chains} chains need at least {num_chains} "
+                         f"devices, got {len(chosen)} (lower num_chains or pass more devices)")
+    used = jax.local_devices()[:num_chains]  # where numpyro's pmap runs the chains
+    if len(used) < num_chains or any(d not in chosen for d in used):
+        raise ValueError(f"devices: numpyro runs parallel chains on jax.local_devices()[:{num_chains}] = {used}; "
+                         f"devices must include them, got {chosen}")
+    return "parallel"
 
 
 def _svi_start(model, data, seed: int, names) -> dict[str, np.ndarray]:

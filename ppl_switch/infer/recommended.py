@@ -56,6 +56,7 @@ from ppl_switch.infer.em import em_method, fit_em
 from ppl_switch.infer.fit import Fit
 from ppl_switch.infer.nuts import fit_nuts
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
+from ppl_switch.infer.sharding import unsupported
 from ppl_switch.infer.svi import fit_svi
 
 _RESERVED = ("requires", "otherwise")
@@ -191,7 +192,7 @@ def _check_options(name: str, model, options: Mapping[str, Any]) -> None:
 
 
 def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: bool = False, progress_bar: bool = True,
-        **overrides) -> Fit:
+        devices=None, **overrides) -> Fit:
     """Fit ``model`` to ``y`` with the method the model recommends (module table), e.g.
 
     >>> fit = ppl_switch.fit(HMM(num_states=3, obs_dim=2), y)      # doctest: +SKIP
@@ -202,6 +203,10 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
         y, mask, lengths, inputs: the data, validated by ``model.prepare`` before anything compiles.
         seed: same seed, same numbers. x64: float64 for the process (default float32).
         progress_bar: show the runner's progress bar where it has one.
+        devices: None, a number of devices, a list of ``jax.Device`` or a Mesh with a ``"trial"`` axis,
+            passed to the runner: ``em`` (HMM, ARHMM, LDS) and ``svi`` split the trials over the devices,
+            ``nuts`` runs one chain per device (see :func:`fit_em`, :func:`fit_svi`, :func:`fit_nuts`);
+            the other runners and EMs raise a ValueError naming ``devices``.
         **overrides: options for the runner that runs (replace the model's recommended ones), e.g.
             ``num_restarts=8`` for EM or ``num_steps=5000`` for SVI. An option the runner does not take
             is an error naming it and the valid ones.
@@ -218,8 +223,13 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
     options.update(overrides)
     _check_options(name, model, options)
     data = prepare_data(model, y, mask=mask, lengths=lengths, inputs=inputs)
+    placement = {}
+    if devices is not None:
+        if name not in ("em", "svi", "nuts"):
+            raise unsupported(f"the {name!r} runner", "trials")
+        placement = {"devices": devices}
     try:
-        result = RUNNERS[name](model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar), **options)
+        result = RUNNERS[name](model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar), **options, **placement)
     except DataError as err:
         # the data passed model.prepare, so this is a closed-form EM refusing what its updates do not cover
         # (e.g. partly observed steps under a full emission covariance), before compiling: fit it by SVI
@@ -227,7 +237,7 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
             raise
         reason = f"EM does not cover this data ({err}); fitted with SVI on the same model instead"
         emit([reason])
-        result = _run_svi(model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar))
+        result = _run_svi(model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar), **placement)
         result.warnings.append(reason)
         name, options, notes = "svi", {}, {**notes, "fallback_reason": reason}
     result.config.update(runner=name, runner_options={k: v for k, v in options.items() if k != "guide"}, **notes)

@@ -34,6 +34,7 @@ from ppl_switch.infer.prepare import (
     prepare_data,
     set_x64,
 )
+from ppl_switch.infer.sharding import mask_padded_trials, per_trial_latent_sites, replicate, resolve_mesh, shard_trials, unsupported
 
 #: global-norm gradient clipping of the default optimiser
 DEFAULT_CLIP_NORM = 10.0
@@ -195,6 +196,7 @@ def fit_svi(
     progress_bar: bool = True,
     x64: bool = False,
     relabel: bool = True,
+    devices=None,
 ) -> Fit:
     """Fit ``model`` to ``data`` by SVI (Trace_ELBO) and draw from the fitted guide.
 
@@ -212,6 +214,14 @@ def fit_svi(
         progress_bar: show a tqdm bar (False = quiet).
         x64: True turns on float64 for the whole process (see :func:`~ppl_switch.infer.prepare.set_x64`).
         relabel: align state labels across draws (:mod:`ppl_switch.relabel`) before writing.
+        devices: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a
+            ``jax.sharding.Mesh`` with a ``"trial"`` axis: the trials are padded with empty trials to a
+            multiple of the device count and split over the devices, the guide and optimiser state
+            replicated; the ELBO's sum over trials and its gradient are reduced across devices inside
+            each compiled chunk of steps (:mod:`ppl_switch.infer.sharding`). The guide is initialised on
+            the unpadded data and the draws are taken on it, so the result equals the one-device result
+            up to float rounding. Only for models without per-trial latent sites (HMM, ARHMM, LDS:
+            states and paths marginalised); others raise a ValueError naming ``devices``.
 
     Returns:
         A :class:`Fit` with ``params`` (the guide's own parameters as ``svi.get_params`` gives them: an
@@ -241,24 +251,37 @@ def fit_svi(
     guide = default_guide_for(model) if guide is None else guide
 
     dev = device_data(data)
+    mesh = resolve_mesh(devices)
+    if mesh is not None:
+        local = per_trial_latent_sites(model.program, dev)
+        if local:
+            raise unsupported("fit_svi", f"models with per-trial latent sites ({', '.join(local)})")
     key_init, key_draws, key_post = jax.random.split(jax.random.PRNGKey(seed), 3)
-    svi = SVI(model.program, guide, optim, Trace_ELBO(num_particles=num_particles))
+    # sharded: padding trials masked out of the log density (exactly 0, sharding.mask_padded_trials)
+    svi = SVI(model.program if mesh is None else mask_padded_trials(model.program), guide, optim,
+              Trace_ELBO(num_particles=num_particles))
     # numpyro validates distribution arguments eagerly during init; an invalid one would raise without
     # naming its site, so validation is off here and a non-finite step-0 loss is diagnosed instead.
     with numpyro.validation_enabled(False):
-        state = svi.init(key_init, dev)
+        state = svi.init(key_init, dev)  # on the unpadded data: the same start as on one device
+    run_dev = dev
+    if mesh is not None:  # the steps run on padded, trial-sharded data with a replicated state
+        run_dev, state = shard_trials(data, mesh), replicate(state, mesh)
 
     chunk = max(1, math.ceil(num_steps / NUM_PROGRESS_UPDATES))
     # Compiled once per model config, guide, optimiser and data shapes: a later fit with equal key reuses
     # the runner (and the draw function below) traced with the first fit's svi/guide objects, which
     # have the same structure; this fit's own guide was initialised above from its own seed and data.
     cache_key = _runner_key(model, user_guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev)
+    draws_key = None if cache_key is None else cache_key[:2] + cache_key[6:]
+    if cache_key is not None and mesh is not None:  # another program (masked) and padded shapes
+        cache_key = cache_key + ("sharded", tuple(np.shape(x) for x in jax.tree.leaves(run_dev)))
     run_chunk = _cached_runner(cache_key, lambda: _make_chunk_runner(svi, chunk, num_steps), (user_guide, optimizer))
     fail_step = jnp.array(-1, dtype=jnp.int32)
     chunks = []
     with _progress(num_steps, progress_bar) as bar:
         for first in range(0, num_steps, chunk):
-            state, fail_step, losses = run_chunk(state, fail_step, jnp.int32(first), dev)
+            state, fail_step, losses = run_chunk(state, fail_step, jnp.int32(first), run_dev)
             losses = np.asarray(losses)
             chunks.append(losses)
             bar.update(min(chunk, num_steps - first))
@@ -269,12 +292,13 @@ def fit_svi(
                 break
     losses = np.concatenate(chunks)[:num_steps]
     if int(fail_step) >= 0:
-        _raise_fit_error(svi, model, guide, state, dev, int(fail_step), losses, num_particles)
+        _raise_fit_error(svi, model, guide, state, run_dev, int(fail_step), losses, num_particles)
 
     params = svi.get_params(state)
+    if mesh is not None:  # back to the host: draws and per-trial outputs use the unpadded data
+        params = jax.device_get(params)
     names = posterior_site_names(model, dev)
-    samples = draws_from_guide(model.program, guide, params, dev, names, key_draws, num_draws,
-                               cache_key=None if cache_key is None else cache_key[:2] + cache_key[6:])
+    samples = draws_from_guide(model.program, guide, params, dev, names, key_draws, num_draws, cache_key=draws_key)
     require_finite("SVI posterior draws", samples, losses=losses,
                    hint="The guide's parameters are finite but its draws are not; check the constraints of these sites.")
     estimate = guide_median(guide, params, names)
@@ -290,6 +314,8 @@ def fit_svi(
         "x64": bool(jax.config.jax_enable_x64),
         "relabel": bool(relabel),
     }
+    if mesh is not None:
+        config["num_devices"] = int(mesh.devices.size)
     fit = assemble_fit(
         model,
         data,

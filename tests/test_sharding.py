@@ -1,0 +1,184 @@
+"""``devices=``: trials split over several devices (ppl_switch/infer/sharding.py).
+
+The device count is fixed when JAX starts, so the 1- vs 4-device comparisons run in a fresh interpreter
+with ``--xla_force_host_platform_device_count=4``; the argument checks run here (no compilation).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ppl_switch.data import SequenceData
+from ppl_switch.infer import fit_em, fit_nuts
+from ppl_switch.infer.sharding import mask_padded_trials, pad_trials, resolve_mesh
+from ppl_switch.models import HMM, SLDS
+
+# One interpreter for EM and SVI: the per-draw functions assemble_fit compiles for the EM fit are reused
+# by the SVI fit (same model and data shapes), which keeps the whole check near 30 s of CPU.
+FOUR_DEVICES_SCRIPT = r"""
+import numpy as np
+import jax
+from jax.sharding import PartitionSpec
+import ppl_switch.infer.hmm_em as hmm_em
+import ppl_switch.infer.lds_em as lds_em
+import ppl_switch.infer.svi as svi_mod
+from ppl_switch.infer import fit_em, fit_svi
+from ppl_switch.models import HMM, LDS
+
+assert len(jax.devices()) == 4, jax.devices()
+
+placed = []  # what the runners really handed to their compiled programs
+def spy(module):
+    inner = module.shard_trials
+    def wrapper(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        placed.append(out)
+        return out
+    module.shard_trials = wrapper
+for module in (hmm_em, lds_em, svi_mod):
+    spy(module)
+
+def check_placed(num_trials_padded):
+    data = placed.pop()
+    for name in ("y", "mask", "lengths"):
+        x = getattr(data, name)
+        assert x.shape[0] == num_trials_padded, (name, x.shape)
+        assert x.sharding.spec == PartitionSpec("trial"), (name, x.sharding)
+        shards = x.addressable_shards
+        assert len({s.device for s in shards}) == 4, (name, shards)
+        assert all(s.data.shape[0] == num_trials_padded // 4 for s in shards), (name, [s.data.shape for s in shards])
+    assert not np.asarray(data.mask)[6:].any() and not np.asarray(data.lengths)[6:].any()  # empty padding
+
+# 6 trials (not a multiple of 4: two padding trials), ragged lengths, a missing entry
+rng = np.random.default_rng(0)
+N, T = 6, 30
+z = (np.arange(N * T).reshape(N, T) // 7) % 2
+y = rng.normal(size=(N, T, 2)) + 1.0 * z[..., None]  # overlapping states: EM still moving after 8 iterations
+lengths = np.array([30, 21, 30, 17, 30, 26])
+mask = np.ones_like(y, bool)
+mask[1, 3, 0] = False
+model = HMM(num_states=2, obs_dim=2, emission="diag_gaussian")
+
+def same(a, b, what):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=what)
+
+# ---- EM ----
+kw = dict(mask=mask, lengths=lengths, num_iters=8, num_restarts=2, seed=1)
+one = fit_em(model, y, **kw)
+four = fit_em(model, y, devices=4, **kw)
+check_placed(8)
+# a run stopped by the tolerance could stop one iteration apart on rounding; this one runs all 8
+assert not one.diagnostics["converged"] and len(one.diagnostics["log_likelihoods"]) == 9
+same(one.diagnostics["log_likelihoods"], four.diagnostics["log_likelihoods"], "EM log-likelihood history")
+same(one.diagnostics["restart_objectives"], four.diagnostics["restart_objectives"], "EM restart objectives")
+for name in one.params:
+    same(one.params[name], four.params[name], f"EM {name}")
+for group in ("log_likelihood", "posterior_states"):  # per-trial outputs: 6 trials, padding stripped
+    from ppl_switch.results import get_group
+    a, b = get_group(one.idata, group), get_group(four.idata, group)
+    for var in a.data_vars:
+        same(a[var].values, b[var].values, f"EM {group}/{var}")
+assert four.data.num_trials == N and four.config["num_devices"] == 4
+
+# ---- LDS EM (the program alone) ----
+lds = LDS(latent_dim=1, obs_dim=2, dynamics_cov="diagonal", initial_cov="learned")
+data = lds.prepare(y, mask=mask, lengths=lengths)
+p1, h1 = lds.em(data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0))
+p4, h4 = lds.em(data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0), devices=4)
+check_placed(8)
+same(h1["log_likelihoods"], h4["log_likelihoods"], "LDS EM log-likelihood history")
+for name in p1:
+    same(p1[name], p4[name], f"LDS EM {name}")
+
+# ---- SVI ----
+# a small hand-written guide (the default AutoNormal's initialisation alone costs ~12 s of CPU here); its
+# Normal means make every step draw noise, so the replicated random stream is checked too
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+def guide(data):
+    pi = numpyro.param("pi", np.full(2, 0.5), constraint=constraints.simplex)
+    P = numpyro.param("P", np.array([[0.8, 0.2], [0.2, 0.8]]), constraint=constraints.simplex)
+    m = numpyro.param("m", np.array([[-0.5, -0.5], [0.5, 0.5]]))
+    s = numpyro.param("s", np.ones((2, 2)), constraint=constraints.positive)
+    numpyro.sample("initial_probs", dist.Delta(pi, event_dim=1))
+    numpyro.sample("transition_matrix", dist.Delta(P, event_dim=2))
+    numpyro.sample("means", dist.Normal(m, 0.1).to_event(2))
+    numpyro.sample("scales", dist.Delta(s, event_dim=2))
+
+kw = dict(mask=mask, lengths=lengths, guide=guide, num_steps=6, num_draws=2, progress_bar=False, relabel=False, seed=2)
+one = fit_svi(model, y, **kw)
+four = fit_svi(model, y, devices=4, **kw)
+check_placed(8)
+same(one.losses, four.losses, "SVI losses")
+for name in one.params:
+    same(one.params[name], four.params[name], f"SVI {name}")
+for name in one.samples:
+    same(one.samples[name], four.samples[name], f"SVI draws {name}")
+print("ok")
+"""
+
+
+def _run_four_devices(tmp_path, script=FOUR_DEVICES_SCRIPT):
+    from subprocess_env import checkout_env
+
+    # keep the test run's XLA flags (conftest: no LLVM optimisation in the default run) and add 4 host devices
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=checkout_env(XLA_FLAGS=flags),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_four_devices_match_one_device(tmp_path):
+    """fit_em (HMM), the LDS EM and fit_svi on 4 host devices, 6 trials (2 padding trials): the data is split
+    over the 4 devices, and histories, parameters, draws and per-trial outputs equal the 1-device ones."""
+    result = _run_four_devices(tmp_path)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-4000:]
+
+
+def test_padding_trials_are_empty():
+    data = SequenceData(np.ones((3, 4, 2)), np.ones((3, 4, 2), bool), np.array([4, 2, 3], np.int32), np.ones((3, 4, 1)))
+    padded = pad_trials(data, 4)
+    assert padded.y.shape == (4, 4, 2) and padded.inputs.shape == (4, 4, 1)
+    assert not padded.mask[3].any() and padded.lengths[3] == 0 and not padded.y[3].any() and not padded.inputs[3].any()
+    np.testing.assert_array_equal(padded.mask[:3], data.mask)
+    assert pad_trials(data, 3) is data
+
+
+def test_masked_program_drops_padding_trials():
+    """The SVI wrapper masks every site of the "trial" plate to the trials of length > 0: a length-0 trial
+    adds exactly nothing, even one made to look observed (which the unwrapped program would count)."""
+    import jax
+    from numpyro.infer.util import log_density
+
+    model = HMM(num_states=2, obs_dim=1, emission="diag_gaussian")
+    data = jax.tree.map(np.asarray, model.prepare(np.random.default_rng(0).normal(size=(3, 5, 1))))
+    params = {"initial_probs": np.array([0.3, 0.7]), "transition_matrix": np.array([[0.9, 0.1], [0.2, 0.8]]),
+              "means": np.array([[0.0], [1.0]]), "scales": np.array([[1.0], [2.0]])}
+    padded = pad_trials(data, 4)
+    y, mask = padded.y.copy(), padded.mask.copy()
+    y[3], mask[3] = 5.0, True  # trial 3: length 0 but made to look observed
+    padded = padded._replace(y=y, mask=mask)
+    lp3, _ = log_density(mask_padded_trials(model.program), (data,), {}, params)
+    lp4, _ = log_density(mask_padded_trials(model.program), (padded,), {}, params)
+    raw4, _ = log_density(model.program, (padded,), {}, params)
+    np.testing.assert_allclose(float(lp4), float(lp3), rtol=1e-7)
+    assert abs(float(raw4) - float(lp3)) > 1.0
+
+
+def test_devices_argument_errors():
+    with pytest.raises(ValueError, match="devices: expected 1 to"):
+        resolve_mesh(10_000)
+    with pytest.raises(ValueError, match="devices: expected None"):
+        resolve_mesh("cpu")
+    y = np.random.default_rng(0).normal(size=(2, 10, 1))
+    slds = SLDS(num_states=2, latent_dim=1, obs_dim=1)
+    with pytest.raises(ValueError, match=r"^devices: the EM of SLDS does not shard"):
+        fit_em(slds, y, devices=1)
+    with pytest.raises(ValueError, match="devices: fit_nuts places one chain per device; 2 chains need at least 2"):
+        fit_nuts(HMM(2, obs_dim=1), y, num_chains=2, devices=1)
