@@ -359,3 +359,16 @@ def test_bad_options_fail_before_compiling():
     diffuse = LDS(1, 1, fixed=LOCAL_LEVEL, dynamics_cov="diagonal", initial_cov="diffuse")
     with pytest.raises(DataError, match="first step"):
         diffuse.prepare(y[..., :1], mask=np.zeros((1, 10, 1), bool) | (np.arange(10) > 0)[None, :, None])
+
+
+def test_em_refuses_a_subclass_with_its_own_emission():
+    """A user's HMM subclass with another emission density must not get the Gaussian M-step silently."""
+
+    class ShiftedHMM(HMM):
+        def emission_log_likelihoods(self, params, data):
+            return super().emission_log_likelihoods(params, data) - 1.0
+
+    data, _ = HMM(2, 1).simulate(KEY, 2, 20)
+    with pytest.raises(NotImplementedError, match="ShiftedHMM overrides emission_log_likelihoods"):
+        ShiftedHMM(2, 1).em(data, key=KEY)
+    HMM(2, 1).em(data, key=KEY, num_iters=2, num_restarts=1)  # the built-in class is accepted

@@ -38,6 +38,19 @@ class Toy(Model):
     def config(self):
         return {"obs_dim": self.obs_dim}
 
+    def log_likelihood(self, params, data):
+        lp = dist.Normal(params["mu"], params["sigma"]).log_prob(data.y)
+        return jnp.where(data.mask, lp, 0.0).sum(-1)
+
+    def posterior_predictive(self, key, params, data):
+        return params["mu"] + params["sigma"] * jax.random.normal(key, data.y.shape)
+
+
+class ToyWithoutPredictive(Toy):
+    """A user's model that leaves ``posterior_predictive`` (and so its group) out."""
+
+    posterior_predictive = Model.posterior_predictive
+
 
 class TwoWells(Model):
     """mu with two separated modes near -2 and +2 (a barrier of ~800 nats between them), the +2 mode
@@ -221,7 +234,8 @@ def test_nuts_chains_in_different_modes_warn():
     assert 35 < fit.diagnostics["chain_lp_gap"] < 45
     # started from the better mode, both chains agree
     fit, _ = quiet(fit_nuts, TwoWells(), np.zeros((1, 2, 1), np.float32), seed=5, init_params={"mu": 2.0}, **NUTS_KW)
-    assert fit.warnings == []
+    # (a density without data: only the groups it cannot fill are named)
+    assert [w.split(" does not implement ")[1].split("()")[0] for w in fit.warnings] == ["log_likelihood", "posterior_predictive"]
 
 
 def test_nuts_one_chain_and_tree_depth():
@@ -251,6 +265,16 @@ def _history(lls, restarts=None, **extra):
 
 GOOD = {"mu": np.array([1.5]), "sigma": np.array([0.7])}
 BAD = {"mu": np.array([np.nan]), "sigma": np.array([0.7])}
+
+
+def test_a_missing_model_method_is_named_not_silently_dropped():
+    """The group a model cannot fill is absent, and the fit says which method would fill it."""
+    fit, caught = quiet(fit_svi, ToyWithoutPredictive(), toy_y(), num_steps=3000, learning_rate=0.05,
+                        progress_bar=False, num_draws=5)
+    assert "posterior_predictive" not in fit.idata.groups() and "log_likelihood" in fit.idata.groups()
+    assert fit.warnings == caught and len(fit.warnings) == 1
+    assert "ToyWithoutPredictive does not implement posterior_predictive()" in fit.warnings[0]
+    assert fit.idata.attrs["skipped"] == "posterior_predictive"
 
 
 def test_em_restarts_with_different_optima_warn():

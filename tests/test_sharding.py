@@ -22,8 +22,7 @@ FOUR_DEVICES_SCRIPT = r"""
 import numpy as np
 import jax
 from jax.sharding import PartitionSpec
-import ppl_switch.infer.hmm_em as hmm_em
-import ppl_switch.infer.lds_em as lds_em
+import ppl_switch.infer.em_loop as em_loop
 import ppl_switch.infer.svi as svi_mod
 from ppl_switch.infer import fit_em, fit_svi
 from ppl_switch.models import HMM, LDS
@@ -38,7 +37,7 @@ def spy(module):
         placed.append(out)
         return out
     module.shard_trials = wrapper
-for module in (hmm_em, lds_em, svi_mod):
+for module in (em_loop, svi_mod):  # the EM programs (HMM, ARHMM, LDS) are called through em_loop
     spy(module)
 
 def check_placed(num_trials_padded):

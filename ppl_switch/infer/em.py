@@ -124,7 +124,7 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
         model, data, "em", samples, key=key_post, params=params, losses=losses, diagnostics=diagnostics, config=config, relabel=False
     )
     fit.estimate = dict(params)
-    fit.warnings = found + notes
+    fit.warnings = found + fit.warnings + notes  # in the order they were emitted
     emit(notes)
     return fit
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
+
 #: consecutive small changes of the objective that count as convergence
 PATIENCE = 3
 
@@ -91,6 +93,18 @@ def compiled_program(cache: dict, model_key: str, build: Callable, model, *optio
     if key not in cache:
         cache[key] = build(model, *options)
     return cache[key]
+
+
+def run_on_devices(run: Callable, keys, data, dtype, start, devices) -> EMRun:
+    """Call a compiled EM program ``run(keys, y, mask, lengths, inputs, start)`` on ``data``: on JAX's
+    default device, or (``devices`` not None) with the trials padded and split over the devices
+    (:mod:`ppl_switch.infer.sharding`) and the restart keys and start replicated."""
+    mesh = resolve_mesh(devices)
+    if mesh is None:
+        inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
+        return run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
+    placed = shard_trials(data, mesh, dtype)
+    return run(replicate(keys, mesh), placed.y, placed.mask, placed.lengths, placed.inputs, replicate(start, mesh))
 
 
 def best_restart(run: EMRun) -> tuple[int, dict]:

@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from ppl_switch.data import SequenceData
+from ppl_switch.infer.checks import emit
 from ppl_switch.infer.decode import pointwise_log_likelihood, posterior_predictive_draws, posterior_states
 from ppl_switch.infer.prepare import implements
 from ppl_switch.relabel import num_permuted, relabel_draws
@@ -139,9 +140,10 @@ class Fit:
             )
         if self.losses is not None:
             groups[_LOSSES_GROUP] = xr.Dataset({"loss": (("step",), np.asarray(self.losses))})
+        meta = json.dumps(_jsonable(self._sidecar(path.name)), indent=2)  # first: a model without config() fails here
         save_inference_data(replace_groups(self.idata, groups), path)
         sidecar = sidecar_path(path)
-        sidecar.write_text(json.dumps(_jsonable(self._sidecar(path.name)), indent=2))
+        sidecar.write_text(meta)
         return sidecar
 
     def _sidecar(self, netcdf_name: str) -> dict[str, Any]:
@@ -262,15 +264,24 @@ def assemble_fit(
     """Relabel states, compute the per-draw quantities the model supports, and build the Fit.
 
     Optional model methods that a model does not implement (``log_likelihood``, ``posterior_predictive``,
-    ``state_posterior``) are skipped; their groups are then absent and listed in the attr ``skipped``.
+    ``state_posterior``) are skipped; their groups are then absent, listed in the attr ``skipped`` and
+    named in ``fit.warnings`` (emitted as FitWarning), with what is lost and which method to write.
     """
     samples = {name: np.asarray(v) for name, v in samples.items()}
     diagnostics = dict(diagnostics or {})
     num_states = int(getattr(model, "num_states", 0) or 0)
     perms = None
     num_chains, num_draws = next(iter(samples.values())).shape[:2]
+    unaligned = []
     if relabel and num_states > 1 and num_chains * num_draws > 1:
-        samples, perms = relabel_draws(model, samples)
+        if implements(model, "state_features"):
+            samples, perms = relabel_draws(model, samples)
+        else:
+            unaligned = [
+                f"{type(model).__name__} does not implement state_features(), so state labels were not aligned "
+                "across draws (label switching can mix states in summaries); define state_features and "
+                "permute_states (see ppl_switch.models.base.Model) to align them"
+            ]
     diagnostics["relabelled_draws"] = 0 if perms is None else num_permuted(perms)
 
     key_pp, key_states = jax.random.split(key)
@@ -290,6 +301,14 @@ def assemble_fit(
         else:
             skipped.append("posterior_states")
 
+    missing = [
+        f"{type(model).__name__} does not implement {_OPTIONAL_METHODS[group][0]}(), so the InferenceData has no "
+        f"{group} group ({_OPTIONAL_METHODS[group][1]}); define {type(model).__name__}.{_OPTIONAL_METHODS[group][0]} "
+        "(see ppl_switch.models.base.Model) to add it"
+        for group in skipped
+    ]
+    missing = unaligned + missing
+    emit(missing)
     attrs = {
         "method": method,
         "relabelled": perms is not None,
@@ -320,7 +339,16 @@ def assemble_fit(
         losses=None if losses is None else np.asarray(losses),
         diagnostics=diagnostics,
         config=dict(config or {}),
+        warnings=missing,
     )
+
+
+#: group -> (the model method that fills it, what a user loses without it)
+_OPTIONAL_METHODS = {
+    "log_likelihood": ("log_likelihood", "no LOO/WAIC or model comparison"),
+    "posterior_predictive": ("posterior_predictive", "no posterior predictive checks or plots"),
+    "posterior_states": ("state_posterior", "no decoded states"),
+}
 
 
 __all__ = ["Fit", "load", "assemble_fit", "sidecar_path"]

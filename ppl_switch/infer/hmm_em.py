@@ -36,8 +36,7 @@ import numpyro.distributions as dist
 from jax.scipy.special import gammaln, xlogy
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
-from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
+from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_smoother, stationary_distribution
@@ -374,6 +373,15 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
 
 def _check(model, data: SequenceData, use_map: bool) -> None:
     """Refuse, before compiling, what the closed-form updates do not cover."""
+    builtin = arhmm_mod.ARHMM if isinstance(model, arhmm_mod.ARHMM) else hmm_mod.HMM
+    changed = [m for m in ("emission_log_likelihoods", "sample_emission_params")
+               if getattr(type(model), m, None) is not getattr(builtin, m, None)]
+    if changed:  # a user's subclass with its own emission: the M-step below would not be its maximiser
+        raise NotImplementedError(
+            f"{type(model).__name__}.em: the closed-form M-step is {builtin.__name__}'s own emission's, and "
+            f"{type(model).__name__} overrides {' and '.join(changed)}; fit it with fit_svi or fit_nuts, and set "
+            "em = None in the class so that ppl_switch.fit does not choose EM"
+        )
     D = data.obs_dim
     full = model.name == "arhmm" or model.emission == "gaussian"
     mask = np.asarray(data.mask)
@@ -433,13 +441,7 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
     keys = jax.random.split(key, num_restarts)
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
     run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map), float(min_covar), start is not None)
-    inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
-    mesh = resolve_mesh(devices)
-    if mesh is None:
-        out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
-    else:  # trials padded and split over the mesh; keys and start replicated
-        placed = shard_trials(data, mesh, dtype)
-        out = run(replicate(keys, mesh), placed.y, placed.mask, placed.lengths, placed.inputs, replicate(start, mesh))
+    out = run_on_devices(run, keys, data, dtype, start, devices)
     best, history = best_restart(out)
     p = jax.tree.map(lambda a: a[best], out.params)
     site = {name: np.asarray(v) for name, v in _to_sites(model, p).items()}

@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em
-from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
+from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.ops.kalman import lgssm_smoother
 
 
@@ -239,12 +238,6 @@ def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int =
     keys = jax.random.split(key, num_restarts)
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
     run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), float(min_var), start is not None)
-    inputs = None if data.inputs is None else jnp.asarray(data.inputs, dtype)
-    mesh = resolve_mesh(devices)
-    if mesh is None:
-        out = run(keys, jnp.asarray(data.y, dtype), jnp.asarray(data.mask), jnp.asarray(data.lengths), inputs, start)
-    else:  # trials padded and split over the mesh; keys and start replicated
-        placed = shard_trials(data, mesh, dtype)
-        out = run(replicate(keys, mesh), placed.y, placed.mask, placed.lengths, placed.inputs, replicate(start, mesh))
+    out = run_on_devices(run, keys, data, dtype, start, devices)
     best, history = best_restart(out)
     return {k: np.asarray(v[best]) for k, v in out.params.items()}, history

@@ -245,8 +245,9 @@ def fit_nuts(
     if num_chains < 2:
         fit.diagnostics["max_r_hat"] = None
         fit.diagnostics["r_hat_note"] = "not available with 1 chain"
-    fit.warnings = found + mcmc_warnings(fit.diagnostics, num_chains, max_tree_depth)
-    emit(fit.warnings[len(found):])
+    chains = mcmc_warnings(fit.diagnostics, num_chains, max_tree_depth)
+    fit.warnings = found + fit.warnings + chains  # in the order they were emitted
+    emit(chains)
     return fit
 
 

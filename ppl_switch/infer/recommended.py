@@ -110,7 +110,7 @@ def _run_gdm_svi(model, data, *, seed, x64, progress_bar, num_draws: int = 20, *
                     f"without inputs; this fit used the released code's random start ({gfit.start!r}), which "
                     "reaches far lower state accuracy: compare several seeds, or fill the missing entries"]
         emit(fallback)
-    fit.warnings = found + moving + fallback
+    fit.warnings = found + fit.warnings + moving + fallback  # in the order they were emitted
     return fit
 
 

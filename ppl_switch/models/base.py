@@ -25,6 +25,14 @@ from ppl_switch.data import SequenceData, as_sequence_data
 Params = Mapping[str, Any]
 
 
+def _not_defined(model, method: str) -> NotImplementedError:
+    """The error a runner gets when it needs a method this model does not define."""
+    return NotImplementedError(
+        f"{type(model).__name__}.{method}() is not defined: a runner needs it; define it in your Model subclass "
+        "(ppl_switch.models.base.Model lists what each method returns; tutorials/custom_model.py shows one)"
+    )
+
+
 class Model:
     """Base class. Subclasses set ``name`` and implement the abstract methods."""
 
@@ -58,43 +66,43 @@ class Model:
     # ----- the generative program ---------------------------------------------------------------
     def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
         """The NumPyro model. Observes ``data.y`` under ``data.mask``."""
-        raise NotImplementedError
+        raise _not_defined(self, "program")
 
     def default_guide(self):
         """The documented default SVI guide: a callable with the program's signature."""
-        raise NotImplementedError
+        raise _not_defined(self, "default_guide")
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         """Named dims (beyond chain, draw) of every parameter and latent site, e.g.
         ``{"transition_matrix": ("state", "state_to"), "x": ("trial", "time", "latent")}``."""
-        raise NotImplementedError
+        raise _not_defined(self, "site_dims")
 
     # ----- quantities computed from one parameter draw (jit/vmap-able) --------------------------
     def log_likelihood(self, params: Params, data: SequenceData) -> jax.Array:
         """(trials, time) pointwise log-likelihood, marginal over discrete states, 0 where unobserved."""
-        raise NotImplementedError
+        raise _not_defined(self, "log_likelihood")
 
     def state_posterior(self, params: Params, data: SequenceData) -> dict[str, jax.Array]:
         """For models with states: ``{"state_probs": (trials, time, K), "viterbi": (trials, time) int}``."""
-        raise NotImplementedError
+        raise _not_defined(self, "state_posterior")
 
     def sample_states(self, key, params: Params, data: SequenceData) -> jax.Array:
         """For models with states: one posterior sample of the state path, (trials, time) int."""
-        raise NotImplementedError
+        raise _not_defined(self, "sample_states")
 
     def posterior_predictive(self, key, params: Params, data: SequenceData) -> jax.Array:
         """One draw of replicated observations, shaped like ``data.y``."""
-        raise NotImplementedError
+        raise _not_defined(self, "posterior_predictive")
 
     # ----- simulation ---------------------------------------------------------------------------
     def simulate(self, key, num_trials: int, num_timesteps: int, *, params: Optional[Params] = None, inputs=None):
         """Draw data; returns ``(SequenceData, truth)`` where truth holds parameters and latent paths
         (``states`` (trials, time) and/or ``latents`` (trials, time, latent_dim))."""
-        raise NotImplementedError
+        raise _not_defined(self, "simulate")
 
     def default_params(self, key) -> dict[str, Any]:
         """A well-behaved parameter set for simulation and tests."""
-        raise NotImplementedError
+        raise _not_defined(self, "default_params")
 
     # ----- label switching ----------------------------------------------------------------------
     def state_features(self, params: Params) -> Optional[np.ndarray]:
@@ -107,4 +115,4 @@ class Model:
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments (saved beside fits so they can be reloaded)."""
-        raise NotImplementedError
+        raise _not_defined(self, "config")
