@@ -54,10 +54,23 @@ params = {k: v[0, 0] for k, v in fit.samples.items()}
 prob_hat = np.asarray(model.firing_probabilities(params))[0]
 prob = sim["params"]["firing_probs"]
 hidden = ~sim["mask"][0].any(-1)
-print("firing-probability correlation, hidden block:", np.corrcoef(prob_hat[hidden].ravel(), prob[hidden].ravel())[0, 1])
-print("firing-probability correlation, observed steps:", np.corrcoef(prob_hat[~hidden].ravel(), prob[~hidden].ravel())[0, 1])
-print("lobe segmentation accuracy:", matched_state_accuracy(sim["states"][0], params["q_state_probs"][0].argmax(-1), 2))
-print("latent R2 after affine alignment:", affine_aligned_r2(params["x"][0], sim["latents"][0]))
+corr_hidden = np.corrcoef(prob_hat[hidden].ravel(), prob[hidden].ravel())[0, 1]
+corr_observed = np.corrcoef(prob_hat[~hidden].ravel(), prob[~hidden].ravel())[0, 1]
+segmentation = matched_state_accuracy(sim["states"][0], params["q_state_probs"][0].argmax(-1), 2)
+latent_r2 = affine_aligned_r2(params["x"][0], sim["latents"][0])
+print("firing-probability correlation, hidden block:", corr_hidden)
+print("firing-probability correlation, observed steps:", corr_observed)
+print("lobe segmentation accuracy:", segmentation)
+print("latent R2 after affine alignment:", latent_r2)
+# The hidden block is reconstructed from the dynamics alone: each neuron's mean observed rate, repeated over
+# the block, correlates with the truth at only 0.33 there (smoke run). Expected (float64, seed 0): smoke
+# 0.841 / 0.981 / 0.891 / 0.914; full (benchmarks/results.md, 50 iterations) 0.943 / 0.997 / 0.954 / 0.993.
+objective = -fit.losses
+assert np.all(np.diff(objective) >= -1e-9 * np.abs(objective[1:])), np.diff(objective)  # the EM objective never decreases
+assert corr_hidden >= (0.7 if SMOKE else 0.85), corr_hidden
+assert corr_observed >= (0.95 if SMOKE else 0.98), corr_observed
+assert segmentation >= (0.8 if SMOKE else 0.9), segmentation
+assert latent_r2 >= (0.8 if SMOKE else 0.95), latent_r2
 
 # %%
 fig, axes = plt.subplots(2, 1, figsize=(8, 4), sharex=True)

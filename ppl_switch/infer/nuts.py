@@ -70,7 +70,10 @@ def _convergence(samples: Mapping[str, np.ndarray]) -> dict[str, Any]:
         # have no ESS or R-hat; skipping them keeps the 0/0 out of the diagnostics
         value = value[..., np.ptp(value, axis=(0, 1)) > 0]
         if value.shape[1] >= 4 and value.shape[-1] > 0:
-            ess.append((float(np.min(effective_sample_size(value))), name))
+            # numpyro's estimator can go below 0 on a handful of strongly autocorrelated draws: no
+            # effective samples, reported as 0
+            low = float(np.min(effective_sample_size(value)))
+            ess.append((0.0 if low < 0 else low, name))
             if value.shape[0] > 1:
                 r_hats.append((float(np.max(split_gelman_rubin(value))), name))
     out: dict[str, Any] = {}
