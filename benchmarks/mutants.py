@@ -119,6 +119,39 @@ MUTANTS = [
         ("tests/test_metrics.py",),
         "accuracy after label matching against the best permutation by brute force",
     ),
+    # ----- added 2026-12-06 (second session): devices=, missing model methods, EM on a user's subclass -----
+    Mutant(
+        "padding trials for devices= left observed",
+        "ppl_switch/infer/sharding.py",
+        "return SequenceData(pad(data.y, 0), pad(data.mask, False), pad(data.lengths, 0), inputs)",
+        "return SequenceData(pad(data.y, 0), pad(data.mask, True), pad(data.lengths, 0), inputs)",
+        ("tests/test_sharding.py",),
+        "1 vs 4 host devices give the same EM/SVI numbers, and the placed padding is empty",
+    ),
+    Mutant(
+        "a missing model method is dropped silently again",
+        "ppl_switch/infer/fit.py",
+        "    missing = unaligned + missing\n    emit(missing)",
+        "    missing = []\n    emit(missing)",
+        ("tests/test_never_silent.py", "-k", "missing"),
+        "the fit's warnings name the method that would fill the absent group",
+    ),
+    Mutant(
+        "HMM EM accepts a subclass with its own emission",
+        "ppl_switch/infer/hmm_em.py",
+        "    if changed:  # a user's subclass",
+        "    if False:  # a user's subclass",
+        ("tests/test_baseline_em.py", "-k", "subclass"),
+        "EM refuses a subclass whose emission its M-step does not maximise",
+    ),
+    Mutant(
+        "SLDS predictive log-likelihood drops the last step",
+        "ppl_switch/models/slds.py",
+        "            return self.filter(params, data).step_log_likelihoods\n",
+        "            return self.filter(params, data).step_log_likelihoods.at[:, -1].set(0.0)\n",
+        ("tests/test_conformance.py", "-k", "TestConformance_slds and log_likelihood"),
+        "the log_likelihood group against an independent Kalman filter (shared dynamics) and exact steps 0-1",
+    ),
 ]
 
 
