@@ -20,7 +20,7 @@ the joint precision is nearly singular along those directions and the parameters
 of the frame, not of the dynamics in it. Ridges of the posterior along which the data say little (the
 partition's W / tau, the centre-offset pair (c, e), prior scales against weights) can make the Hessian at
 the means indefinite; the function then raises, and those sites can be held too. The two-rotation
-benchmark's numbers are in the model card (``benchmarks/gpslds.py --joint-laplace``).
+benchmark's numbers are in benchmarks/results.md (gpSLDS history; ``benchmarks/gpslds.py --joint-laplace``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The SVI guide factorises q(x) q(theta), and the joint Laplace approximation (``infer.joint_laplace``) is a
 Gaussian at the fitted means: both inherit the errors-in-variables bias of a drift fitted to a smoothed path
-(model card, "Calibration"). This sampler targets p(x, theta | y) itself, with the readout held at its fitted
+(benchmarks/results.md, gpSLDS history, "Calibration"). This sampler targets p(x, theta | y) itself, with the readout held at its fitted
 value (it fixes the latent frame), by alternating three blocks:
 
 1. **path** x | theta, per trial: an independence Metropolis–Hastings step whose proposal is the Laplace
@@ -20,7 +20,7 @@ few collapsed evaluations (sums over steps).
 
 Read the draws in the frame of the chain's own paths (``PathGibbsDraws.path_mean``): with the readout held, the
 sampled paths are larger than a variational guide's shrunk mean path, so the guide's alignment would stretch
-them. Measured on the two-rotation benchmark in the model card ("Sampling the path").
+them. Measured on the two-rotation benchmark in benchmarks/results.md (gpSLDS history, "Sampling the path").
 """
 
 from __future__ import annotations

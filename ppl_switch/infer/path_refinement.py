@@ -4,7 +4,7 @@ SVI moves the per-step mean path of the Gauss–Markov q(x) slowly. On the two-r
 1500 steps) the fitted mean path's log joint under the fitted parameters is about 33,000 nats below that of
 the most probable path given the same parameters, and that path is much closer to the truth (latent R² 0.984
 against 0.950 after affine alignment). Restarting SVI from it reaches a better ELBO and a better flow field
-(model card). The paper's variational EM makes the analogous move on q(x) by forward–backward sweeps; here
+(benchmarks/results.md, gpSLDS history). The paper's variational EM makes the analogous move on q(x) by forward–backward sweeps; here
 the path step is a deterministic L-BFGS maximisation of
 
     log p(x | theta) + log p(y | x, theta)          (Euler–Maruyama prior, the model's emissions)

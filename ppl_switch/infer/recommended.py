@@ -19,8 +19,8 @@ What each model recommends, and why (the model cards hold the measurements):
 =========  ===================================================  ===============================================
 model      runner (options)                                     why
 =========  ===================================================  ===============================================
-hmm,       ``em`` (8 restarts in one vmapped program)           closed-form Baum-Welch / Kalman EM, best of
-arhmm,                                                          several starts: at or above hmmlearn's and
+hmm,       ``em`` (restarts in one vmapped program: 8 for        closed-form Baum-Welch / Kalman EM, best of
+arhmm,     hmm/arhmm, 4 for lds)                                several starts: at or above hmmlearn's and
 lds                                                             statsmodels' maxima on their real series, warm
                                                                 fits 0.00-0.25x their time (benchmarks/baselines.py)
 slds       ``em`` (4 restarts, 100 iterations); Poisson:        structured mean-field EM is the card's fast,

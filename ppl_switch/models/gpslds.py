@@ -652,7 +652,7 @@ class GPSLDS(_LatentSDEModel):
         w = (median r^2, -1, ..., -1) / sd(r^2), tau = 0.5 (regime 0 inside). At the prior median (w = 0,
         pi = 1/2 everywhere) the regimes are exchangeable and, when they share a centre (a limit cycle),
         gradient SVI does not break the tie: the limit-cycle fit collapsed to one regime from there and
-        reached a 113-nat worse ELBO (model card). Linear features keep the prior median."""
+        reached a 113-nat worse ELBO (benchmarks/results.md, gpSLDS history). Linear features keep the prior median."""
         if self.features != "quadratic" or self.num_states < 2:
             return {}
         r2 = np.sum(np.reshape(np.asarray(x, float), (-1, self.latent_dim)) ** 2, -1)
@@ -761,8 +761,8 @@ class LatentSDEGuide:
     diffusion), mbar = the initial path. With ``global_affine=True`` the chain is mapped by one learned
     affine x -> S x + m shared by all trials (``x_global_scale_tril``, ``x_global_offset``; start S = I,
     m = 0): the same variational family, re-parameterised so that SVI can rescale the whole path, which
-    per-step parameters do only slowly (model card, start scale). Off by default: on the two-rotation
-    benchmark the ELBO then prefers a path shrunk about tenfold and the flow is lost (model card).
+    per-step parameters do only slowly (benchmarks/results.md, gpSLDS history: start scales). Off by default: on the two-rotation
+    benchmark the ELBO then prefers a path shrunk about tenfold and the flow is lost (benchmarks/results.md, gpSLDS history).
     """
 
     #: A_t is stored in units of this many 1/time so that Adam moves it at a useful rate

@@ -444,11 +444,11 @@ class SLDS(Model):
             :class:`AnchoredSwitchingChain`); x (and m0, b_k) are then deterministic sites. Same model,
             different coordinates for NUTS: "whitened" removes the Q_k--x funnel and the path-translation
             ridge but ties every dynamics parameter to the whole path; "anchored" removes the translation
-            ridge and keeps the path otherwise centred (measured: model_cards/slds.md).
+            ridge and keeps the path otherwise centred (measured: benchmarks/results.md, SLDS history).
         dynamics_scale_prior: prior of each dynamics noise scale s_kd: "half_normal" (HalfNormal(0.5),
             the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
             density at s = 0; Chung et al. 2013) against the funnel toward Q_k -> 0 when the data hardly
-            separate dynamics noise from observation noise (measured effect on NUTS: model_cards/slds.md).
+            separate dynamics noise from observation noise (measured effect on NUTS: benchmarks/results.md, SLDS history).
             It is the program's prior (NUTS, SVI); :meth:`em` keeps its conjugate inverse-Wishart regulariser.
         dynamics_scale_coordinates: "direct" (``dynamics_scales`` is a sample site) or "path_relative"
             (NUTS only: the path, and the noise scales and initial mean measured relative to it, are one
