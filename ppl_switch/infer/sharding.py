@@ -197,11 +197,6 @@ def mask_padded_trials(program):
     return masked
 
 
-def describe_sharding(data: SequenceData) -> dict[str, str]:
-    """``{field: str(sharding)}`` of the placed arrays: a check that the trials really are split."""
-    return {name: str(getattr(x, "sharding", None)) for name, x in data._asdict().items() if x is not None}
-
-
 def unsupported(runner: str, what: str) -> ValueError:
     """The one-line error of a runner that does not shard ``what`` yet."""
     return ValueError(
@@ -213,7 +208,6 @@ def unsupported(runner: str, what: str) -> ValueError:
 __all__ = [
     "SHARDED_EM_MODELS",
     "TRIAL_AXIS",
-    "describe_sharding",
     "mask_padded_trials",
     "num_shards",
     "pad_trials",
