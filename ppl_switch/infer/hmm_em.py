@@ -37,6 +37,7 @@ from jax.scipy.special import gammaln, xlogy
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
+from ppl_switch.infer.sharding import real_trials
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_smoother, stationary_distribution
@@ -233,7 +234,7 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
         N, T, D = y.shape
         data = SequenceData(y, mask, lengths, inputs)
         time_ok = jnp.arange(T) < lengths[:, None]  # (N, T)
-        real = lengths > 0  # (N,) False only for the length-0 trials that pad N for devices= (sharding.py)
+        real = real_trials(lengths)  # (N,) False only for the trials that pad N for devices=
         num_real = real.sum()
         pair_ok = time_ok[:, 1:]  # a transition t -> t+1 inside the trial
         step = model.step_mask(data)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
+from ppl_switch.infer.sharding import real_trials
 from ppl_switch.ops.kalman import lgssm_smoother
 
 
@@ -72,7 +73,7 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
         y0 = jnp.where(mask, y, 0.0)
         u = inputs if U else jnp.zeros((N, T, 0), dtype)
         pair_ok = (jnp.arange(1, T) < lengths[:, None]).astype(dtype)  # (N, T-1)
-        real = lengths > 0  # (N,) False only for the length-0 trials that pad N for devices= (sharding.py)
+        real = real_trials(lengths)  # (N,) False only for the trials that pad N for devices=
         num_real = real.sum()
         mk = mask.astype(dtype)
         nobs = jnp.maximum(mk.sum((0, 1)), 1)
