@@ -2,20 +2,33 @@
 ``pytestmark``) runs a test with ``jax_enable_x64`` on, for oracle comparisons at 1e-8 and below. Programs
 compile as users' do (XLA's default optimisation; no flags beyond those ``import ppl_switch`` sets).
 
-Compilation is not cached on disk between processes (see below).
+Compiled programs are shared within one test run: the run's first process makes a fresh, empty JAX
+compilation cache in a temporary folder (deleted at the end), and the xdist workers and every subprocess
+they start (tutorials, CLI, demo) read and write it. A program compiled by one of them, or compiled again
+after a module released it (see _module_precision), is then loaded instead of compiled again. The run starts
+cold, as a user's first session does; nothing is kept between runs.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # jaxlib 0.9 logs two C++ ERROR lines per executable it loads from the persistent cache (a CPU-feature
 # naming mismatch, harmless); at -s they bury the test output. Set before JAX loads.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the run's first process; workers and subprocesses inherit it
+    _RUN_CACHE = tempfile.mkdtemp(prefix="ppl-switch-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _RUN_CACHE, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+    # every program, however small: most of a test's time is hundreds of small eager-op compilations
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import ppl_switch  # noqa: F401  sets single-threaded CPU Eigen (see ppl_switch/__init__.py) before JAX starts
 import jax
 import pytest
-
-# No persistent compilation cache (users have none).
 
 
 #: release compiled programs after a test when the process holds more memory mappings than this (the limit is
