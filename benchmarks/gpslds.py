@@ -51,6 +51,7 @@ from ppl_switch.datasets.gpslds_synthetic import (  # noqa: E402
 from ppl_switch.infer import fit_svi  # noqa: E402
 from ppl_switch.infer.path_refinement import fit_svi_with_path_refinement  # noqa: E402
 from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
+from ppl_switch.plots import credible_interval_convention  # noqa: E402
 
 
 def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scales=(3.0,), global_affine=False,
@@ -133,7 +134,7 @@ def fixed_point_report(model, extra, P, o, truth_points, lo=-8.0, hi=8.0, per_dr
             continue
         best = min(regions, key=lambda r: np.linalg.norm(r["mean"] - xt))
         rows.append({"true": xt, "found": True, "mean": best["mean"], "distance": float(np.linalg.norm(best["mean"] - xt)),
-                     "in_94_ellipse": ga.in_credible_ellipse(best, xt), "level": ga.credible_level(best, xt),
+                     "in_ellipse": ga.in_credible_ellipse(best, xt), "level": ga.credible_level(best, xt),
                      "fraction_of_draws": best["fraction"],
                      "sd": np.sqrt(np.diag(best["cov"]))})
     types = {}
@@ -160,7 +161,7 @@ def path_offset_near(mean_path, truth_x, P, o, point, radius=1.0, select_by="fit
 def fixed_point_text(r):
     """The common part of every fixed-point line: one found row of :func:`fixed_point_report`."""
     return (f"true fp {np.round(r['true'], 3)} -> recovered {np.round(r['mean'], 3)} (sd {np.round(r['sd'], 3)}), "
-            f"distance {r['distance']:.3f}, inside 94% ellipse {r['in_94_ellipse']} "
+            f"distance {r['distance']:.3f}, inside {100 * credible_interval_convention()[0]:.0f}% ellipse {r['in_ellipse']} "
             f"(smallest ellipse holding it: {r['level']:.3f})")
 
 

@@ -152,6 +152,31 @@ MUTANTS = [
         ("tests/test_conformance.py", "-k", "TestConformance_slds and log_likelihood"),
         "the log_likelihood group against an independent Kalman filter (shared dynamics) and exact steps 0-1",
     ),
+    # ----- added 2026-12-06 (third session) -----
+    Mutant(
+        "credible ellipse at a fixed 94% instead of prob",
+        "ppl_switch/analysis/gpslds_analysis.py",
+        'return _mahalanobis_sq(region, x) <= chi2.ppf(prob, len(region["mean"]))',
+        'return _mahalanobis_sq(region, x) <= chi2.ppf(0.94, len(region["mean"]))',
+        ("tests/test_gpslds.py", "-k", "credible"),
+        "the fixed-point ellipses ignoring the library's credible probability (figures say 89% under arviz >= 1)",
+    ),
+    Mutant(
+        "no warning for a model without site_dims",
+        "ppl_switch/infer/fit.py",
+        'if not implements(model, "site_dims"):',
+        'if False:',
+        ("tests/test_never_silent.py", "-k", "site_dims"),
+        "generic dims and dropped deterministic sites without a word",
+    ),
+    Mutant(
+        "no GDM fallback warning",
+        "ppl_switch/infer/recommended.py",
+        'if options.get("start", "auto") == "auto" and gfit.start != "segmentation":',
+        'if False:',
+        ("tests/test_recommended_fit.py", "-k", "falls_back_to_the_released_start"),
+        "a GDM fit from the released start (0.56-0.65 accuracy) reported as if from the data-driven one",
+    ),
 ]
 
 

@@ -14,6 +14,7 @@ from ppl_switch.data import DataError
 from ppl_switch.datasets.gpslds_synthetic import TRUE_FIXED_POINTS, simulate_gpslds_synthetic, two_rotation_drift
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, chain_precision_blocks
 from ppl_switch.models.gpslds import GPSDE, GPSLDS, SDEPathChain, ssl_kernel
+from ppl_switch.plots import credible_interval_convention
 
 # oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
 pytestmark = pytest.mark.float64
@@ -228,15 +229,21 @@ def test_credible_regions_cluster_draws():
 
 def test_credible_level_is_the_coverage_of_a_gaussian_region():
     """The level of the smallest ellipse holding x: uniform over repeated truths drawn from the region's own
-    Gaussian (what calibration across data sets means), and the 94% membership test at 0.94."""
+    Gaussian (what calibration across data sets means); the membership test at prob is level <= prob, by
+    default at the library's credible probability."""
     rng = np.random.default_rng(6)
     cov = np.array([[0.04, 0.03], [0.03, 0.09]])
     region = {"mean": np.array([3.0, 0.5]), "cov": cov}
     truths = rng.multivariate_normal(region["mean"], cov, size=4000)
     levels = np.array([ga.credible_level(region, x) for x in truths])
     np.testing.assert_allclose(np.quantile(levels, [0.1, 0.5, 0.9]), [0.1, 0.5, 0.9], atol=0.03)
-    inside = np.array([ga.in_credible_ellipse(region, x) for x in truths])
-    np.testing.assert_array_equal(inside, levels <= 0.94)
+    for prob in (0.5, 0.94):
+        inside = np.array([ga.in_credible_ellipse(region, x, prob) for x in truths])
+        np.testing.assert_array_equal(inside, levels <= prob)
+    default = np.array([ga.in_credible_ellipse(region, x) for x in truths])
+    np.testing.assert_array_equal(default, levels <= credible_interval_convention()[0])
+    with pytest.raises(ValueError, match="prob"):
+        ga.in_credible_ellipse(region, truths[0], 1.5)
     with pytest.raises(ValueError, match="2-d region"):
         ga.credible_level({"mean": np.zeros(3), "cov": np.eye(3)}, np.zeros(3))
 

@@ -277,6 +277,27 @@ def test_a_missing_model_method_is_named_not_silently_dropped():
     assert fit.idata.attrs["skipped"] == "posterior_predictive"
 
 
+class ToyWithoutSiteDims(Toy):
+    """Toy without site_dims and with a deterministic site."""
+
+    site_dims = Model.site_dims
+
+    def program(self, data, *, record_log_lik=False):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0).expand([self.obs_dim]).to_event(1))
+        sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 1.0).expand([self.obs_dim]).to_event(1))
+        numpyro.deterministic("sigma_squared", sigma**2)
+        numpyro.sample("y", dist.Normal(mu, sigma).mask(data.mask).to_event(3), obs=data.y)
+
+
+def test_a_model_without_site_dims_gets_generic_dims_and_says_so():
+    fit, caught = quiet(fit_svi, ToyWithoutSiteDims(), toy_y(), num_steps=50, progress_bar=False, num_draws=5)
+    assert fit.idata.posterior["mu"].dims == ("chain", "draw", "mu_dim_0")
+    assert "sigma_squared" not in fit.idata.posterior
+    assert fit.warnings == caught and len(fit.warnings) == 1
+    assert "ToyWithoutSiteDims does not implement site_dims(), so the posterior's dims are named" in fit.warnings[0]
+    assert "no deterministic site is written" in fit.warnings[0]
+
+
 def test_em_restarts_with_different_optima_warn():
     model = FakeEM([(GOOD, _history(np.full(20, -50.0), restarts=[-50.0, -58.0, -50.2]))])
     fit, caught = quiet(fit_em, model, toy_y())

@@ -182,3 +182,19 @@ def test_real_gdm_fit_through_fit_is_one_fit_type(tmp_path):
     np.testing.assert_array_equal(est["dynamics"], fit.samples["dynamics"][0, 0])  # MAP: the same in every draw
     np.testing.assert_allclose(est["z"], fit.samples["z"].mean((0, 1)), rtol=1e-6)
     assert "posterior" in list(fit.idata.groups())
+
+
+def test_gdm_with_missing_entries_falls_back_to_the_released_start_and_says_so():
+    """The data-driven start needs fully observed data; with one missing entry fit() takes the released
+    code's start, and fit.warnings (and the FitWarning) name the fallback and its cost."""
+    model = get_model("gdm", num_states=2, latent_dim=1, obs_dim=2)
+    data, _ = model.simulate(jax.random.PRNGKey(0), 1, 40)
+    y = np.array(data.y)
+    y[0, 5, 1] = np.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ppl_switch.infer.FitWarning)
+        fit = ppl_switch.fit(model, y, num_steps=20, num_restarts=1, num_draws=2, progress_bar=False)
+    assert fit.diagnostics["start"] != "segmentation"
+    fallback = [w for w in fit.warnings if w.startswith("GDM: the data-driven start needs fully observed")]
+    assert len(fallback) == 1 and repr(fit.diagnostics["start"]) in fallback[0]
+    assert fallback[0] in [str(w.message) for w in caught if issubclass(w.category, ppl_switch.infer.FitWarning)]

@@ -18,7 +18,8 @@ method                      what uses it, and what happens today when it is miss
 record_log_lik=False)``     ``NotImplementedError`` naming the class and ``program()`` (section 4).
 ``site_dims()``             named dims of the posterior sites in InferenceData; deterministic sites it
                             lists are also written. Missing: the fit runs; dims are
-                            ``<site>_dim_<i>`` and deterministic sites are dropped, no warning.
+                            ``<site>_dim_<i>``, deterministic sites are dropped, and a
+                            ``fit.warnings`` entry (FitWarning) says so.
 ``config()``                constructor arguments as JSON: the sidecar of ``fit.save`` and the key that
                             lets a second fit of the same model reuse compiled code. Missing: fits run
                             (nothing is cached); ``fit.save`` raises ``NotImplementedError`` naming

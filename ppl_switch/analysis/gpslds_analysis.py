@@ -20,7 +20,6 @@ All summaries are computed per posterior draw of the drift parameters (``{site: 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import jax
@@ -44,13 +43,9 @@ __all__ = [
     "aligned_drift",
     "visited_cells",
     "dynamics_nmse",
-    "ELLIPSE_CHI2_94",
     "in_credible_ellipse",
     "credible_level",
 ]
-
-#: chi-square(2) quantile at 0.94: the 94% credible ellipse {(x-m)' S^-1 (x-m) <= c}
-ELLIPSE_CHI2_94 = -2.0 * math.log(0.06)
 
 _DRIFT_SITES = ("partition_weights", "temperature", "fixed_points", "regime_matrix", "regime_offset",
                 "slope_scales", "offset_scale", "rbf_lengthscale", "rbf_amplitude", "rbf_weights")
@@ -175,8 +170,7 @@ def fixed_point_regions(points, *, radius: float = 1.5, min_fraction: float = 0.
     ``radius``), keeping clusters found in at least ``min_fraction`` of the draws.
 
     Returns a list (most frequent first) of {"mean" (K,), "cov" (K, K), "fraction" (share of draws
-    with a root in the cluster), "points" (n, K)}; the 94% credible ellipse is
-    {x: (x - mean)' cov^-1 (x - mean) <= ELLIPSE_CHI2_94}.
+    with a root in the cluster), "points" (n, K)}; its credible ellipses are in :func:`in_credible_ellipse`.
     """
     pts = np.asarray(points)
     S = pts.shape[0]
@@ -211,15 +205,25 @@ def _mahalanobis_sq(region: dict, x) -> float:
     return float(d @ np.linalg.solve(region["cov"] + 1e-12 * np.eye(len(d)), d))
 
 
-def in_credible_ellipse(region: dict, x, level_chi2: float = ELLIPSE_CHI2_94) -> bool:
-    """Whether x lies inside the cluster's credible ellipse."""
-    return _mahalanobis_sq(region, x) <= level_chi2
+def in_credible_ellipse(region: dict, x, prob: "float | None" = None) -> bool:
+    """Whether x (K,) lies inside the cluster's ``prob`` credible ellipse, {y: (y - mean)' cov^-1 (y - mean)
+    <= the chi-square(K) quantile at ``prob``} (the region as a Gaussian). ``prob`` defaults to the library's
+    credible probability, the one its figures and summaries use (:func:`ppl_switch.plots.credible_interval_convention`:
+    0.89 under arviz >= 1, 0.94 under arviz < 1)."""
+    from scipy.stats import chi2
+
+    from ppl_switch.plots import credible_interval_convention
+
+    prob = credible_interval_convention()[0] if prob is None else float(prob)
+    if not 0.0 < prob < 1.0:
+        raise ValueError(f"prob: expected a probability in (0, 1), got {prob}")
+    return _mahalanobis_sq(region, x) <= chi2.ppf(prob, len(region["mean"]))
 
 
 def credible_level(region: dict, x) -> float:
     """The level of the smallest credible ellipse of the cluster that contains x (2-d: the chi-square(2)
     CDF of the squared Mahalanobis distance, 1 - exp(-d^2 / 2)). Across repeated data sets a calibrated
-    Gaussian posterior gives levels uniform on [0, 1]; x is inside the 94% ellipse iff the level <= 0.94."""
+    Gaussian posterior gives levels uniform on [0, 1]; x is inside the ``prob`` ellipse iff the level <= prob."""
     if len(region["mean"]) != 2:
         raise ValueError(f"credible_level: expected a 2-d region, got dimension {len(region['mean'])}")
     return float(-np.expm1(-0.5 * _mahalanobis_sq(region, x)))

@@ -265,7 +265,9 @@ def assemble_fit(
 
     Optional model methods that a model does not implement (``log_likelihood``, ``posterior_predictive``,
     ``state_posterior``) are skipped; their groups are then absent, listed in the attr ``skipped`` and
-    named in ``fit.warnings`` (emitted as FitWarning), with what is lost and which method to write.
+    named in ``fit.warnings`` (emitted as FitWarning), with what is lost and which method to write. Without
+    ``site_dims`` the posterior's dims get generic names and deterministic sites are left out; that too is
+    named in ``fit.warnings``.
     """
     samples = {name: np.asarray(v) for name, v in samples.items()}
     diagnostics = dict(diagnostics or {})
@@ -307,6 +309,13 @@ def assemble_fit(
         "(see ppl_switch.models.base.Model) to add it"
         for group in skipped
     ]
+    if not implements(model, "site_dims"):
+        missing.append(
+            f"{type(model).__name__} does not implement site_dims(), so the posterior's dims are named "
+            "<site>_dim_<i> and no deterministic site is written; define "
+            f"{type(model).__name__}.site_dims (see ppl_switch.models.base.Model) to name the dims and list the "
+            "deterministic sites to keep"
+        )
     missing = unaligned + missing
     emit(missing)
     attrs = {
