@@ -19,7 +19,7 @@ training path: the paper's standard number). Soft-sticky always uses generator s
 ``MixtureGuide``; float64) instead, reporting the new-path test accuracy and wall time (the paper gives no
 numbers for it).
 
-``--start segmentation`` starts SVI from the hard-state EM fit (``models.gdm_start.segmentation_start``)
+``--start segmentation`` starts SVI from the hard-state EM fit (``infer.gdm_start.segmentation_start``)
 instead of the released code's random start, and ``--projection pca`` uses the data's principal directions
 as F (``pca_projection``) instead of the released code's random F (both departures from the paper's
 protocol; the model card compares them). The start's own time is included in the wall time.
@@ -51,7 +51,8 @@ from ppl_switch.analysis.gdm_metrics import (  # noqa: E402
 from ppl_switch.analysis.metrics import knn_classify  # noqa: E402
 from ppl_switch.datasets.nascar import nascar  # noqa: E402
 from ppl_switch.guides.gdm_guides import LinearGuide, MixtureGuide  # noqa: E402
-from ppl_switch.models.gdm import GDM, fit_gdm_svi, temperature_schedule  # noqa: E402
+from ppl_switch.infer.gdm_svi import fit_gdm_svi, temperature_schedule  # noqa: E402
+from ppl_switch.models.gdm import GDM  # noqa: E402
 from ppl_switch.models.gdm_mixture import GDMMixture  # noqa: E402
 
 

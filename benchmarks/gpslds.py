@@ -51,7 +51,7 @@ from ppl_switch.datasets.gpslds_synthetic import (  # noqa: E402
 from ppl_switch.infer import fit_svi  # noqa: E402
 from ppl_switch.infer.path_refinement import fit_svi_with_path_refinement  # noqa: E402
 from ppl_switch.models.gpslds import GPSDE, GPSLDS  # noqa: E402
-from ppl_switch.plots import credible_interval_convention  # noqa: E402
+from ppl_switch.results import credible_interval_convention  # noqa: E402
 
 
 def fit_model(model, y, steps, lr, seed, num_draws=20, weights=None, latent_scales=(3.0,), global_affine=False,

@@ -39,7 +39,7 @@ from ppl_switch.analysis import gpslds_analysis as ga  # noqa: E402
 from ppl_switch.analysis.fixed_points import continuous_time_dynamics  # noqa: E402
 from ppl_switch.analysis.metrics import affine_aligned_r2  # noqa: E402
 from ppl_switch.datasets.gpslds_synthetic import simulate_gpslds_synthetic, two_rotation_drift  # noqa: E402
-from ppl_switch.models._rslds_transitions import transition_logits, transition_site_names  # noqa: E402
+from ppl_switch.models.rslds_transitions import transition_logits, transition_site_names  # noqa: E402
 from ppl_switch.models.rslds import RSLDS  # noqa: E402
 
 

@@ -300,7 +300,7 @@ def run_fit(cell: dict, seed: int, **overrides) -> dict:
 
     import ppl_switch
     from ppl_switch.analysis.metrics import affine_aligned_r2, matched_state_accuracy
-    from ppl_switch.infer.errors import FitError
+    from ppl_switch.errors import FitError
 
     x64 = cell["dtype"] == "float64"
     sim = simulate_cell(cell, seed)

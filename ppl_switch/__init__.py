@@ -2,7 +2,7 @@
 
 import os as _os
 
-__version__ = "0.1.0"
+from ppl_switch.version import __version__  # noqa: F401 - public
 
 # XLA's multithreaded Eigen pool on CPU can wedge: every thread idles and the program never returns
 # (seen here in compiled EM loops and parallel-in-time Kalman scans at T = 1e4). Single-threaded Eigen

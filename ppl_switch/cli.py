@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ppl_switch.errors import FitError  # plain Python: costs the CLI no JAX import
+
 #: runner flag (argparse dest) -> the explicit methods that take it. All default to None and reach the
 #: runner only when given, so the runner's (or, for --method auto, the model's recommended) value applies.
 RUNNER_FLAGS = {
@@ -767,10 +769,7 @@ def main(argv=None) -> int:
         if isinstance(err, NotImplementedError):  # a runner the model lacks, found late
             print(f"{prefix} {_one_line(err)}", file=sys.stderr)
             return 2
-        # a FitError can only come from an imported ppl_switch.infer (importing it here would cost every
-        # command the JAX/NumPyro imports)
-        errors = sys.modules.get("ppl_switch.infer.errors")
-        if errors is not None and isinstance(err, errors.FitError):
+        if isinstance(err, FitError):
             print(f"{prefix} {_one_line(err)}", file=sys.stderr)
             return 1
         hint = "" if args.debug or args.debug_main else " (rerun with --debug for the traceback)"

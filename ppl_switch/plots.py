@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ppl_switch.analysis.metrics import match_states
+from ppl_switch.results import credible_interval_convention
 
 
 def _group(idata, name: str):
@@ -18,21 +19,6 @@ def _group(idata, name: str):
         return get_group(idata, name)
     except KeyError:
         return None
-
-
-def credible_interval_convention() -> tuple[float, str]:
-    """(probability, kind) of every credible interval the library draws: ArviZ's default for the installed
-    generation, so figures agree with ``az.summary`` and ``ppl-switch summary``.
-
-    arviz >= 1: ``rcParams["stats.ci_prob"]`` and ``rcParams["stats.ci_kind"]`` (0.89, "eti" unless changed);
-    arviz < 1: ``rcParams["stats.hdi_prob"]`` (0.94 unless changed) and "hdi", what its summary reports.
-    """
-    import arviz as az
-
-    rc = az.rcParams
-    if "stats.ci_kind" in rc:  # arviz >= 1 (0.2x has "stats.ci_prob" as an alias of hdi_prob, but no kind)
-        return float(rc["stats.ci_prob"]), str(rc["stats.ci_kind"])
-    return float(rc["stats.ci_prob" if "stats.ci_prob" in rc else "stats.hdi_prob"]), "hdi"
 
 
 def interval_label(prob: float, kind: str) -> str:

@@ -27,14 +27,15 @@ def plot_dynamics(samples, ax=None, *, model=None, latents=None, states=None, gr
         latents: optional (T, D) path to overlay; states: optional (T,) regimes to colour it.
         limits: ((x0, x1), (y0, y1)); default from the path or the fixed points.
         level: probability of the ellipses; default the library's credible probability
-            (:func:`ppl_switch.plots.credible_interval_convention`: 0.89 under arviz >= 1, 0.94 under arviz < 1).
+            (:func:`ppl_switch.results.credible_interval_convention`: 0.89 under arviz >= 1, 0.94 under arviz < 1).
         out: save the figure there.
     Returns:
         the axes.
     """
     import matplotlib.pyplot as plt
 
-    from ppl_switch.plots import credible_interval_convention, state_colours
+    from ppl_switch.plots import state_colours
+    from ppl_switch.results import credible_interval_convention
 
     if level is None:
         level = credible_interval_convention()[0]

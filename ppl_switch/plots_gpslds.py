@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ppl_switch.plots import credible_interval_convention, state_colours
+from ppl_switch.plots import state_colours
+from ppl_switch.results import credible_interval_convention
 
 __all__ = ["plot_flow_field", "plot_drift_variance", "plot_slow_points", "plot_fixed_point_regions", "plot_latents",
            "plot_gpslds_summary"]
@@ -61,7 +62,7 @@ def plot_fixed_point_regions(regions: Sequence[dict], ax, *, true_points=None, c
     """Mean and credible ellipse of each root cluster (from ``fixed_point_regions``); true points as stars.
 
     The ellipse {(x - m)' S^-1 (x - m) <= -2 log(1 - p)} holds probability p of the cluster's Gaussian, with p
-    the library's credible probability (:func:`ppl_switch.plots.credible_interval_convention`: 0.89 under
+    the library's credible probability (:func:`ppl_switch.results.credible_interval_convention`: 0.89 under
     arviz >= 1, 0.94 under arviz < 1); for a Gaussian it is also the highest-density region."""
     prob, _ = credible_interval_convention()
     chi2 = -2.0 * np.log1p(-prob)  # chi-square(2) quantile at prob

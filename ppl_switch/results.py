@@ -41,6 +41,7 @@ import numpy as np
 import xarray as xr
 
 from ppl_switch.data import SequenceData, as_sequence_data
+from ppl_switch.version import __version__
 
 CHAIN_DRAW = ("chain", "draw")
 BACKENDS = ("auto", "legacy", "datatree")
@@ -63,9 +64,22 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def _library_attrs() -> dict[str, str]:
-    import ppl_switch
+def credible_interval_convention() -> tuple[float, str]:
+    """(probability, kind) of every credible interval the library draws: ArviZ's default for the installed
+    generation, so figures agree with ``az.summary`` and ``ppl-switch summary``.
 
+    arviz >= 1: ``rcParams["stats.ci_prob"]`` and ``rcParams["stats.ci_kind"]`` (0.89, "eti" unless changed);
+    arviz < 1: ``rcParams["stats.hdi_prob"]`` (0.94 unless changed) and "hdi", what its summary reports.
+    """
+    import arviz as az
+
+    rc = az.rcParams
+    if "stats.ci_kind" in rc:  # arviz >= 1 (0.2x has "stats.ci_prob" as an alias of hdi_prob, but no kind)
+        return float(rc["stats.ci_prob"]), str(rc["stats.ci_kind"])
+    return float(rc["stats.ci_prob" if "stats.ci_prob" in rc else "stats.hdi_prob"]), "hdi"
+
+
+def _library_attrs() -> dict[str, str]:
     def version(package):
         try:
             return importlib.metadata.version(package)
@@ -75,7 +89,7 @@ def _library_attrs() -> dict[str, str]:
     return {
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "creation_library": "ppl_switch",
-        "creation_library_version": ppl_switch.__version__,
+        "creation_library_version": __version__,
         "inference_library": "numpyro",
         "inference_library_version": version("numpyro"),
     }

@@ -109,7 +109,7 @@ def test_cached_result_equals_a_cold_fit(first_svi, y, monkeypatch):
     _same_fit(first_svi, cold)
 
 
-@pytest.mark.filterwarnings("ignore::ppl_switch.infer.errors.FitWarning")
+@pytest.mark.filterwarnings("ignore::ppl_switch.errors.FitWarning")
 def test_second_em_fit_traces_nothing(y):
     fit_em(HMM(2, obs_dim=1), y, seed=0, num_iters=5)
     with count_traces() as traces:

@@ -21,7 +21,8 @@ from ppl_switch.data import DataError
 from ppl_switch.datasets.nascar import nascar
 from ppl_switch.distributions.relaxed import RelaxedMarkovChain
 from ppl_switch.guides.gdm_guides import BiGRUGuide, LinearGuide
-from ppl_switch.models.gdm import GDM, fit_gdm_svi, learning_rate_schedule, temperature_schedule
+from ppl_switch.infer.gdm_svi import fit_gdm_svi, learning_rate_schedule, temperature_schedule
+from ppl_switch.models.gdm import GDM
 
 # oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
 pytestmark = pytest.mark.float64
@@ -435,9 +436,9 @@ def test_nuts_smoke_agrees_with_svi_guide():
 
 
 def test_early_stopping_rule_matches_released_code():
-    from ppl_switch.models.gdm import _first_stop
+    from ppl_switch.infer.gdm_svi import first_stop
 
     elbo = np.concatenate([np.linspace(0, 100, 700), np.full(300, 100.0)])
-    stop = _first_stop(elbo, 0, 100, 1e-4, 600)
+    stop = first_stop(elbo, 0, 100, 1e-4, 600)
     assert stop == 699 + 99  # the first window lying wholly in the flat part
-    assert _first_stop(np.arange(1000.0), 0, 100, 1e-4, 600) is None
+    assert first_stop(np.arange(1000.0), 0, 100, 1e-4, 600) is None

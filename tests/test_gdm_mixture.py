@@ -182,7 +182,7 @@ def test_standard_nascar_recovery():
     the 2-level model; the test trial is encoded with x = pinv(C)(y - d), no optimisation."""
     from ppl_switch.analysis.gdm_metrics import inferred_state_accuracy
     from ppl_switch.datasets.nascar import nascar
-    from ppl_switch.models.gdm import fit_gdm_svi
+    from ppl_switch.infer.gdm_svi import fit_gdm_svi
 
     tr = nascar(0)
     te = nascar(1, emission_matrix=tr.params["emission_matrix"])

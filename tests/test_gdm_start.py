@@ -17,9 +17,10 @@ from ppl_switch.analysis.metrics import matched_state_accuracy
 from ppl_switch.data import DataError
 from ppl_switch.datasets.nascar import nascar
 from ppl_switch.guides.gdm_guides import LinearGuide
-from ppl_switch.infer.errors import FitError
-from ppl_switch.models.gdm import GDM, _resolve_start, fit_gdm_svi
-from ppl_switch.models.gdm_start import hard_state_em, pca_projection, segmentation_start
+from ppl_switch.errors import FitError
+from ppl_switch.infer.gdm_start import hard_state_em, pca_projection, segmentation_start
+from ppl_switch.infer.gdm_svi import fit_gdm_svi, resolve_start
+from ppl_switch.models.gdm import GDM
 
 # oracle comparisons at 1e-8 and below need float64 and are marked so; the default-path tests run in
 # float32, what users run (tests/conftest.py)
@@ -213,24 +214,24 @@ def test_auto_falls_back_to_the_released_start_where_the_segmentation_does_not_a
     y = nascar_train.y[:40]
     for model in (GDM(emission="poisson", obs_dim=10), GDM(transition="gru", obs_dim=10)):
         data = model.prepare(np.abs(np.round(y)) if model.emission == "poisson" else y)
-        fitted_model, guide, start, projection = _resolve_start(model, None, data, "auto", "auto", 2, 0)
+        fitted_model, guide, start, projection = resolve_start(model, None, data, "auto", "auto", 2, 0)
         assert (start, projection) == ("released", "model") and fitted_model is model and guide.start is None
         with pytest.raises(ValueError, match="start='segmentation' needs"):
-            _resolve_start(model, None, data, "segmentation", "model", 2, 0)
+            resolve_start(model, None, data, "segmentation", "model", 2, 0)
         with pytest.raises(ValueError, match="projection='pca' needs"):
-            _resolve_start(model, None, data, "released", "pca", 2, 0)
+            resolve_start(model, None, data, "released", "pca", 2, 0)
     mask = np.ones(y.shape, bool)
     mask[5, 2] = False
     data = GDM().prepare(y, mask=mask)
-    assert _resolve_start(GDM(obs_dim=10), None, data, "auto", "auto", 2, 0)[2:] == ("released", "model")
+    assert resolve_start(GDM(obs_dim=10), None, data, "auto", "auto", 2, 0)[2:] == ("released", "model")
     with pytest.raises(DataError, match="start='segmentation' needs every dimension"):
-        _resolve_start(GDM(obs_dim=10), None, data, "segmentation", "model", 2, 0)
+        resolve_start(GDM(obs_dim=10), None, data, "segmentation", "model", 2, 0)
     with pytest.raises(ValueError, match="start: expected one of"):
         fit_gdm_svi(GDM(obs_dim=10), y, start="hard")
     # the paper's protocol is a named option: the model's random F, the released code's random start
     data = GDM().prepare(y)
     model = GDM(obs_dim=10)
-    kept, guide, start, projection = _resolve_start(model, None, data, "released", "model", 2, 0)
+    kept, guide, start, projection = resolve_start(model, None, data, "released", "model", 2, 0)
     assert kept is model and (start, projection) == ("released", "model") and guide.start is None
 
 

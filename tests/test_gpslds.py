@@ -13,8 +13,9 @@ from ppl_switch.analysis import gpslds_analysis as ga
 from ppl_switch.data import DataError
 from ppl_switch.datasets.gpslds_synthetic import TRUE_FIXED_POINTS, simulate_gpslds_synthetic, two_rotation_drift
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, chain_precision_blocks
-from ppl_switch.models.gpslds import GPSDE, GPSLDS, SDEPathChain, ssl_kernel
-from ppl_switch.plots import credible_interval_convention
+from ppl_switch.guides.latent_sde import SDEPathChain
+from ppl_switch.models.gpslds import GPSDE, GPSLDS, ssl_kernel
+from ppl_switch.results import credible_interval_convention
 
 # oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
 pytestmark = pytest.mark.float64

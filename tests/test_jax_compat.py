@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from ppl_switch.plots import credible_interval, credible_interval_convention, interval_label, plot_fit
+from ppl_switch.plots import credible_interval, interval_label, plot_fit
+from ppl_switch.results import credible_interval_convention
 from subprocess_env import ROOT, checkout_env
 
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"

@@ -13,8 +13,8 @@ from jax.scipy.stats import multivariate_normal
 from numpyro.infer.util import log_density
 
 from ppl_switch.data import DataError
-from ppl_switch.models import _rslds_laplace_em as lem
-from ppl_switch.models._rslds_transitions import path_transition_logits
+import ppl_switch.models._rslds_laplace_em as lem
+from ppl_switch.models.rslds_transitions import path_transition_logits
 from ppl_switch.models.rslds import RSLDS, recurrent_gaussian_sum_filter
 from ppl_switch.models.slds import SLDS
 from ppl_switch.ops import switching as sw
@@ -422,7 +422,7 @@ def _poisoned_step(monkeypatch, fail_starts):
 def test_non_finite_start_is_dropped_and_all_failing_raise_fit_error(monkeypatch):
     """A start that turns non-finite is dropped with a warning naming the stage and site (the others are
     used); when every start does, FitError names the stage, the iteration and the site."""
-    from ppl_switch.infer.errors import FitError
+    from ppl_switch.errors import FitError
 
     model = RSLDS(2, 2, obs_dim=3, transitions="recurrent_only")
     data, _ = model.simulate(jax.random.PRNGKey(0), 1, 40)
@@ -438,7 +438,7 @@ def test_non_finite_start_is_dropped_and_all_failing_raise_fit_error(monkeypatch
 
 
 def test_non_finite_start_values_raise_fit_error():
-    from ppl_switch.infer.errors import FitError
+    from ppl_switch.errors import FitError
 
     model = RSLDS(2, 2, obs_dim=3, transitions="recurrent_only")
     data, truth = model.simulate(jax.random.PRNGKey(0), 1, 20)

@@ -339,12 +339,12 @@ def test_em_objective_is_non_decreasing_and_padding_invariant():
 def test_em_start_fits_one_shared_lds_first():
     """The restarts' base: EM of one LDS (equal regimes, uniform q(z)); its objective never decreases and
     it moves the observation noise out of Q, where the least-squares start puts it."""
-    from ppl_switch.models.slds import _compiled_em, _em_initial_params, _single_lds_fit
+    from ppl_switch.models.slds import _compiled_em, em_initial_params, _single_lds_fit
 
     sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
     data = model.prepare(sim["y"])
-    base = {k: jnp.asarray(v) for k, v in _em_initial_params(model, data, np.random.default_rng(0)).items()}
+    base = {k: jnp.asarray(v) for k, v in em_initial_params(model, data, np.random.default_rng(0)).items()}
     learn = frozenset(sw.EM_GROUPS) - {"emission_matrix"}
     run = _compiled_em(learn, 30, True, True, False)
     args = (jnp.asarray(data.y), jnp.asarray(data.mask), jnp.asarray(data.time_mask), jnp.zeros((1, 150, 0)), model.em_prior(2))
@@ -650,7 +650,7 @@ def test_smf_em_with_residual_covariances_equals_the_moment_form_in_float64(monk
 def test_slds_em_with_a_non_finite_m_step_raises_fit_error_naming_the_stage(monkeypatch):
     """Never silent: a NaN Q_k from the M-step drops every restart; FitError names stage and iteration."""
     import ppl_switch.models.slds as slds_module
-    from ppl_switch.infer.errors import FitError
+    from ppl_switch.errors import FitError
 
     monkeypatch.setattr(slds_module, "_EM_CACHE", {})  # compile the broken M-step afresh, then forget it
     monkeypatch.setattr(sw, "residual_covariances", lambda p, *args: {**p, "dynamics_covs": p["dynamics_covs"] * jnp.nan})

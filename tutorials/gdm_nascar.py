@@ -38,7 +38,8 @@ from ppl_switch.analysis.gdm_metrics import (
     state_fixed_points,
 )
 from ppl_switch.datasets.nascar import nascar
-from ppl_switch.models.gdm import GDM, fit_gdm_svi
+from ppl_switch.infer.gdm_svi import fit_gdm_svi
+from ppl_switch.models.gdm import GDM
 
 SMOKE = os.environ.get("PPL_SWITCH_SMOKE", "0") == "1"
 T = 100 if SMOKE else 1000

@@ -153,14 +153,14 @@ def regime_partition(model, samples, grid, previous_state: Optional[int] = None)
         model: an RSLDS (its ``transitions`` form names the logits).
         samples: ``{site: (chain, draw, ...)}`` or ``{site: (draws, ...)}`` with the transition sites.
         grid: (G, D) points of latent space.
-        previous_state: row of the logits to use (see :func:`ppl_switch.models._rslds_transitions.regime_partition`).
+        previous_state: row of the logits to use (see :func:`ppl_switch.models.rslds_transitions.regime_partition`).
     Returns:
         ``{"labels": (draws, G) int, "probs": (G, K) posterior probability of each regime being the argmax,
         "map": (G,) most probable label}``.
     """
     import jax
 
-    from ppl_switch.models._rslds_transitions import regime_partition as partition, transition_site_names
+    from ppl_switch.models.rslds_transitions import regime_partition as partition, transition_site_names
 
     names = transition_site_names(model.transitions, model.input_dim)
     names = [n for n in names if n != "transition_input_weights"]  # inputs are not part of the map

@@ -208,11 +208,11 @@ def _mahalanobis_sq(region: dict, x) -> float:
 def in_credible_ellipse(region: dict, x, prob: "float | None" = None) -> bool:
     """Whether x (K,) lies inside the cluster's ``prob`` credible ellipse, {y: (y - mean)' cov^-1 (y - mean)
     <= the chi-square(K) quantile at ``prob``} (the region as a Gaussian). ``prob`` defaults to the library's
-    credible probability, the one its figures and summaries use (:func:`ppl_switch.plots.credible_interval_convention`:
+    credible probability, the one its figures and summaries use (:func:`ppl_switch.results.credible_interval_convention`:
     0.89 under arviz >= 1, 0.94 under arviz < 1)."""
     from scipy.stats import chi2
 
-    from ppl_switch.plots import credible_interval_convention
+    from ppl_switch.results import credible_interval_convention
 
     prob = credible_interval_convention()[0] if prob is None else float(prob)
     if not 0.0 < prob < 1.0:

@@ -27,7 +27,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 
 from ppl_switch.data import SequenceData
-from ppl_switch.models.gpslds import GPSLDS, LatentSDEGuide
+from ppl_switch.guides.latent_sde import LatentSDEGuide
 from ppl_switch.ops.conjugate_drift import weight_posterior
 
 __all__ = ["ConjugateWeightsGuide", "WEIGHT_SITES"]
@@ -41,7 +41,7 @@ AUX_SITE = "_drift_weights"
 class ConjugateWeightsGuide(LatentSDEGuide):
     """Joint normal over the non-weight parameters, Gauss–Markov q(x), exact Gaussian q(A, e | x, theta).
 
-    Args as :class:`~ppl_switch.models.gpslds.LatentSDEGuide`; ``model`` must be a
+    Args as :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`; ``model`` must be a
     :class:`~ppl_switch.models.gpslds.GPSLDS`.
     """
 
@@ -49,8 +49,11 @@ class ConjugateWeightsGuide(LatentSDEGuide):
 
     def __init__(self, model, data=None, init_values=None, init_scale: float = 0.05, latent_scale: float = 3.0,
                  global_affine: bool = False):
-        if not isinstance(model, GPSLDS):
-            raise ValueError(f"model: expected a GPSLDS (linear drift weights), got {type(model).__name__}")
+        # what the closed-form weight posterior reads from the model (a GPSLDS has them; guides import no model)
+        needed = ("weight_regression_stats", "weight_prior_precision", "weights_to_sites")
+        if not all(callable(getattr(model, name, None)) for name in needed):
+            raise ValueError(f"model: expected a GPSLDS (drift linear in its weights, with {', '.join(needed)}), "
+                             f"got {type(model).__name__}")
         super().__init__(model, data=data, init_values=init_values, init_scale=init_scale, latent_scale=latent_scale,
                          global_affine=global_affine)
 

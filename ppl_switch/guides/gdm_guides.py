@@ -46,7 +46,7 @@ class _AmortisedGuide:
         self.model = model
         self.sticky = bool(sticky)
         self.seed = int(seed)
-        #: start values replacing the defaults of :meth:`init_values` (e.g. ``models.gdm_start.segmentation_start``)
+        #: start values replacing the defaults of :meth:`init_values` (e.g. ``infer.gdm_start.segmentation_start``)
         self.start = None if start is None else {k: np.asarray(v) for k, v in dict(start).items()}
 
     # encoder-specific ------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class LinearGuide(_AmortisedGuide):
     """pi'_t = W y_t + b (+ B z_{t-1} if sticky); W (K, N) init 0.8 N(0, 1).
 
     ``start``: ``{name: value}`` replacing start values by name (``<site>_map``, ``guide_W``, ...), e.g.
-    from :func:`ppl_switch.models.gdm_start.segmentation_start`."""
+    from :func:`ppl_switch.infer.gdm_start.segmentation_start`."""
 
     def __init__(self, model, *, sticky: bool = False, seed: int = 0, init_scale: float = 0.8, start: Optional[dict] = None):
         super().__init__(model, sticky=sticky, seed=seed, start=start)

@@ -11,7 +11,7 @@ defines :class:`Fit` is imported as ``from ppl_switch.infer.fit import Fit``.
 
 from ppl_switch.infer.decode import pointwise_log_likelihood, posterior_predictive_draws, posterior_states
 from ppl_switch.infer.em import fit_em
-from ppl_switch.infer.errors import FitError, FitWarning
+from ppl_switch.errors import FitError, FitWarning
 from ppl_switch.infer.fit import Fit, load, sidecar_path
 from ppl_switch.infer.nuts import fit_nuts
 from ppl_switch.infer.prepare import set_x64

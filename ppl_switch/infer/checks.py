@@ -29,7 +29,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ppl_switch.infer.errors import FitError, FitWarning
+from ppl_switch.errors import FitError, FitWarning
 
 SCALE_LIMIT = 100.0
 OBJECTIVE_WINDOW = 0.1

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, nonfinite_entries, restart_warnings
-from ppl_switch.infer.errors import FitError
+from ppl_switch.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
 from ppl_switch.infer.sharding import SHARDED_EM_MODELS, resolve_mesh, unsupported

@@ -38,6 +38,7 @@ from ppl_switch.results import (
     save_inference_data,
     sequence_data_from_inference_data,
 )
+from ppl_switch.version import __version__
 
 SIDECAR_FORMAT = "ppl-switch-fit"
 SIDECAR_VERSION = 1
@@ -67,7 +68,7 @@ class Fit:
             ``runner_options`` (the recommended runner that ran and what it was given).
         warnings: what the runner's checks found (non-convergence, disagreeing restarts, data far from
             the priors' scale; :mod:`ppl_switch.infer.checks`). Each was also emitted as a
-            :class:`~ppl_switch.infer.errors.FitWarning`, and ``repr(fit)`` lists them.
+            :class:`~ppl_switch.errors.FitWarning`, and ``repr(fit)`` lists them.
         estimate: the point estimate :meth:`point_estimate` returns when the runner computed one
             itself (SVI: the guide's median); None = the mean of ``samples``.
     """
@@ -168,9 +169,7 @@ def sidecar_path(path) -> pathlib.Path:
 
 
 def _versions() -> dict[str, str]:
-    import ppl_switch
-
-    out = {"ppl_switch": ppl_switch.__version__}
+    out = {"ppl_switch": __version__}
     for package in ("numpyro", "jax", "arviz", "xarray"):
         try:
             out[package] = importlib.metadata.version(package)

@@ -36,7 +36,7 @@ from numpyro.distributions import biject_to
 from numpyro.infer.util import potential_energy
 
 from ppl_switch.data import SequenceData, check_positive_int
-from ppl_switch.ops.switching import _chain_forward, chain_solve
+from ppl_switch.ops.switching import chain_forward, chain_solve
 
 __all__ = ["LaplaceParameterPosterior", "laplace_parameter_posterior", "block_tridiagonal_hessian",
            "block_tridiagonal_whiten", "block_tridiagonal_solve", "schur_precision"]
@@ -86,7 +86,7 @@ def block_tridiagonal_whiten(diag, lower, rhs):
         (B, T, K, m); NaN where H is not positive definite (a failed Cholesky block).
     """
     def one(D, O, R):
-        Ls, hh = _chain_forward(D, O, R)
+        Ls, hh = chain_forward(D, O, R)
         return jax.vmap(lambda L, h: jax.scipy.linalg.solve_triangular(L, h, lower=True))(Ls, hh)
 
     return jax.vmap(one)(diag, lower, rhs)
@@ -147,7 +147,7 @@ def schur_precision(energy, x_hat, u_hat, *, chunk: int = 8):
     return 0.5 * (h_uu + h_uu.T), 0.5 * (correction + correction.T), np.asarray(grad_both(x_hat, u_hat)[1])
 
 
-def _split_flat(flat, sites: dict) -> dict:
+def split_flat(flat, sites: dict) -> dict:
     """(..., m) -> {name: (..., *shape)} in ``sites`` order (numpy or jax arrays)."""
     out, i = {}, 0
     for name, shape in sites.items():
@@ -182,19 +182,19 @@ class LaplaceParameterPosterior:
     def sd_ratio(self) -> dict[str, np.ndarray]:
         """{site: Laplace sd / mean-field sd per unconstrained coordinate}."""
         ratio = np.sqrt(np.diag(self.cov) / np.diag(self.mean_field_cov))
-        return _split_flat(ratio, self.sites)
+        return split_flat(ratio, self.sites)
 
     def sample(self, key, num_samples: int) -> dict[str, np.ndarray]:
         """{site: (num_samples, ...)} constrained draws of every parameter site (held sites repeated)."""
         num_samples = check_positive_int(num_samples, "num_samples")
         z = np.asarray(jax.random.normal(key, (num_samples, len(self.loc))))
         u = self.loc + z @ np.linalg.cholesky(self.cov).T
-        out = {name: np.asarray(biject_to(self.supports[name])(jnp.asarray(v))) for name, v in _split_flat(u, self.sites).items()}
+        out = {name: np.asarray(biject_to(self.supports[name])(jnp.asarray(v))) for name, v in split_flat(u, self.sites).items()}
         out.update({k: np.broadcast_to(np.asarray(v), (num_samples,) + np.shape(v)).copy() for k, v in self.held.items()})
         return out
 
 
-def _unconstrained_fit(model, guide, params, data):
+def unconstrained_fit(model, guide, params, data):
     """(x_hat (B, T, K), {site: unconstrained mean}, {site: the prior's support}, mean-field covariance (n, n))."""
     substituted = numpyro.handlers.substitute(guide, data=params)
     guide_trace = numpyro.handlers.trace(numpyro.handlers.seed(substituted, 0)).get_trace(data)
@@ -216,7 +216,7 @@ def laplace_parameter_posterior(model, data, guide, params, *, hold: Optional[Se
     Args:
         model: a latent-SDE model (:class:`~ppl_switch.models.gpslds.GPSLDS`, ``GPSDE``).
         data: the fitted SequenceData (or raw y).
-        guide: the fitted :class:`~ppl_switch.models.gpslds.LatentSDEGuide` (joint normal over the
+        guide: the fitted :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide` (joint normal over the
             parameters, Gauss–Markov q(x)); params: its fitted ``numpyro.param`` values (``fit.params``).
         hold: sites held at their fitted values (default: the readout sites, which fix the latent frame).
         chunk: Hessian columns computed per compiled call (memory: chunk x one gradient's intermediates).
@@ -233,7 +233,7 @@ def laplace_parameter_posterior(model, data, guide, params, *, hold: Optional[Se
         raise TypeError(f"guide: expected a LatentSDEGuide (parameter_guide and path), got {type(guide).__name__}")
     data = data if isinstance(data, SequenceData) else model.prepare(data)
     jdata = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), data)
-    x_hat, unconstrained, supports, mf_cov_all = _unconstrained_fit(model, guide, params, jdata)
+    x_hat, unconstrained, supports, mf_cov_all = unconstrained_fit(model, guide, params, jdata)
     hold = tuple(s for s in READOUT_SITES if s in unconstrained) if hold is None else tuple(hold)
     unknown = [s for s in hold if s not in unconstrained]
     if unknown:
@@ -255,7 +255,7 @@ def laplace_parameter_posterior(model, data, guide, params, *, hold: Optional[Se
     held_u = {k: jnp.asarray(unconstrained[k], dtype) for k in hold}
 
     def energy(x, u):
-        return potential_energy(model.program, (jdata,), {}, {**held_u, **_split_flat(u, free), "x": x})
+        return potential_energy(model.program, (jdata,), {}, {**held_u, **split_flat(u, free), "x": x})
 
     x_hat = jnp.asarray(x_hat, dtype)
     h_uu, correction, grad_u = schur_precision(energy, x_hat, u_hat, chunk=chunk)

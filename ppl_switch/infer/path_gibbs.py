@@ -37,9 +37,9 @@ import numpyro
 from numpyro.distributions import biject_to
 
 from ppl_switch.data import SequenceData, check_positive_int
-from ppl_switch.infer.joint_laplace import (_split_flat, _unconstrained_fit, block_tridiagonal_hessian,
+from ppl_switch.infer.joint_laplace import (split_flat, unconstrained_fit, block_tridiagonal_hessian,
                                             block_tridiagonal_solve)
-from ppl_switch.infer.path_refinement import _negative_log_joint_jit
+from ppl_switch.infer.path_refinement import path_negative_log_joint
 from ppl_switch.ops.conjugate_drift import collapsed_log_marginal, weight_posterior
 from ppl_switch.ops.switching import gaussian_chain_sample
 
@@ -176,7 +176,7 @@ def _path_mode(model, theta, data, x, *, tol: float, max_iters: int):
         scale = 1.0
         while scale > 1e-4:
             candidate = x - scale * step
-            if float(_negative_log_joint_jit(model, theta, data, candidate)) <= float(energy):
+            if float(path_negative_log_joint(model, theta, data, candidate)) <= float(energy):
                 break
             scale *= 0.5
         x = candidate
@@ -200,10 +200,10 @@ class _PartitionBlock:
 
     def unpack(self, u) -> dict:
         """u (m,) -> {site: constrained value}."""
-        return {name: self.transforms[name](v) for name, v in _split_flat(u, self.sites).items()}
+        return {name: self.transforms[name](v) for name, v in split_flat(u, self.sites).items()}
 
     def _log_density(self, u, theta, x):
-        unconstrained = _split_flat(u, self.sites)
+        unconstrained = split_flat(u, self.sites)
         values = {name: self.transforms[name](v) for name, v in unconstrained.items()}
         th = {**theta, **values}
         stats = self.model.weight_regression_stats(th, x, self.data)
@@ -243,7 +243,7 @@ def guide_means(model, guide, fit_params, data):
         raise TypeError(f"guide: expected a LatentSDEGuide (parameter_guide and path), got {type(guide).__name__}")
     data = data if isinstance(data, SequenceData) else model.prepare(data)
     jdata = jax.tree.map(lambda a: None if a is None else jnp.asarray(a), data)
-    x, unconstrained, supports, _ = _unconstrained_fit(model, guide, fit_params, jdata)
+    x, unconstrained, supports, _ = unconstrained_fit(model, guide, fit_params, jdata)
     return {k: np.asarray(biject_to(supports[k])(jnp.asarray(v))) for k, v in unconstrained.items()}, np.asarray(x)
 
 

@@ -40,7 +40,8 @@ def _negative_log_joint(model, theta, data, x):
     return -(jnp.sum(model.path_distribution(theta, data).log_prob(x)) + jnp.sum(model.emission_log_prob(theta, x, data)))
 
 
-_negative_log_joint_jit = jax.jit(_negative_log_joint, static_argnums=0)
+#: :func:`_negative_log_joint` compiled once per model (the model is a static, hashable argument)
+path_negative_log_joint = jax.jit(_negative_log_joint, static_argnums=0)
 _LBFGS = optax.lbfgs()
 
 
@@ -94,14 +95,14 @@ def map_path(model, params, data, init_path, *, max_iters: int = 2000, tolerance
 
     x = jnp.asarray(init_path, dtype)
     state = _LBFGS.init(x)
-    start = float(_negative_log_joint_jit(model, theta, jdata, x))
+    start = float(path_negative_log_joint(model, theta, jdata, x))
     if not np.isfinite(start):
         raise FloatingPointError("map_path: the log joint of init_path is not finite; check the parameters and the start")
     previous, done, converged = start, 0, False
     while done < max_iters:
         x, state = _lbfgs_steps(model, check_every, theta, jdata, x, state)
         done += check_every
-        current = float(_negative_log_joint_jit(model, theta, jdata, x))
+        current = float(path_negative_log_joint(model, theta, jdata, x))
         if not np.isfinite(current):
             raise FloatingPointError(f"map_path: the log joint became non-finite within iterations {done - check_every}-{done}")
         if abs(previous - current) < tolerance * abs(current):

@@ -11,7 +11,7 @@ when an attribute is not among its allowed values (e.g. EM needs Gaussian emissi
 
 Runners (``RUNNERS``): ``"svi"`` (:func:`~ppl_switch.infer.svi.fit_svi`, with ``model.default_guide(data)``
 where the model's guide takes the data), ``"nuts"``, ``"em"``, ``"gdm_svi"`` (the GDM's GS-BBVI trainer
-:func:`~ppl_switch.models.gdm.fit_gdm_svi`, its result converted to a :class:`Fit`) and
+:func:`~ppl_switch.infer.gdm_svi.fit_gdm_svi`, its result converted to a :class:`Fit`) and
 ``"svi_path_refinement"`` (:func:`~ppl_switch.infer.path_refinement.fit_svi_with_path_refinement`).
 
 What each model recommends, and why (the model cards hold the measurements):
@@ -79,7 +79,7 @@ def _run_em(model, data, *, seed, x64, progress_bar, **options) -> Fit:
 def _run_gdm_svi(model, data, *, seed, x64, progress_bar, num_draws: int = 20, **options) -> Fit:
     """The GDM's GS-BBVI trainer; its GDMFit becomes a Fit (posterior: point estimates repeated over
     ``num_draws`` draws of z from the encoder, as ``GDMFit.to_inference_data`` writes them)."""
-    from ppl_switch.models.gdm import fit_gdm_svi
+    from ppl_switch.infer.gdm_svi import fit_gdm_svi
     from ppl_switch.results import get_group
 
     set_x64(x64)
@@ -138,7 +138,7 @@ def _target(name: str, model) -> Callable:
     if name == "em":
         return em_method(model) or fit_em
     if name == "gdm_svi":
-        from ppl_switch.models.gdm import fit_gdm_svi
+        from ppl_switch.infer.gdm_svi import fit_gdm_svi
 
         return fit_gdm_svi
     if name == "svi_path_refinement":

@@ -24,7 +24,7 @@ from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
 from ppl_switch.infer.draws import draws_from_guide, model_key
-from ppl_switch.infer.errors import FitError
+from ppl_switch.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import (
     check_float,

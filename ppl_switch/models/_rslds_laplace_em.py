@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from ppl_switch.models._rslds_transitions import path_transition_logits, path_transition_matrices, transition_logits
+from ppl_switch.models.rslds_transitions import path_transition_logits, path_transition_matrices, transition_logits
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_smoother
 from ppl_switch.ops.switching import chain_solve  # re-exported: the Newton step's solver

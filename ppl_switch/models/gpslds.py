@@ -30,7 +30,7 @@ parameter has a prior, so its uncertainty reaches the fixed points.
 GPSDE replaces f by an HSGP approximation of a GP with the RBF kernel s^2 exp(-|x - x'|^2 / (2 l^2))
 on the box [-L, L]^K: f_k(x) = sum_i phi_i(x) sqrt(S(lambda_i)) w_ik, w ~ N(0, 1).
 
-Inference: NUTS on the program (small data, coarse dt); SVI with :class:`LatentSDEGuide`: a joint
+Inference: NUTS on the program (small data, coarse dt); SVI with :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`: a joint
 multivariate normal over all parameters (the fixed point c - A^{-1} e needs the correlations of c, A and
 e) and, per trial, the paper's Gauss–Markov family for q(x) -- the Euler discretisation of the linear
 SDE dx = (-A_t x + b_t) dt + L_t dW, i.e. x_{t+1} = (I - dt A_t) x_t + dt b_t + sqrt(dt) L_t eps --
@@ -53,16 +53,13 @@ import numpyro.distributions as dist
 from numpyro.contrib.hsgp.laplacian import eigenfunctions
 from numpyro.contrib.hsgp.spectral_densities import diag_spectral_density_squared_exponential
 from numpyro.distributions import constraints
-from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.data import SequenceData, as_sequence_data, check_positive_int
-from ppl_switch.guides.gauss_markov import GaussMarkovChain
+from ppl_switch.guides.latent_sde import LatentSDEGuide
 from ppl_switch.models._common import require_obs_dim
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob_cov
 from ppl_switch.models.base import Model
 from ppl_switch.ops.sde import (
-    affine_recursion,
     check_dt,
     euler_maruyama_transition_log_prob,
     inverse_link,
@@ -77,7 +74,7 @@ EMISSION_BIAS_PRIOR_SCALE = 5.0
 EMISSION_SCALE_PRIOR_SCALE = 2.0
 _LOG_2PI = math.log(2.0 * math.pi)
 
-__all__ = ["GPSLDS", "GPSDE", "LatentSDEGuide", "SDEPathChain", "EulerMaruyamaPath", "feature_map", "ssl_kernel"]
+__all__ = ["GPSLDS", "GPSDE", "EulerMaruyamaPath", "feature_map", "ssl_kernel"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,9 +294,9 @@ class _LatentSDEModel(Model):
 
     def default_guide(self, data=None, *, init_values=None, init_scale: float = 0.05, latent_scale: float = 3.0,
                       global_affine: bool = False):
-        """:class:`LatentSDEGuide`: joint normal over parameters, SDE-form Gauss–Markov chain over x
+        """:class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`: joint normal over parameters, SDE-form Gauss–Markov chain over x
         (``latent_scale``: sd of the data-driven start path, see :meth:`init_values`; ``global_affine``:
-        see :class:`LatentSDEGuide`)."""
+        see :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`)."""
         return LatentSDEGuide(self, data=data, init_values=init_values, init_scale=init_scale, latent_scale=latent_scale,
                               global_affine=global_affine)
 
@@ -494,7 +491,7 @@ class GPSLDS(_LatentSDEModel):
                       latent_scale: float = 3.0, global_affine: bool = False):
         """The SVI guide: SDE-form Gauss–Markov chain over x and, for the parameters,
 
-        * ``weights="joint"``: :class:`LatentSDEGuide`, one joint normal over all parameters, A and e included;
+        * ``weights="joint"``: :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`, one joint normal over all parameters, A and e included;
         * ``weights="conjugate"``: :class:`~ppl_switch.guides.conjugate_weights.ConjugateWeightsGuide`, a
           joint normal over the other parameters and, for A and e, their exact Gaussian conditional given
           the sampled path and parameters (the weights integrated out in closed form).
@@ -502,7 +499,7 @@ class GPSLDS(_LatentSDEModel):
         ``latent_scale``: sd of the data-driven start path (:meth:`init_values`). With Sigma = I the scale
         of x is identified, but SVI hardly moves a whole start path: on the limit cycle (true latent sd
         1.5) a start at 3 ended 2600 nats worse than one at 1.5. Try a few and keep the best ELBO.
-        ``global_affine``: map q(x) by one learned affine x -> S x + m (:class:`LatentSDEGuide`).
+        ``global_affine``: map q(x) by one learned affine x -> S x + m (:class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`).
         """
         kwargs = dict(data=data, init_values=init_values, init_scale=init_scale, latent_scale=latent_scale,
                       global_affine=global_affine)
@@ -734,117 +731,3 @@ class GPSDE(_LatentSDEModel):
     def _init_drift_values(self, x, data):
         return {"rbf_weights": np.zeros((self.num_features, self.latent_dim)),
                 "rbf_lengthscale": np.asarray(self.lengthscale_prior), "rbf_amplitude": np.asarray(self.amplitude_prior)}
-
-
-# --------------------------------------------------------------------------------------------------
-# The default SVI guide
-
-
-class SDEPathChain(GaussMarkovChain):
-    """:class:`GaussMarkovChain` whose paths are drawn by a parallel affine scan (log-depth in T)."""
-
-    def _path(self, eps):
-        x0 = self.initial_loc + jnp.einsum("bij,bj->bi", self.initial_scale_tril, eps[:, 0])
-        h = self.transition_offsets + jnp.einsum("btij,btj->bti", self.transition_scale_trils, eps[:, 1:])
-        return affine_recursion(x0, self.transition_matrices, h)
-
-
-class LatentSDEGuide:
-    """AutoMultivariateNormal over all parameters (x hidden from it) and, per trial, the paper's q(x):
-    x_{t+1} = (I - dt A_t) x_t + g_t + sqrt(dt) L_t eps, x_0 ~ N(mbar_0, L_0 L_0').
-
-    The offsets are parameterised through the guide's mean path mbar (so that Adam's step size is in
-    latent units): g_t = mbar_{t+1} - (I - dt A_t) mbar_t, hence E_q[x_t] = mbar_t exactly; in the
-    paper's notation b_t = g_t / dt. Parameters (``numpyro.param``): ``x_mean`` mbar (B, T, K),
-    ``x_initial_scale_tril`` L_0 (B, K, K), ``x_drift_matrices`` A (B, T-1, K, K) (stored divided by
-    ``DRIFT_MATRIX_UNIT``), ``x_noise_scale_trils`` L (B, T-1, K, K). Start: A = 0, L = I (the prior's
-    diffusion), mbar = the initial path. With ``global_affine=True`` the chain is mapped by one learned
-    affine x -> S x + m shared by all trials (``x_global_scale_tril``, ``x_global_offset``; start S = I,
-    m = 0): the same variational family, re-parameterised so that SVI can rescale the whole path, which
-    per-step parameters do only slowly (benchmarks/results.md, gpSLDS history: start scales). Off by default: on the two-rotation
-    benchmark the ELBO then prefers a path shrunk about tenfold and the flow is lost (benchmarks/results.md, gpSLDS history).
-    """
-
-    #: A_t is stored in units of this many 1/time so that Adam moves it at a useful rate
-    DRIFT_MATRIX_UNIT = 10.0
-    #: model sites the parameter guide does not see (drawn by the guide's own code)
-    HIDDEN_SITES = ("x",)
-
-    def __init__(self, model: _LatentSDEModel, data=None, init_values=None, init_scale: float = 0.05,
-                 latent_scale: float = 3.0, global_affine: bool = False):
-        self.model = model
-        self.init_scale = float(init_scale)
-        self.global_affine = bool(global_affine)
-        # A data-driven start (``data`` only) sets the path; the parameters start at prior medians, as in
-        # every measurement of the model card (the data-driven parameter start measured worse on the
-        # two-rotation benchmark, seed 0: NMSE 0.121 against 0.090). Explicit ``init_values`` set every site.
-        # The one exception is a start the model derives from the path alone to break a symmetry
-        # (``path_start_parameters``: the quadratic partition's circle, see GPSLDS).
-        path_only = init_values is None
-        if init_values is None and data is not None:
-            data = data if isinstance(data, SequenceData) else model.prepare(data)
-            init_values = model.init_values(data, latent_scale=latent_scale)
-        self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        if path_only:
-            values = {} if self.init_values is None else model.path_start_parameters(self.init_values["x"])
-        else:
-            values = {k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}
-        self.parameter_guide = AutoMultivariateNormal(
-            parameter_program(self._visible_program(), self.HIDDEN_SITES, self.init_values),
-            init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
-        )
-        self.__name__ = type(self).__name__
-
-    def _visible_program(self):
-        """The program the parameter guide sets itself up on, before the hidden sites are blocked
-        (subclasses pin sites here)."""
-        return self.model.program
-
-    def path(self, data: SequenceData) -> SDEPathChain:
-        """Register the q(x) parameters and return the chain distribution (call inside a guide)."""
-        B, T = data.y.shape[:2]
-        K, dt = self.model.latent_dim, self.model.dt
-        x_init = None if self.init_values is None else self.init_values.get("x")
-        if x_init is None or x_init.shape != (B, T, K):
-            x_init = np.zeros((B, T, K))
-        x_init = jnp.asarray(x_init, jnp.result_type(float))
-        eye = jnp.eye(K, dtype=x_init.dtype)
-        mbar = numpyro.param("x_mean", x_init)
-        L0 = numpyro.param("x_initial_scale_tril", jnp.broadcast_to(0.5 * eye, (B, K, K)), constraint=constraints.lower_cholesky)
-        A = self.DRIFT_MATRIX_UNIT * numpyro.param("x_drift_matrices", jnp.zeros((B, T - 1, K, K), x_init.dtype))
-        L = numpyro.param("x_noise_scale_trils", jnp.broadcast_to(eye, (B, T - 1, K, K)), constraint=constraints.lower_cholesky)
-        if self.global_affine:
-            # x -> S x + m with one lower-triangular S (K, K) and m (K,) for all trials and steps: the chain
-            # family is closed under it (mbar -> S mbar + m, A -> S A S^-1, L -> S L), so q(x) is the same
-            # family, but SVI can rescale or shift every path with K(K+3)/2 numbers instead of B T K.
-            S = numpyro.param("x_global_scale_tril", eye, constraint=constraints.lower_cholesky)
-            m = numpyro.param("x_global_offset", jnp.zeros(K, x_init.dtype))
-            mbar = mbar @ S.T + m
-            L0 = S @ L0
-            A = S @ A @ jnp.linalg.inv(S)
-            L = S @ L
-        tm = jnp.asarray(data.time_mask)[:, 1:, None, None]
-        F = jnp.where(tm, eye - dt * A, 0.0)  # padded steps decoupled from the trial (prior N(0, I) there)
-        g = mbar[:, 1:] - jnp.einsum("btij,btj->bti", F, mbar[:, :-1])
-        Lt = jnp.where(tm, math.sqrt(dt) * L, eye)
-        return SDEPathChain(mbar[:, 0], L0, F, g, Lt)
-
-    def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
-        out = self.parameter_guide(data, record_log_lik=record_log_lik)
-        chain = self.path(data)
-        with numpyro.plate("trial", data.num_trials):
-            out["x"] = numpyro.sample("x", chain)
-        return out
-
-    def sample_parameters(self, key, params, num_samples: int, data=None) -> dict[str, np.ndarray]:
-        """``num_samples`` draws of the parameters (not x) from the fitted guide, {site: (num_samples, ...)}:
-        cheap extra draws for fixed-point and flow-field summaries (``data`` is not needed here)."""
-        sub = {k: v for k, v in params.items() if not k.startswith("x_")}
-        draws = self.parameter_guide.sample_posterior(key, sub, sample_shape=(num_samples,))
-        return {k: np.asarray(v) for k, v in draws.items()}
-
-    def sample_posterior(self, key, params, *args, sample_shape=(), **kwargs):
-        from numpyro.infer import Predictive
-
-        n = int(np.prod(sample_shape)) if sample_shape else 1
-        return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)

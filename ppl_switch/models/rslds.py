@@ -42,10 +42,11 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 
+from ppl_switch.errors import FitError
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
-from ppl_switch.models import _rslds_laplace_em as lem
+import ppl_switch.models._rslds_laplace_em as lem
 from ppl_switch.models._common import check_nonneg_float
-from ppl_switch.models._rslds_transitions import (
+from ppl_switch.models.rslds_transitions import (
     TRANSITION_KINDS,
     path_transition_logits,
     path_transition_matrices,
@@ -55,10 +56,10 @@ from ppl_switch.models._rslds_transitions import (
 from ppl_switch.models.slds import (
     SLDS,
     SwitchingLinearChain,
-    _em_initial_params,
-    _least_squares_latents,
-    _local_dynamics_paths,
-    _random_sticky_paths,
+    em_initial_params,
+    least_squares_latents,
+    local_dynamics_paths,
+    random_sticky_paths,
 )
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_log_normalizer_from_logits, hmm_sample, hmm_smoother, hmm_viterbi
@@ -475,7 +476,7 @@ class RSLDS(SLDS):
         each, best final objective) measured best of the settings tried on NASCAR tracks (model card):
         screening after 20-40 iterations dropped the start that would have won. A start whose values turn non-finite is dropped
         with a RuntimeWarning naming the stage and site (the next best start continues); if every start
-        fails, :class:`~ppl_switch.infer.errors.FitError` says where. Nothing non-finite is returned.
+        fails, :class:`~ppl_switch.errors.FitError` says where. Nothing non-finite is returned.
 
         Args:
             data: validated SequenceData (``fit_em`` passes it).
@@ -579,7 +580,6 @@ class RSLDS(SLDS):
             failed.append((int(i), fail))
         failures = [f"start {i}: stage {f[0]!r} at iteration {f[2]}, non-finite {f[1]}" for i, f in failed]
         if result is None:
-            from ppl_switch.infer.errors import FitError  # lazy: models sit below infer
 
             names = sorted({name for _, f in failed for name in f[1]})
             raise FitError(f"RSLDS.em: every start became non-finite ({'; '.join(failures)}); nothing is returned. "
@@ -629,12 +629,12 @@ class RSLDS(SLDS):
         K = self.num_states
         B, T, N = data.y.shape
         gdata = _gaussian_view(self, data, smoothing_width)
-        base = {k: jnp.asarray(v, dtype) for k, v in _em_initial_params(self, gdata, rng).items()}
+        base = {k: jnp.asarray(v, dtype) for k, v in em_initial_params(self, gdata, rng).items()}
         # k-means on local dynamics for all but one start, one random sticky segmentation. Measured on
         # the reference NASCAR recipe: which start wins varies with the seed (the final objective ranks
         # them), and the random starts need 40-70 iterations before they lead, so no start is dropped early
-        paths = _local_dynamics_paths(base, gdata, rng, max(num_restarts - 1, 1)) if K > 1 else []
-        paths = (paths[: num_restarts - 1] + [_random_sticky_paths(rng, B, T, K)])[:num_restarts]
+        paths = local_dynamics_paths(base, gdata, rng, max(num_restarts - 1, 1)) if K > 1 else []
+        paths = (paths[: num_restarts - 1] + [random_sticky_paths(rng, B, T, K)])[:num_restarts]
         y = jnp.asarray(gdata.y, dtype)
         m = jnp.asarray(gdata.mask)
         tm = jnp.asarray(gdata.time_mask)
@@ -669,7 +669,7 @@ def _outer_pairwise(gamma):
 def _least_squares_latents_any(model, p, data):
     """x_t = argmin ||y_t - C x - d||^2 over observed entries (the SLDS's helper), (B, T, D)."""
     em = {"emission_matrix": np.asarray(p["emission_matrix"]), "emission_bias": np.asarray(p["emission_bias"])}
-    return _least_squares_latents(em, data)
+    return least_squares_latents(em, data)
 
 
 def _bernoulli_bias(data) -> np.ndarray:

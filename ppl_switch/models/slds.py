@@ -54,6 +54,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
+from ppl_switch.errors import FitError
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.guides.gauss_markov import gauss_markov_chain
 from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, permute_by_dims, require_obs_dim
@@ -762,14 +763,14 @@ class SLDS(Model):
         """A data-driven start for every site: C, d and x from PCA (or C^+ y for a known C), one AR(1)
         fit for the dynamics, A_k made distinct by small rotations so that the regimes can separate."""
         data = data if isinstance(data, SequenceData) else self.prepare(data)
-        em = _em_initial_params(self, data, np.random.default_rng(seed))
+        em = em_initial_params(self, data, np.random.default_rng(seed))
         K, D = self.num_states, self.latent_dim
         A = np.asarray(em["dynamics_matrices"]).copy()
         for k in range(K):
             A[k] = A[k] @ _block_rotation(D, 0.1 * (k - (K - 1) / 2))
         em["dynamics_matrices"] = A
         out = self.params_from_em(em)
-        out["x"] = _least_squares_latents(em, data)
+        out["x"] = least_squares_latents(em, data)
         out.update(self.coordinate_site_values(out, data))
         return out
 
@@ -1103,7 +1104,7 @@ class SLDS(Model):
         else:
             seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
             rng = np.random.default_rng(seed)
-            base = {k: jnp.asarray(v, dtype) for k, v in _em_initial_params(self, data, rng).items()}
+            base = {k: jnp.asarray(v, dtype) for k, v in em_initial_params(self, data, rng).items()}
             needs_init_step = True
             run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
             if K > 1:  # fit one shared LDS first: the least-squares start puts the observation noise into Q
@@ -1115,8 +1116,8 @@ class SLDS(Model):
                                   "least-squares start instead", RuntimeWarning, stacklevel=2)
             # starts: k-means on local dynamics of the LDS-smoothed path (all but one restart) and random
             # sticky segments
-            starts = _local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
-            starts = starts[: num_restarts - 1] + [_random_sticky_paths(rng, B, T, K)]
+            starts = local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
+            starts = starts[: num_restarts - 1] + [random_sticky_paths(rng, B, T, K)]
             p0 = [base] * len(starts)
             gammas = [jnp.asarray(g, dtype) for g in starts]
         run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
@@ -1128,7 +1129,6 @@ class SLDS(Model):
         failures = [_first_nonfinite_stage(jax.tree.map(lambda a: np.asarray(a[r]), checks)) for r in range(len(results))]
         failed = [f"restart {r}: stage {f[0]!r} at iteration {f[1]}" for r, f in enumerate(failures) if f]
         if len(failed) == len(results):
-            from ppl_switch.infer.errors import FitError  # lazy: models sit below infer
 
             raise FitError(f"SLDS.em: every restart became non-finite ({'; '.join(failed)}); nothing is returned. "
                            "Try x64=True, standardised y, or more informative priors",
@@ -1224,7 +1224,7 @@ def _block_rotation(D: int, angle: float) -> np.ndarray:
     return R
 
 
-def _least_squares_latents(em, data: SequenceData) -> np.ndarray:
+def least_squares_latents(em, data: SequenceData) -> np.ndarray:
     """x_t = argmin ||y_t - C x - d||^2 over observed entries (+ small ridge), (B, T, D)."""
     C = np.asarray(em["emission_matrix"])
     d = np.asarray(em["emission_bias"])
@@ -1237,7 +1237,7 @@ def _least_squares_latents(em, data: SequenceData) -> np.ndarray:
     return np.linalg.solve(lhs, rhs[..., None])[..., 0]
 
 
-def _em_initial_params(model: SLDS, data: SequenceData, rng) -> dict[str, np.ndarray]:
+def em_initial_params(model: SLDS, data: SequenceData, rng) -> dict[str, np.ndarray]:
     """Starting parameters: C, d from PCA (or the fixed C), R from the residual, one shared AR(1) fit."""
     K, D, U = model.num_states, model.latent_dim, model.input_dim
     y, mask = np.asarray(data.y), np.asarray(data.mask)
@@ -1256,7 +1256,7 @@ def _em_initial_params(model: SLDS, data: SequenceData, rng) -> dict[str, np.nda
         if k < D:
             C[:, k:] = 0.1 * rng.standard_normal((N, D - k))
     em = {"emission_matrix": C, "emission_bias": d}
-    x = _least_squares_latents(em, data)
+    x = least_squares_latents(em, data)
     resid = np.where(mask, y - x @ C.T - d, 0.0)
     rvar = (resid**2).sum((0, 1)) / np.maximum(obs, 1)
     R = np.diag(np.maximum(rvar, 0.25 * var) + 1e-6)
@@ -1290,7 +1290,7 @@ def _em_initial_params(model: SLDS, data: SequenceData, rng) -> dict[str, np.nda
     }
 
 
-def _local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: int = 10) -> list[np.ndarray]:
+def local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: int = 10) -> list[np.ndarray]:
     """(B, T, K) one-hot starting regime paths from k-means on local linear dynamics.
 
     The path is smoothed once with the single-regime start (Kalman smoother), a linear map
@@ -1336,7 +1336,7 @@ def _local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: i
     return paths
 
 
-def _random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.ndarray:
+def random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.ndarray:
     """(B, T, K) one-hot regime paths from a sticky chain: random segments to break the symmetry."""
     z = np.zeros((B, T), dtype=int)
     z[:, 0] = rng.integers(K, size=B)

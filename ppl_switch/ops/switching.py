@@ -301,7 +301,7 @@ class ChainPosterior(NamedTuple):
     logdet_precision: Array
 
 
-def _chain_forward(J_diag, J_lower, h):
+def chain_forward(J_diag, J_lower, h):
     """Block LDL' elimination from t = 0: Schur complements P_t and eliminated linear terms.
 
     P_0 = J_00, P_t = J_tt - J_{t,t-1} P_{t-1}^{-1} J_{t-1,t}; hh_t = h_t - J_{t,t-1} P_{t-1}^{-1} hh_{t-1}.
@@ -325,7 +325,7 @@ def _chain_forward(J_diag, J_lower, h):
 def chain_solve(J_diag, J_lower, b):
     """J^-1 b by block elimination (forward Schur complements, backward substitution), O(T D^3).
     J_diag (T, D, D), J_lower (T-1, D, D) (row t is J_{t+1,t}); b (T, D) or (T, D, m)."""
-    Ls, hhs = _chain_forward(J_diag, J_lower, b)
+    Ls, hhs = chain_forward(J_diag, J_lower, b)
     x_last = cho_solve((Ls[-1], True), hhs[-1])
 
     def back(x_next, inp):
@@ -341,7 +341,7 @@ def gaussian_chain_posterior(J_diag: Array, J_lower: Array, h: Array) -> ChainPo
     """Moments of the Gaussian chain with precision blocks J_diag (T, D, D), J_lower (T-1, D, D)
     (row t is J_{t+1,t}) and linear term h (T, D). O(T D^3), sequential."""
     T, D = h.shape
-    Ls, hhs = _chain_forward(J_diag, J_lower, h)
+    Ls, hhs = chain_forward(J_diag, J_lower, h)
     logdets = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Ls, axis1=-2, axis2=-1)), -1)
     quad = jax.vmap(lambda L, v: v @ cho_solve((L, True), v))(Ls, hhs)
     log_norm = 0.5 * jnp.sum(quad) - 0.5 * jnp.sum(logdets) + 0.5 * T * D * _LOG_2PI
@@ -367,7 +367,7 @@ def gaussian_chain_posterior(J_diag: Array, J_lower: Array, h: Array) -> ChainPo
 def gaussian_chain_sample(key: Array, J_diag: Array, J_lower: Array, h: Array) -> Array:
     """One draw x (T, D) from the Gaussian chain (backward sampling after block elimination)."""
     T, D = h.shape
-    Ls, hhs = _chain_forward(J_diag, J_lower, h)
+    Ls, hhs = chain_forward(J_diag, J_lower, h)
     eps = jax.random.normal(key, (T, D), h.dtype)
 
     def draw(L, hh, e, coupling):  # x = P^-1 (hh - coupling) + L'^-1 e, with P = L L'

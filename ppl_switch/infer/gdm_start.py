@@ -11,8 +11,9 @@ and this has closed-form EM (forward-backward, then weighted least squares per s
 :func:`hard_state_em` fits it from several starts and keeps the best log-likelihood;
 :func:`segmentation_start` turns the estimate into start values for the GDM's point estimates and its
 linear encoder (multinomial logistic regressions of the smoothed states on F y_{t-1} and on y_t), to pass
-as ``LinearGuide(model, start=...)``; ``models.gdm.fit_gdm_svi`` does this by default (``start="auto"``). :func:`pca_projection` gives a projection F that keeps the data's
-leading principal subspace; the released code's random F can all but lose a latent direction (model card).
+as ``LinearGuide(model, start=...)``; :func:`~ppl_switch.infer.gdm_svi.fit_gdm_svi` does this by default
+(``start="auto"``). :func:`pca_projection` gives a projection F that keeps the data's leading principal
+subspace; the released code's random F can all but lose a latent direction (model card).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 import optax
 
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
+from ppl_switch.guides.gdm_guides import MAP_SUFFIX, LinearGuide, MixtureGuide
+from ppl_switch.models.gdm import GDM
 from ppl_switch.ops.hmm import hmm_smoother
 
 __all__ = ["HardStateFit", "hard_state_em", "pca_projection", "segmentation_start"]
@@ -277,9 +280,6 @@ def segmentation_start(model, data, *, guide=None, num_restarts: int = 20, num_i
         ``{name: value}`` in the guide's naming (``<site>_map``, ``guide_W``, ``guide_b``): pass it as
         ``LinearGuide(model, start=...)``.
     """
-    from ppl_switch.guides.gdm_guides import MAP_SUFFIX, LinearGuide, MixtureGuide
-    from ppl_switch.models.gdm import GDM
-
     if not isinstance(model, GDM):
         raise TypeError(f"model: expected a GDM (the 2-level model), got {type(model).__name__}")
     unsupported = {"emission": (model.emission, "gaussian"), "transition": (model.transition, "linear"),

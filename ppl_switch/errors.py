@@ -1,4 +1,5 @@
-"""Errors raised and warnings emitted by the runners."""
+"""The two things a fit reports: FitError (it failed; nothing is returned) and FitWarning (it finished
+with something to look at). Raised by every runner and by the models' own EMs, so they sit below both."""
 
 from __future__ import annotations
 

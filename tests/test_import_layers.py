@@ -1,0 +1,145 @@
+"""The package's import structure, read from the source (no imports run): layers point downwards, no
+module imports another module's underscore names, and nothing imports in a circle at import time.
+
+Layers, bottom first (design.md): plain-Python foundations and numerics, distributions, guides, models,
+ArviZ output, runners and inference, analyses and datasets, figures, the CLI, the package's lazy root.
+A function-level (lazy) import counts like a module-level one for the layer rule; only the model hooks in
+``UPWARD_HOOKS`` may point up, and the test fails when one of them disappears so that the list only shrinks.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ppl_switch"
+
+#: layer of each top-level module or subpackage (ppl_switch.<first part>); higher may import lower
+LAYERS = {
+    "version": 0, "errors": 0, "data": 0, "ops": 0,
+    "distributions": 1,
+    "guides": 2,
+    "models": 3,
+    "relabel": 4, "results": 4,
+    "infer": 5,
+    "analysis": 6, "datasets": 6,
+    "plots": 7, "plots_dynamics": 7, "plots_gpslds": 7,
+    "cli": 8,
+    "": 9,  # ppl_switch/__init__.py
+}
+
+#: (importer, imported) pairs allowed to point up: a model's ``em`` method imports its closed-form EM
+#: from infer when called (issue 27: EM dispatch moves to infer, and these go)
+UPWARD_HOOKS = {
+    ("ppl_switch.models.hmm", "ppl_switch.infer.hmm_em"),
+    ("ppl_switch.models.arhmm", "ppl_switch.infer.hmm_em"),
+    ("ppl_switch.models.lds", "ppl_switch.infer.lds_em"),
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = ("ppl_switch",) + path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(name: str, source: str, modules: set[str], is_package: bool):
+    """(imported module, names taken from it, at import time?) for each ppl_switch import in ``source``."""
+    package = name if is_package else name.rsplit(".", 1)[0]
+    tree = ast.parse(source)
+    lazy = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        eager = id(node) not in lazy
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, [], eager) for alias in node.names if alias.name.startswith("ppl_switch"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if not base.startswith("ppl_switch"):
+                continue
+            for alias in node.names:  # `from package import submodule` imports the submodule
+                sub = f"{base}.{alias.name}"
+                yield (sub, [], eager) if sub in modules else (base, [alias.name], eager)
+
+
+def import_graph(planted: dict[str, str] | None = None) -> dict:
+    """{module: [(imported module, names, at import time?)]}; ``planted`` appends source to modules."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    planted = planted or {}
+    return {name: list(_imports(name, path.read_text() + planted.get(name, ""), set(paths), path.name == "__init__.py"))
+            for name, path in sorted(paths.items())}
+
+
+def _layer(module: str) -> int:
+    return LAYERS[module.split(".")[1] if "." in module else ""]
+
+
+def private_imports(graph) -> list[str]:
+    """Imports of another module's underscore names, or of a private module from outside its package."""
+    found = []
+    for importer, imports in graph.items():
+        for target, names, _ in imports:
+            private = any(p.startswith("_") and not p.startswith("__") for p in target.split("."))
+            if private and target.rsplit(".", 1)[0] not in (importer, importer.rsplit(".", 1)[0]):
+                found.append(f"{importer} imports the private module {target}")
+            found += [f"{importer} imports {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__")]
+    return found
+
+
+def upward_imports(graph) -> set[tuple[str, str]]:
+    return {(importer, target) for importer, imports in graph.items() for target, _, _ in imports
+            if target != importer and _layer(target) > _layer(importer)}
+
+
+def import_time_cycles(graph) -> list[list[str]]:
+    """Cycles among the imports that run when a module is imported (function-level ones excluded)."""
+    edges = {m: sorted({t for t, _, eager in imports if eager and t in graph and t != m}) for m, imports in graph.items()}
+    state, cycles = {}, []
+
+    def visit(module, stack):
+        state[module] = "open"
+        for target in edges[module]:
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[module] = "done"
+
+    for module in edges:
+        if module not in state:
+            visit(module, [module])
+    return cycles
+
+
+GRAPH = import_graph()
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({m for m in GRAPH if (m.split(".")[1] if "." in m else "") not in LAYERS})
+    assert not missing, f"add these to LAYERS: {missing}"
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert private_imports(GRAPH) == []
+
+
+def test_imports_point_down_the_layers():
+    upward = upward_imports(GRAPH)
+    assert sorted(upward - UPWARD_HOOKS) == []
+    assert sorted(UPWARD_HOOKS - upward) == [], "these hooks are gone: remove them from UPWARD_HOOKS"
+
+
+def test_no_import_cycles_at_import_time():
+    assert import_time_cycles(GRAPH) == []
+
+
+def test_each_rule_catches_a_planted_one_line_violation():
+    private = import_graph({"ppl_switch.ops.hmm": "\nfrom ppl_switch.ops.scan import _private_helper\n"})
+    assert private_imports(private) == ["ppl_switch.ops.hmm imports ppl_switch.ops.scan._private_helper"]
+    lazy_upward = import_graph({"ppl_switch.ops.hmm": "\ndef f():\n    from ppl_switch.infer.fit import Fit\n"})
+    assert upward_imports(lazy_upward) - upward_imports(GRAPH) == {("ppl_switch.ops.hmm", "ppl_switch.infer.fit")}
+    circle = import_graph({"ppl_switch.ops.hmm": "\nimport ppl_switch.ops.sde\n", "ppl_switch.ops.sde": "\nimport ppl_switch.ops.hmm\n"})
+    assert [set(cycle) for cycle in import_time_cycles(circle)] == [{"ppl_switch.ops.hmm", "ppl_switch.ops.sde"}]
+    lazy_circle = import_graph({"ppl_switch.ops.hmm": "\nimport ppl_switch.ops.sde\n", "ppl_switch.ops.sde": "\ndef f():\n    import ppl_switch.ops.hmm\n"})
+    assert import_time_cycles(lazy_circle) == []  # a function-level import does not run at import time
