@@ -39,6 +39,7 @@ from ppl_switch.analysis import gpslds_analysis as ga  # noqa: E402
 from ppl_switch.analysis.fixed_points import continuous_time_dynamics  # noqa: E402
 from ppl_switch.analysis.metrics import affine_aligned_r2  # noqa: E402
 from ppl_switch.datasets.gpslds_synthetic import simulate_gpslds_synthetic, two_rotation_drift  # noqa: E402
+from ppl_switch.infer.rslds_em import rslds_em  # noqa: E402
 from ppl_switch.models.rslds_transitions import transition_logits, transition_site_names  # noqa: E402
 from ppl_switch.models.rslds import RSLDS  # noqa: E402
 
@@ -78,7 +79,7 @@ def run_seed(seed, bin_ms, kind, iters, restarts, trials):
     model = RSLDS(2, 2, obs_dim=N, emission="bernoulli", transitions=kind)
     data = model.prepare(y)
     t0 = time.perf_counter()
-    params, history = model.em(data, key=jax.random.PRNGKey(seed), num_iters=iters, num_restarts=restarts)
+    params, history = rslds_em(model, data, key=jax.random.PRNGKey(seed), num_iters=iters, num_restarts=restarts)
     wall = time.perf_counter() - t0
     x_hat = np.asarray(params["x"])
     P, o = ga.align_latents(x_hat, x_true_binned)

@@ -39,7 +39,7 @@ MUTANTS = [
     # ----- found surviving by the review of 2026-12-05 (issue 26); each now has a default-run test -----
     Mutant(
         "rslds bernoulli readout without posterior covariance",
-        "ppl_switch/models/_rslds_laplace_em.py",
+        "ppl_switch/infer/rslds_laplace_em.py",
         "Egg = Egg.at[..., :D, :D].add(S)",
         "Egg = Egg",
         ("tests/test_rslds_m_steps.py",),

@@ -37,6 +37,7 @@ from ppl_switch.datasets.lorenz import simulate_lorenz_bernoulli  # noqa: E402
 from ppl_switch.datasets.nascar import nascar as relaxed_nascar  # noqa: E402
 from ppl_switch.datasets.rslds_nascar import simulate_reference_nascar, simulate_rslds_nascar  # noqa: E402
 from ppl_switch.infer import fit_em  # noqa: E402
+from ppl_switch.infer.rslds_em import rslds_em  # noqa: E402
 from ppl_switch.models.rslds import RSLDS  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
@@ -94,7 +95,7 @@ def lorenz(T: int, iters: int, restarts: int, seed: int) -> dict:
     model = RSLDS(2, 3, obs_dim=100, emission="bernoulli", transitions="recurrent")
     data = model.prepare(d["y"], mask=d["mask"])
     t0 = time.perf_counter()
-    out, hist = model.em(data, key=jax.random.PRNGKey(seed), num_iters=iters, num_restarts=restarts)
+    out, hist = rslds_em(model, data, key=jax.random.PRNGKey(seed), num_iters=iters, num_restarts=restarts)
     wall = time.perf_counter() - t0
     prob_hat = np.asarray(model.firing_probabilities(out))[0]
     prob = d["params"]["firing_probs"]

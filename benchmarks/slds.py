@@ -63,6 +63,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from ppl_switch.datasets.slds_tutorial import simulate_slds_tutorial, tutorial_params  # noqa: E402
+from ppl_switch.infer.slds_em import slds_em  # noqa: E402
 from ppl_switch.models.slds import PATH_SITES, RELATIVE_PATH_SITE, SLDS  # noqa: E402
 
 #: the path and its coordinate sites: diagnosed apart from the parameters, kept off a dense mass block
@@ -92,10 +93,10 @@ def run_em(T: int, seed: int, known: bool) -> dict:
     data = model.prepare(sim["y"])
     kw = dict(params=true_site_params(model), num_iters=50) if known else dict(key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
     t0 = time.perf_counter()
-    out, hist = model.em(data, **kw)
+    out, hist = slds_em(model, data, **kw)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out, hist = model.em(data, **kw)
+    out, hist = slds_em(model, data, **kw)
     second = time.perf_counter() - t0
     trace = hist["log_likelihoods"]
     return {
@@ -115,7 +116,7 @@ def run_svi(T: int, seed: int, num_steps: int, init_from: str = "pca") -> dict:
     t0 = time.perf_counter()
     if init_from == "em":  # guide centred on the structured mean-field estimate (path = q(x) mean)
         data = model.prepare(sim["y"])
-        est, _ = model.em(data, key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
+        est, _ = slds_em(model, data, key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=4)
         guide = model.default_guide(init_values=model.latent_site_values(est, data))
     else:
         guide = model.default_guide(sim["y"])
@@ -152,7 +153,7 @@ def run_nuts(T: int, seed: int, num_warmup: int, num_samples: int, num_chains: i
     t0 = time.perf_counter()
     em_info = {}
     if init_from == "em":  # start every chain at the structured mean-field estimate (path = q(x) mean)
-        est, hist = model.em(data, key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=em_restarts)
+        est, hist = slds_em(model, data, key=jax.random.PRNGKey(seed), num_iters=100, num_restarts=em_restarts)
         em_info = {"em_restarts": em_restarts, "em_objective": float(hist["log_likelihoods"][-1]),
                    "em_accuracy": state_accuracy(sim["states"][0], est["q_state_probs"][0])}
         # probabilities moved off 0, EM-only outputs dropped, the whitened path's innovations added

@@ -119,10 +119,11 @@ def _model_class(name: str):
 
 
 def supported_methods(name: str) -> list[str]:
-    """The ``--method`` values model ``name`` supports: SVI and NUTS for every model, EM where it defines one."""
-    cls = _model_class(name)
-    has_em = any(callable(getattr(cls, attr, None)) for attr in ("em", "fit_em"))
-    return ["auto", "svi", "nuts"] + (["em"] if has_em else [])
+    """The ``--method`` values model ``name`` supports: SVI and NUTS for every model, EM where the library has
+    one for it or the model defines its own."""
+    from ppl_switch.infer.em import has_em
+
+    return ["auto", "svi", "nuts"] + (["em"] if has_em(_model_class(name)) else [])
 
 
 def check_method(name: str, method: str) -> None:

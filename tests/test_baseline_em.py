@@ -16,7 +16,7 @@ import pytest
 from jax.scipy.stats import multivariate_normal, norm, poisson
 
 from ppl_switch.data import DataError
-from ppl_switch.infer.em import fit_em
+from ppl_switch.infer.em import em_method, fit_em
 from ppl_switch.models.arhmm import ARHMM
 from ppl_switch.models.hmm import HMM
 from ppl_switch.models.lds import LDS
@@ -60,7 +60,7 @@ slow = pytest.mark.slow
 def test_objective_never_decreases(model):
     data, truth = model.simulate(KEY, 2, 60)
     use_map = getattr(model, "sticky", 0) > 0
-    params, history = model.em(data, key=KEY, num_restarts=2, **({"map": True} if use_map else {}))
+    params, history = em_method(model)(data, key=KEY, num_restarts=2, **({"map": True} if use_map else {}))
     _nondecreasing(history)
     # the reported log-likelihood is the model's at the returned parameters
     ll = float(model.log_likelihood(params, data).sum())
@@ -87,8 +87,8 @@ def test_padding_and_missing_steps_give_the_same_fit():
     a, b = padded(60), padded(64)
     # a fixed number of iterations, short of convergence: the stopping rule compares the objective's change
     # with its float32 rounding, which padding may move by one ulp (and so the stop by one iteration)
-    pa, ha = model.em(a, key=KEY, num_restarts=2, num_iters=3)
-    pb, hb = model.em(b, key=KEY, num_restarts=2, num_iters=3)
+    pa, ha = em_method(model)(a, key=KEY, num_restarts=2, num_iters=3)
+    pb, hb = em_method(model)(b, key=KEY, num_restarts=2, num_iters=3)
     assert ha["num_iterations"] == hb["num_iterations"] == 3
     np.testing.assert_allclose(ha["objective"], hb["objective"], rtol=1e-5)
     for name in pa:
@@ -177,7 +177,7 @@ def test_hmm_m_step_is_stationary_point(emission):
     data, truth = model.simulate(KEY, 2, 40)
     start = truth["params"]
     # one M-step from the truth (min_covar=0: the exact maximiser)
-    p1, _ = model.em(data, params=start, num_iters=1, tol=0.0, min_covar=0.0)
+    p1, _ = em_method(model)(data, params=start, num_iters=1, tol=0.0, min_covar=0.0)
     y = jnp.asarray(data.y)
     ll = model.emission_log_likelihoods(start, data)
     sm = jax.jit(jax.vmap(lambda l: hmm_smoother(start["initial_probs"], start["transition_matrix"], l)))(ll)
@@ -202,7 +202,7 @@ def test_arhmm_m_step_is_stationary_point():
     model = ARHMM(2, 2, lags=2, input_dim=1)
     data, truth = model.simulate(KEY, 2, 50)
     start = truth["params"]
-    p1, _ = model.em(data, params=start, num_iters=1, tol=0.0, min_covar=0.0)
+    p1, _ = em_method(model)(data, params=start, num_iters=1, tol=0.0, min_covar=0.0)
     ll = model.emission_log_likelihoods(start, data)
     sm = jax.jit(jax.vmap(lambda l: hmm_smoother(start["initial_probs"], start["transition_matrix"], l)))(ll)
     gamma = sm.smoothed_probs[:, 2:]  # regressed steps
@@ -241,7 +241,7 @@ def test_lds_m_step_is_stationary_point(case):
     mask = np.asarray(jax.random.bernoulli(KEY, 0.85, data.y.shape))
     data = model.prepare(np.asarray(data.y), mask=mask, inputs=data.inputs)
     start = {k: v for k, v in truth["params"].items() if k in model.site_dims()}
-    p1, _ = model.em(data, params=start, num_iters=1, tol=0.0, min_var=0.0)
+    p1, _ = em_method(model)(data, params=start, num_iters=1, tol=0.0, min_var=0.0)
     lg = model.lgssm_params(start, data)
     sm = jax.jit(jax.vmap(lgssm_smoother))(lg, jnp.asarray(data.y), jnp.asarray(data.mask))
     m, V, X = sm.smoothed_means, sm.smoothed_covs, sm.smoothed_cross_covs
@@ -284,7 +284,7 @@ def test_hmm_map_m_step_is_stationary_point():
     model = HMM(2, 2, emission="diag_gaussian", sticky=4.0)
     data, truth = model.simulate(KEY, 1, 15)
     start = truth["params"]
-    p1, _ = model.em(data, params=start, num_iters=1, tol=0.0, map=True)
+    p1, _ = em_method(model)(data, params=start, num_iters=1, tol=0.0, map=True)
     ll = model.emission_log_likelihoods(start, data)
     sm = jax.jit(jax.vmap(lambda l: hmm_smoother(start["initial_probs"], start["transition_matrix"], l)))(ll)
     gamma, y = sm.smoothed_probs, jnp.asarray(data.y)
@@ -310,7 +310,7 @@ def test_converged_em_is_a_stationary_point_of_the_likelihood():
     Kalman filter) vanishes; stationary-initial HMM and local-level LDS."""
     model = HMM(2, 1, emission="diag_gaussian", initial="stationary")
     data, _ = model.simulate(KEY, 1, 80)
-    p, h = model.em(data, key=KEY, num_restarts=2, num_iters=2000, tol=1e-11, min_covar=0.0)
+    p, h = em_method(model)(data, key=KEY, num_restarts=2, num_iters=2000, tol=1e-11, min_covar=0.0)
     assert h["converged"]
 
     def ll(theta):
@@ -323,7 +323,7 @@ def test_converged_em_is_a_stationary_point_of_the_likelihood():
 
     model = LDS(1, 1, fixed=LOCAL_LEVEL, dynamics_cov="diagonal", initial_cov="diffuse")
     data, _ = model.simulate(KEY, 1, 100)
-    p, h = model.em(data, key=KEY, num_restarts=2, num_iters=5000, tol=1e-12)
+    p, h = em_method(model)(data, key=KEY, num_restarts=2, num_iters=5000, tol=1e-12)
     f = lambda lr, lq: model.marginal_log_likelihood({"emission_scales": jnp.exp(lr), "dynamics_scales": jnp.exp(lq)}, data).sum()  # noqa: E731
     g = jax.grad(f, (0, 1))(jnp.log(p["emission_scales"]), jnp.log(p["dynamics_scales"]))
     np.testing.assert_allclose(np.concatenate(g), 0.0, atol=2e-4)
@@ -346,16 +346,16 @@ def test_bad_options_fail_before_compiling():
         LDS(1, 1, initial_cov="flat")
     y = np.random.default_rng(0).normal(size=(1, 10, 2))
     with pytest.raises(ValueError, match="fixed, square, invertible emission_matrix"):
-        LDS(1, 2, initial_cov="diffuse").em(LDS(1, 2, initial_cov="diffuse").prepare(y))
+        em_method(LDS(1, 2, initial_cov="diffuse"))(LDS(1, 2, initial_cov="diffuse").prepare(y))
     model = HMM(2, 2)
     with pytest.raises(NotImplementedError, match="map=True"):
-        model.em(model.prepare(y), map=True)
+        em_method(model)(model.prepare(y), map=True)
     mask = np.ones_like(y, bool)
     mask[0, 3, 0] = False
     with pytest.raises(DataError, match="mask: EM with a full emission covariance"):
-        model.em(model.prepare(y, mask=mask))
+        em_method(model)(model.prepare(y, mask=mask))
     with pytest.raises(ValueError, match="num_restarts"):
-        model.em(model.prepare(y), num_restarts=0)
+        em_method(model)(model.prepare(y), num_restarts=0)
     diffuse = LDS(1, 1, fixed=LOCAL_LEVEL, dynamics_cov="diagonal", initial_cov="diffuse")
     with pytest.raises(DataError, match="first step"):
         diffuse.prepare(y[..., :1], mask=np.zeros((1, 10, 1), bool) | (np.arange(10) > 0)[None, :, None])
@@ -370,5 +370,31 @@ def test_em_refuses_a_subclass_with_its_own_emission():
 
     data, _ = HMM(2, 1).simulate(KEY, 2, 20)
     with pytest.raises(NotImplementedError, match="ShiftedHMM overrides emission_log_likelihoods"):
-        ShiftedHMM(2, 1).em(data, key=KEY)
-    HMM(2, 1).em(data, key=KEY, num_iters=2, num_restarts=1)  # the built-in class is accepted
+        em_method(ShiftedHMM(2, 1))(data, key=KEY)
+    em_method(HMM(2, 1))(data, key=KEY, num_iters=2, num_restarts=1)  # the built-in class is accepted
+
+
+def test_fit_em_finds_the_library_em_of_the_nearest_built_in_class_and_a_models_own_em_first():
+    """EM lives in infer/ (models import no inference): fit_em looks it up by the model's class."""
+    from ppl_switch.infer.em import has_em, library_em
+    from ppl_switch.infer.hmm_em import chain_em
+    from ppl_switch.infer.lds_em import lds_em
+    from ppl_switch.models import GDM, RSLDS, SLDS
+    from ppl_switch.models.base import Model
+
+    assert library_em(HMM) is chain_em and library_em(ARHMM) is chain_em and library_em(LDS) is lds_em
+    assert (library_em(SLDS).__name__, library_em(RSLDS).__name__) == ("slds_em", "rslds_em")  # RSLDS(SLDS): its own
+    assert library_em(GDM) is None and em_method(GDM(2, 2, 3)) is None
+    assert library_em(type("HMM", (Model,), {})) is None  # a user's class named like a built-in one is not it
+
+    class OwnEM(HMM):
+        def em(self, data, **kw):
+            return {"means": np.zeros((2, 1))}
+
+    class NoEM(HMM):
+        em = None  # the model says it has none
+
+    assert em_method(OwnEM(2, 1)).__func__ is OwnEM.em  # a model's own method comes first
+    assert em_method(NoEM(2, 1)) is None and not has_em(NoEM) and has_em(OwnEM) and has_em(HMM) and not has_em(GDM)
+    found = em_method(HMM(2, 1))
+    assert found.func is chain_em and found.args[0].num_states == 2

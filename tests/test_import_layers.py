@@ -3,8 +3,7 @@ module imports another module's underscore names, and nothing imports in a circl
 
 Layers, bottom first (design.md): plain-Python foundations and numerics, distributions, guides, models,
 ArviZ output, runners and inference, analyses and datasets, figures, the CLI, the package's lazy root.
-A function-level (lazy) import counts like a module-level one for the layer rule; only the model hooks in
-``UPWARD_HOOKS`` may point up, and the test fails when one of them disappears so that the list only shrinks.
+A function-level (lazy) import counts like a module-level one for the layer rule: no exceptions.
 """
 
 from __future__ import annotations
@@ -27,15 +26,6 @@ LAYERS = {
     "cli": 8,
     "": 9,  # ppl_switch/__init__.py
 }
-
-#: (importer, imported) pairs allowed to point up: a model's ``em`` method imports its closed-form EM
-#: from infer when called (issue 27: EM dispatch moves to infer, and these go)
-UPWARD_HOOKS = {
-    ("ppl_switch.models.hmm", "ppl_switch.infer.hmm_em"),
-    ("ppl_switch.models.arhmm", "ppl_switch.infer.hmm_em"),
-    ("ppl_switch.models.lds", "ppl_switch.infer.lds_em"),
-}
-
 
 def _module_name(path: pathlib.Path) -> str:
     parts = ("ppl_switch",) + path.relative_to(PACKAGE).with_suffix("").parts
@@ -125,9 +115,7 @@ def test_no_module_imports_another_modules_private_names():
 
 
 def test_imports_point_down_the_layers():
-    upward = upward_imports(GRAPH)
-    assert sorted(upward - UPWARD_HOOKS) == []
-    assert sorted(UPWARD_HOOKS - upward) == [], "these hooks are gone: remove them from UPWARD_HOOKS"
+    assert sorted(upward_imports(GRAPH)) == []
 
 
 def test_no_import_cycles_at_import_time():

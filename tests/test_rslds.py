@@ -13,7 +13,8 @@ from jax.scipy.stats import multivariate_normal
 from numpyro.infer.util import log_density
 
 from ppl_switch.data import DataError
-import ppl_switch.models._rslds_laplace_em as lem
+import ppl_switch.infer.rslds_laplace_em as lem
+from ppl_switch.infer.rslds_em import rslds_em
 from ppl_switch.models.rslds_transitions import path_transition_logits
 from ppl_switch.models.rslds import RSLDS, recurrent_gaussian_sum_filter
 from ppl_switch.models.slds import SLDS
@@ -36,7 +37,7 @@ def _brute_force_path_log_prob(model, params, x, inputs=None):
     """log p(x) of one path by summing over all K^T regime paths explicitly."""
     K = model.num_states
     T = x.shape[0]
-    logits = path_transition_logits(model.transitions, model._transitions(params), x, inputs)
+    logits = path_transition_logits(model.transitions, model.transition_params(params), x, inputs)
     log_trans = jax.nn.log_softmax(logits, -1)
     A, b = np.asarray(params["dynamics_matrix"]), np.asarray(params["dynamics_bias"])
     Lq = np.asarray(model.dynamics_scale_trils(params))
@@ -113,7 +114,7 @@ def test_laplace_x_step_is_the_kalman_smoother_for_one_regime():
     """K = 1, Gaussian emissions: one Newton step lands on the smoother mean; J^-1 is its covariance."""
     model, data, truth, params = _model_and_draw("recurrent_only", K=1, T=30, B=1)
     p = model.params_to_em(params)
-    tp = model._transitions(params)
+    tp = model.transition_params(params)
     y, mask, tm, u = (jnp.asarray(a)[0] for a in (data.y, data.mask, data.time_mask, jnp.zeros((1, 30, 0))))
     gamma = jnp.ones((30, 1))
     _, J_diag, J_lower, h = lem.gaussian_potentials(p, gamma, y, mask, tm, u, "gaussian", None)
@@ -132,7 +133,7 @@ def test_laplace_x_step_finds_the_mode_with_recurrent_term():
     model, data, truth, params = _model_and_draw("recurrent", K=3, T=40, B=1)
     params = dict(params, transition_weights=3.0 * params["transition_weights"])
     p = model.params_to_em(params)
-    tp = model._transitions(params)
+    tp = model.transition_params(params)
     y, mask, tm = (jnp.asarray(a)[0] for a in (data.y, data.mask, data.time_mask))
     u = jnp.zeros((40, 0))
     gamma = jax.nn.one_hot(jnp.asarray(truth["states"][0]), 3)
@@ -171,12 +172,12 @@ def test_fast_path_elbo_below_exact_marginal_when_weights_vanish():
     P = np.array([[0.8, 0.2], [0.4, 0.6]])
     params = dict(params, transition_weights=jnp.zeros((2, 2)), transition_bias=jnp.zeros(2), transition_state_logits=jnp.log(P))
     params.pop("x")
-    _, hist = model.em(data, params=params, learn=(), num_iters=10)
+    _, hist = rslds_em(model, data, params=params, learn=(), num_iters=10)
     slds_params = {k: v for k, v in params.items() if not k.startswith("transition_")}
     sp = SLDS(2, 2, obs_dim=3).switching_params({**slds_params, "transition_matrix": jnp.asarray(P)}, data)
     exact = float(sw.exact_log_likelihood_by_enumeration(jax.tree.map(lambda a: a[0], sp), jnp.asarray(data.y[0]), jnp.asarray(data.mask[0])))
     elbo = hist["log_likelihoods"] - float(model.em_log_prior_value({**params, "transition_matrix": jnp.asarray(P)}, 3)) \
-        - float(lem.transition_log_prior(model._transitions(params), model.transition_prior()))
+        - float(lem.transition_log_prior(model.transition_params(params), model.transition_prior()))
     assert np.all(np.diff(elbo) >= -1e-8)
     assert elbo[-1] <= exact + 1e-8
     assert elbo[-1] > exact - 5.0  # and it is a reasonable bound
@@ -186,7 +187,7 @@ def test_fast_path_elbo_below_exact_marginal_when_weights_vanish():
 @pytest.mark.parametrize("emission", ["gaussian", "bernoulli"])
 def test_fast_path_objective_never_decreases(emission):
     model, data, truth, params = _model_and_draw("recurrent", emission=emission, K=2, N=6, T=50, B=2)
-    out, hist = model.em(data, key=jax.random.PRNGKey(1), num_iters=6, num_restarts=2)
+    out, hist = rslds_em(model, data, key=jax.random.PRNGKey(1), num_iters=6, num_restarts=2)
     trace = hist["log_likelihoods"]
     assert np.isfinite(trace).all() and np.all(np.diff(trace) >= -1e-6 * np.abs(trace[:-1]).max())
     assert out["x"].shape == (2, 50, 2) and out["q_state_probs"].shape == (2, 50, 2)
@@ -199,7 +200,7 @@ def test_recurrent_filter_is_exact_for_two_steps_without_recurrence():
     model, data, truth, params = _model_and_draw("recurrent_only", T=2, B=1)
     params = dict(params, transition_weights=jnp.zeros((2, 2)))
     sp = jax.tree.map(lambda a: a[0], model.switching_params(params, data))
-    lls = recurrent_gaussian_sum_filter("recurrent_only", model._transitions(params), sp, jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
+    lls = recurrent_gaussian_sum_filter("recurrent_only", model.transition_params(params), sp, jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
     P = jax.nn.softmax(jnp.broadcast_to(params["transition_bias"], (2, 2)), -1)
     exact = sw.exact_log_likelihood_by_enumeration(sp._replace(transition_matrix=P), jnp.asarray(data.y[0]), jnp.asarray(data.mask[0]))
     np.testing.assert_allclose(float(lls.sum()), float(exact), rtol=1e-10)
@@ -218,8 +219,9 @@ def test_bad_arguments_are_named():
     model = RSLDS(2, 2, obs_dim=3, emission="bernoulli")
     with pytest.raises(DataError, match="y"):
         model.prepare(np.full((1, 5, 3), 0.5))
+    poisson = RSLDS(2, 2, obs_dim=3, emission="poisson")
     with pytest.raises(NotImplementedError, match="em"):
-        RSLDS(2, 2, obs_dim=3, emission="poisson").em(RSLDS(2, 2, obs_dim=3, emission="poisson").prepare(np.ones((1, 5, 3))))
+        rslds_em(poisson, poisson.prepare(np.ones((1, 5, 3))))
 
 
 @float64
@@ -270,7 +272,7 @@ def test_nascar_recovery():
 
     d = simulate_rslds_nascar(seed=0, num_timesteps=2000)
     model = RSLDS(4, 2, obs_dim=10, transitions="recurrent_only")
-    out, hist = model.em(model.prepare(d["y"]), key=jax.random.PRNGKey(0), num_iters=50, num_restarts=3)
+    out, hist = rslds_em(model, model.prepare(d["y"]), key=jax.random.PRNGKey(0), num_iters=50, num_restarts=3)
     assert matched_state_accuracy(d["states"][0], out["q_state_probs"][0].argmax(-1), 4) > 0.9
     assert affine_aligned_r2(out["x"][0], d["latents"][0]) > 0.95
 
@@ -388,7 +390,7 @@ def test_default_fit_on_near_noiseless_track_is_finite_float32(near_noiseless_tr
 def _poisoned_step(monkeypatch, fail_starts):
     """Make the compiled iteration return a NaN dynamics covariance at the 3rd iteration of the listed
     starts (counted by the order in which starts begin)."""
-    from ppl_switch.models import rslds as rslds_module
+    import ppl_switch.infer.rslds_em as rslds_module
 
     real = rslds_module._compiled_laplace_em
     calls = {"start": -1, "iter": 0}
@@ -428,12 +430,12 @@ def test_non_finite_start_is_dropped_and_all_failing_raise_fit_error(monkeypatch
     data, _ = model.simulate(jax.random.PRNGKey(0), 1, 40)
     _poisoned_step(monkeypatch, fail_starts={0})
     with pytest.warns(RuntimeWarning, match=r"start 0: stage 'M-step' at iteration 2, non-finite \['dynamics_covs'\]"):
-        out, hist = model.em(data, key=jax.random.PRNGKey(0), num_iters=6, num_restarts=2, screen_iters=4)
+        out, hist = rslds_em(model, data, key=jax.random.PRNGKey(0), num_iters=6, num_restarts=2, screen_iters=4)
     assert np.all(np.isfinite(out["dynamics_scales"])) and np.isnan(hist["restart_objectives"][0])
     monkeypatch.undo()
     _poisoned_step(monkeypatch, fail_starts={0, 1})
     with pytest.raises(FitError, match=r"every start became non-finite.*start 1: stage 'M-step' at iteration 2") as err:
-        model.em(data, key=jax.random.PRNGKey(0), num_iters=6, num_restarts=2, screen_iters=4)
+        rslds_em(model, data, key=jax.random.PRNGKey(0), num_iters=6, num_restarts=2, screen_iters=4)
     assert err.value.sites == {"params": ["dynamics_covs"]}
 
 
@@ -445,7 +447,7 @@ def test_non_finite_start_values_raise_fit_error():
     params = {k: np.asarray(v) for k, v in truth["params"].items() if k != "x"}
     params["dynamics_matrix"] = np.full_like(params["dynamics_matrix"], np.nan)
     with pytest.raises(FitError, match=r"stage 'start' at iteration 0, non-finite \['dynamics_matrices'\]"):
-        model.em(data, params=params, num_iters=3)
+        rslds_em(model, data, params=params, num_iters=3)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ppl_switch.models._rslds_laplace_em import bernoulli_emission_log_prior, bernoulli_emission_m_step, jj_bound
+from ppl_switch.infer.rslds_laplace_em import bernoulli_emission_log_prior, bernoulli_emission_m_step, jj_bound
 
 pytestmark = pytest.mark.float64  # a stationarity check at 1e-8
 

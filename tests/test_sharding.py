@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec
 import ppl_switch.infer.em_loop as em_loop
 import ppl_switch.infer.svi as svi_mod
 from ppl_switch.infer import fit_em, fit_svi
+from ppl_switch.infer.lds_em import lds_em
 from ppl_switch.models import HMM, LDS
 
 assert len(jax.devices()) == 4, jax.devices()
@@ -87,8 +88,8 @@ assert four.data.num_trials == N and four.config["num_devices"] == 4
 # ---- LDS EM (the program alone) ----
 lds = LDS(latent_dim=1, obs_dim=2, dynamics_cov="diagonal", initial_cov="learned")
 data = lds.prepare(y, mask=mask, lengths=lengths)
-p1, h1 = lds.em(data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0))
-p4, h4 = lds.em(data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0), devices=4)
+p1, h1 = lds_em(lds, data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0))
+p4, h4 = lds_em(lds, data, num_iters=5, num_restarts=2, key=jax.random.PRNGKey(0), devices=4)
 check_placed(8)
 same(h1["log_likelihoods"], h4["log_likelihoods"], "LDS EM log-likelihood history")
 for name in p1:

@@ -18,6 +18,7 @@ from numpyro.contrib.funsor import enum, markov
 
 from ppl_switch.data import DataError
 from ppl_switch.datasets.slds_tutorial import simulate_slds_tutorial, tutorial_params
+from ppl_switch.infer.slds_em import slds_em
 from ppl_switch.models.slds import SLDS
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.kalman import LGSSMParams, lgssm_filter
@@ -306,7 +307,7 @@ def test_em_objective_is_exact_log_likelihood_when_inference_is_exact():
     params = model.default_params(jax.random.PRNGKey(1))
     params["dynamics_matrix"] = np.broadcast_to(params["dynamics_matrix"][0], (2, 2, 2)).copy()
     data, _ = model.simulate(jax.random.PRNGKey(2), 1, 30, params=params)
-    out, hist = model.em(data, params=params, num_iters=3)
+    out, hist = slds_em(model, data, params=params, num_iters=3)
     sp = model.switching_params(params, data)
     lg = LGSSMParams(sp.initial_mean[0], sp.initial_cov[0], sp.dynamics_matrices[0, 0], sp.dynamics_biases[0, 0, 0],
                      sp.dynamics_covs[0, 0], sp.emission_matrix[0], sp.emission_bias[0], sp.emission_cov[0])
@@ -323,23 +324,24 @@ def test_em_objective_is_non_decreasing_and_padding_invariant():
     mask = np.asarray(data.mask).copy()
     mask[0, 5:9, 1] = False
     data = data._replace(mask=mask, y=np.where(mask, data.y, 0.0))
-    _, hist = model.em(data, key=jax.random.PRNGKey(0), num_iters=10, num_restarts=2)
+    _, hist = slds_em(model, data, key=jax.random.PRNGKey(0), num_iters=10, num_restarts=2)
     trace = hist["log_likelihoods"]
     assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1])), np.diff(trace).min()
     assert trace[-1] > trace[0]
     # the same trials unpadded give the same objective
     params = model.params_from_em(model.params_to_em(model.default_params(jax.random.PRNGKey(0))))
-    padded = model.em(data, params=params, num_iters=2)[1]["log_likelihoods"]
+    padded = slds_em(model, data, params=params, num_iters=2)[1]["log_likelihoods"]
     ragged = model.prepare([data.y[0], data.y[1, :20]], mask=None, inputs=[data.inputs[0], data.inputs[1, :20]])
     ragged = ragged._replace(mask=np.asarray(ragged.mask) & np.asarray(mask[:, : ragged.y.shape[1]]))
-    unpadded = model.em(ragged, params=params, num_iters=2)[1]["log_likelihoods"]
+    unpadded = slds_em(model, ragged, params=params, num_iters=2)[1]["log_likelihoods"]
     np.testing.assert_allclose(padded, unpadded, rtol=1e-10)
 
 
 def test_em_start_fits_one_shared_lds_first():
     """The restarts' base: EM of one LDS (equal regimes, uniform q(z)); its objective never decreases and
     it moves the observation noise out of Q, where the least-squares start puts it."""
-    from ppl_switch.models.slds import _compiled_em, em_initial_params, _single_lds_fit
+    from ppl_switch.infer.slds_em import _compiled_em, _single_lds_fit
+    from ppl_switch.models.slds import em_initial_params
 
     sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
@@ -366,7 +368,7 @@ def test_em_known_parameters_recovers_tutorial_states():
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
     tp = tutorial_params()
     params = model.params_from_em({**tp, "input_matrices": np.zeros((2, 2, 0))})
-    out, hist = model.em(model.prepare(sim["y"]), params=params, num_iters=40)
+    out, hist = slds_em(model, model.prepare(sim["y"]), params=params, num_iters=40)
     assert np.all(np.diff(hist["log_likelihoods"]) >= -1e-9)
     acc = _accuracy(sim["states"][0], out["q_state_probs"][0].argmax(-1), 2)
     assert acc > 0.85, acc
@@ -377,7 +379,7 @@ def test_em_learned_parameters_segment_the_tutorial_series():
     """Learned parameters, tutorial T = 150 (seed 0): 0.78 measured (the single-LDS start); 0.53 without it."""
     sim = simulate_slds_tutorial(seed=0, num_timesteps=150)
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
-    out, hist = model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=100, num_restarts=4)
+    out, hist = slds_em(model, model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=100, num_restarts=4)
     trace = hist["log_likelihoods"]
     assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1]))
     assert _accuracy(sim["states"][0], out["q_state_probs"][0].argmax(-1), 2) > 0.7
@@ -387,7 +389,7 @@ def test_em_learned_parameters_segment_the_tutorial_series():
 def test_em_learned_parameters_objective_is_monotone_and_beats_the_start():
     sim = simulate_slds_tutorial(seed=1, num_timesteps=150)
     model = SLDS(num_states=2, latent_dim=2, obs_dim=2, emission_matrix=np.eye(2))
-    out, hist = model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=40, num_restarts=2)
+    out, hist = slds_em(model, model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=40, num_restarts=2)
     trace = hist["log_likelihoods"]
     assert np.all(np.diff(trace) >= -1e-8 * np.abs(trace[:-1]))
     assert trace[-1] > trace[0]
@@ -587,9 +589,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(DataError, match="obs_dim=3"):
         model.prepare(np.zeros((10, 2)))
     with pytest.raises(NotImplementedError, match="Gaussian"):
-        SLDS(num_states=2, latent_dim=2, obs_dim=2, emission="poisson").em(model.prepare(np.zeros((5, 3))))
+        slds_em(SLDS(num_states=2, latent_dim=2, obs_dim=2, emission="poisson"), model.prepare(np.zeros((5, 3))))
     with pytest.raises(ValueError, match="learn"):
-        model.em(model.prepare(np.zeros((5, 3))), learn=("dynamics", "everything"))
+        slds_em(model, model.prepare(np.zeros((5, 3))), learn=("dynamics", "everything"))
 
 
 def test_poisson_emissions_simulate_and_score():
@@ -649,20 +651,20 @@ def test_smf_em_with_residual_covariances_equals_the_moment_form_in_float64(monk
 
 def test_slds_em_with_a_non_finite_m_step_raises_fit_error_naming_the_stage(monkeypatch):
     """Never silent: a NaN Q_k from the M-step drops every restart; FitError names stage and iteration."""
-    import ppl_switch.models.slds as slds_module
+    import ppl_switch.infer.slds_em as slds_em_module
     from ppl_switch.errors import FitError
 
-    monkeypatch.setattr(slds_module, "_EM_CACHE", {})  # compile the broken M-step afresh, then forget it
+    monkeypatch.setattr(slds_em_module, "_EM_CACHE", {})  # compile the broken M-step afresh, then forget it
     monkeypatch.setattr(sw, "residual_covariances", lambda p, *args: {**p, "dynamics_covs": p["dynamics_covs"] * jnp.nan})
     sim = simulate_slds_tutorial(seed=0, num_trials=1, num_timesteps=30)
     model = SLDS(2, 2, obs_dim=2)
     with pytest.raises(FitError, match=r"every restart became non-finite \(restart 0: stage 'start' at iteration 0; restart 1"), \
             pytest.warns(RuntimeWarning, match="shared-LDS start became non-finite"):
-        model.em(model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=3, num_restarts=2)
+        slds_em(model, model.prepare(sim["y"]), key=jax.random.PRNGKey(0), num_iters=3, num_restarts=2)
 
 
 def test_first_nonfinite_stage_names_the_first_failing_stage():
-    from ppl_switch.models.slds import _first_nonfinite_stage
+    from ppl_switch.infer.slds_em import _first_nonfinite_stage
 
     ok = {"start": True, "e_step": np.ones(4, bool), "m_step": np.ones(3, bool)}
     assert _first_nonfinite_stage(ok) is None

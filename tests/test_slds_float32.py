@@ -10,6 +10,7 @@ import pytest
 from ppl_switch.analysis.metrics import matched_state_accuracy
 from ppl_switch.data import as_sequence_data
 from ppl_switch.datasets.slds_tutorial import rotation
+from ppl_switch.infer.slds_em import slds_em
 from ppl_switch.models.slds import SLDS
 from ppl_switch.ops import switching as sw
 
@@ -41,7 +42,7 @@ def test_near_noiseless_slds_em_stays_finite_and_monotone_in_float32():
     to float32 rounding and the states recovered."""
     y, z, em = _near_noiseless()
     model = SLDS(num_states=2, latent_dim=2, obs_dim=10)
-    out, hist = model.em(as_sequence_data(y), params=model.params_from_em(em), learn=sw.EM_GROUPS, num_iters=20)
+    out, hist = slds_em(model, as_sequence_data(y), params=model.params_from_em(em), learn=sw.EM_GROUPS, num_iters=20)
     assert all(np.all(np.isfinite(np.asarray(v))) for v in out.values())
     p = model.params_to_em(out, np.float64)
     assert np.linalg.eigvalsh(np.asarray(p["dynamics_covs"])).min() > 0

@@ -41,10 +41,10 @@ data)``, ``sample_states``  marginals, Viterbi, sampled paths). Missing: as abov
 
 A missing ``log_likelihood`` / ``posterior_predictive`` / ``state_posterior`` does not fail the fit: the
 group is absent, the InferenceData attribute ``skipped`` lists it, and ``fit.warnings`` names the method
-that would fill it (section 4 checks both). A subclass of ``HMM`` that changes the emission inherits ``HMM.em`` and
-``recommended_runner = ("em", {})``: ``ppl_switch.fit`` then runs Baum-Welch with the new density in the
-E-step but the Gaussian M-step, without a warning (or fails with a ``KeyError`` when the emission has a
-site of its own, such as ``df`` below). Set ``em = None`` and a runner of your own (section 1).
+that would fill it (section 4 checks both). A subclass of ``HMM`` gets the HMM's EM (``fit_em`` finds the
+library's EM by the model's class) and ``recommended_runner = ("em", {})``; that EM's M-step is Gaussian, so it
+refuses a subclass whose emission differs (``NotImplementedError`` naming the overridden method). Set
+``em = None`` (this model has no EM) and a runner of your own (section 1).
 
 Run with ``PPL_SWITCH_SMOKE=1`` (the test suite does) for tiny sizes; every key number is asserted.
 """
@@ -104,7 +104,7 @@ START = time.perf_counter()
 # * `site_dims` (the new site's dims) and `config` (the constructor changed);
 # * `posterior_predictive` and `simulate` (the inherited ones draw Gaussian noise) and `default_params`
 #   (add `df`);
-# * `em = None` and `recommended_runner`: the inherited EM is the Gaussian Baum-Welch.
+# * `em = None` and `recommended_runner`: the HMM's EM is the Gaussian Baum-Welch (it refuses this subclass).
 #
 # `program`, `log_likelihood`, `state_posterior`, `sample_states`, `state_features` (the means) and
 # `permute_states` (by `site_dims`) are inherited unchanged.
@@ -118,7 +118,7 @@ class StudentTHMM(HMM):
 
     name = "student_t_hmm"
     recommended_runner = ("svi", {"learning_rate": 0.05})
-    em = None  # HMM.em is Gaussian Baum-Welch: wrong for this emission, so ppl_switch.fit must not run it
+    em = None  # no EM: the HMM's (Gaussian Baum-Welch) does not fit this emission, so ppl_switch.fit must not try it
 
     def __init__(self, num_states, obs_dim=None, sticky=0.0):
         super().__init__(num_states, obs_dim, emission="diag_gaussian", sticky=sticky)

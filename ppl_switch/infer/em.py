@@ -1,14 +1,18 @@
-"""EM runner: dispatch to a model's own closed-form EM and wrap its point estimate as a Fit.
+"""EM runner: find a model's closed-form EM, run it, and wrap its point estimate as a Fit.
 
-A model that offers EM defines ``em(data, **kw)`` (or ``fit_em(data, **kw)``) taking a validated
-SequenceData and returning either a params dict or ``(params, history)``; ``history`` is an array of
-per-iteration log-likelihoods (stored as ``losses = -history`` and ``diagnostics["log_likelihoods"]``)
-or a dict of diagnostics (its ``"log_likelihoods"`` entry is used the same way). If the method accepts a
-``key`` argument it gets ``jax.random.PRNGKey(seed)``.
+The built-in models' EMs are functions of ``(model, data, **options)`` in this package (``LIBRARY_EM``:
+HMM/ARHMM Baum-Welch, LDS Kalman EM, SLDS structured mean-field EM, rSLDS Laplace EM). A model of your own
+offers EM by defining a method ``em(data, **kw)`` (or ``fit_em``); it takes precedence over the library's.
+Either takes a validated SequenceData and returns a params dict or ``(params, history)``; ``history`` is an
+array of per-iteration log-likelihoods (stored as ``losses = -history`` and
+``diagnostics["log_likelihoods"]``) or a dict of diagnostics (its ``"log_likelihoods"`` entry is used the
+same way). If it accepts a ``key`` argument it gets ``jax.random.PRNGKey(seed)``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 from typing import Any, Mapping
 
@@ -26,13 +30,50 @@ _EM_METHODS = ("em", "fit_em")
 EM_RETRIES = 2
 
 
-def em_method(model):
-    """The model's EM method (``em`` or ``fit_em``), or None."""
-    for name in _EM_METHODS:
-        method = getattr(model, name, None)
-        if callable(method):
-            return method
+#: the library's closed-form EM per built-in model class: class name -> (module, function of (model, data, **kw))
+LIBRARY_EM = {
+    "HMM": ("ppl_switch.infer.hmm_em", "chain_em"),
+    "ARHMM": ("ppl_switch.infer.hmm_em", "chain_em"),
+    "LDS": ("ppl_switch.infer.lds_em", "lds_em"),
+    "SLDS": ("ppl_switch.infer.slds_em", "slds_em"),
+    "RSLDS": ("ppl_switch.infer.rslds_em", "rslds_em"),
+}
+
+
+def library_em(model_class: type):
+    """The library's EM function for ``model_class`` (its nearest built-in base class in ``LIBRARY_EM``: a
+    subclass of HMM gets the HMM's, which refuses a changed emission), or None."""
+    for cls in model_class.__mro__:
+        entry = LIBRARY_EM.get(cls.__name__)
+        if entry is not None and cls.__module__.startswith("ppl_switch.models."):
+            return getattr(importlib.import_module(entry[0]), entry[1])
     return None
+
+
+def _own_em(owner):
+    """A model's (or model class's) own EM attribute: the method, None (``em = None``: no EM) or False (none)."""
+    for name in _EM_METHODS:
+        method = getattr(owner, name, False)
+        if method is None or callable(method):
+            return method
+    return False
+
+
+def has_em(model_class: type) -> bool:
+    """Whether models of ``model_class`` have a closed-form EM (their own or the library's)."""
+    own = _own_em(model_class)
+    return own is not None and (own is not False or library_em(model_class) is not None)
+
+
+def em_method(model):
+    """The closed-form EM of ``model`` as a callable ``(data, **kw)``: the model's own ``em`` (or ``fit_em``)
+    method if it defines one, else the library's (:func:`library_em`), else None. A model class that sets
+    ``em = None`` says it has no EM (e.g. an HMM subclass whose emission the HMM's M-step does not fit)."""
+    own = _own_em(model)
+    if own is not False:
+        return own
+    function = library_em(type(model))
+    return None if function is None else functools.partial(function, model)
 
 
 def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: bool = False, devices=None, **kw) -> Fit:
@@ -62,7 +103,7 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
     if em is None:
         raise NotImplementedError(
             f"model {getattr(model, 'name', type(model).__name__)!r} ({type(model).__name__}) has no closed-form "
-            "EM (no `em` method); it supports fit_svi and fit_nuts"
+            "EM (neither the library's nor an `em` method of its own); it supports fit_svi and fit_nuts"
         )
     seed = check_int(seed, "seed", minimum=0)
     if devices is not None:

@@ -179,15 +179,6 @@ class ARHMM(StateChainModel):
         ll = jnp.where(first[:, None], ll_init[..., None], ll_ar)
         return jnp.where(self.step_mask(data)[..., None], ll, 0.0)
 
-    # ----- closed-form EM ----------------------------------------------------------------------
-    def em(self, data: SequenceData, **kw):
-        """Baum-Welch EM (restarts vmapped, one compiled program); see
-        :func:`ppl_switch.infer.hmm_em.chain_em` for the options (num_iters, num_restarts, tol, map,
-        params, min_covar). Returns ``(params, history)``."""
-        from ppl_switch.infer.hmm_em import chain_em  # infer builds on models: import at call time
-
-        return chain_em(self, data, **kw)
-
     # ----- replicates and simulation ------------------------------------------------------------
     def _rollout(self, key, params, states, inputs) -> jax.Array:
         """(trials, T, D) observations generated forward in time along a (trials, T) state path."""

@@ -17,12 +17,13 @@ linear-Gaussian state space model, so x is marginalised exactly by the Kalman fi
 
 With Poisson emissions x cannot be marginalised in closed form: the path x_{1:T} of every trial is one
 block site ``x`` (trials, time, latent) whose prior is the conditionally linear Gauss–Markov chain above
-(steps past a trial's length get N(0, I), independent of the trial), and the default SVI guide is a
-Gauss–Markov path guide (:mod:`ppl_switch.guides.gauss_markov`) plus a mean-field normal over the
-parameters. For analyses that need the latent posterior of new trials (co-smoothing, tuning curves)
-:meth:`CLDS.smooth` uses a Laplace approximation at the posterior mode of x given the parameters,
-found by Newton's method, where each step is one Kalman smoother pass on Gaussian pseudo-observations
-(the log-concave case of Paninski et al. 2010, as suggested in the paper's §2.3).
+(steps past a trial's length get N(0, I), independent of the trial), and the default SVI guide
+(:class:`~ppl_switch.guides.clds_path.CLDSPathGuide`) is a Gauss–Markov path guide
+(:mod:`ppl_switch.guides.gauss_markov`) plus a mean-field normal over the parameters. For analyses that
+need the latent posterior of new trials (co-smoothing, tuning curves) :meth:`CLDS.smooth` uses a Laplace
+approximation at the posterior mode of x given the parameters, found by Newton's method, where each step is
+one Kalman smoother pass on Gaussian pseudo-observations (the log-concave case of Paninski et al. 2010, as
+suggested in the paper's §2.3).
 
 :meth:`CLDS.em` is the exact MAP-EM of the paper (ECM): Kalman-smoother E-step, then closed-form
 conditional maximisers -- joint [A b] weights by the Sylvester equation ``G W + W Q = H`` (with the
@@ -47,8 +48,9 @@ import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.guides.gauss_markov import GaussMarkovChain, gauss_markov_chain
-from ppl_switch.guides.init import init_to_values_then_median, parameter_program
+from ppl_switch.guides.clds_path import CLDSPathGuide
+from ppl_switch.guides.gauss_markov import GaussMarkovChain
+from ppl_switch.guides.init import init_to_values_then_median
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob_cov, masked_poisson_log_prob
 from ppl_switch.models.base import Model, Params
 from ppl_switch.ops.basis import ConstantBasis, FourierBasis, basis_from_config, basis_to_config, evaluate
@@ -616,9 +618,9 @@ class CLDS(Model):
 
     def default_guide(self, data=None, *, init_values=None, init_scale: Optional[float] = None):
         """Gaussian emissions: mean-field normal over weights and (unconstrained) covariance sites
-        (``init_scale`` 0.01). Poisson: :class:`CLDSPathGuide`, a Gauss–Markov path guide over x plus a
-        mean-field normal over the parameters (``init_scale`` 0.05); ``data`` or ``init_values`` set the
-        start (:meth:`init_values`), else the prior medians and x = 0."""
+        (``init_scale`` 0.01). Poisson: :class:`~ppl_switch.guides.clds_path.CLDSPathGuide`, a Gauss–Markov
+        path guide over x plus a mean-field normal over the parameters (``init_scale`` 0.05); ``data`` or
+        ``init_values`` set the start (:meth:`init_values`), else the prior medians and x = 0."""
         if self.emission == "poisson":
             return CLDSPathGuide(self, data=data, init_values=init_values,
                                  init_scale=0.05 if init_scale is None else init_scale)
@@ -953,58 +955,3 @@ class CLDS(Model):
         new = {k: v for k, v in new.items() if k not in self.fixed}
         prior = sum(0.5 * jnp.sum(p[f"W_{n}"] ** 2) for n in self.bases if f"W_{n}" not in self.fixed)
         return new, {"objective": ll.sum() - prior, "log_likelihood": ll.sum()}
-
-
-class CLDSPathGuide:
-    """Default SVI guide of the Poisson CLDS: a mean-field normal over the parameters (x hidden from it)
-    and a Gauss–Markov chain over the paths x (:func:`ppl_switch.guides.gauss_markov.gauss_markov_chain`,
-    padded steps decoupled). Called with the program's signature.
-
-    ``init_values`` (site dict, e.g. :meth:`CLDS.init_values`) sets where every site starts. ``data`` alone
-    starts the path at :meth:`CLDS.init_values` (Gaussian EM + Laplace) and the parameters at prior
-    medians; without either, the parameters start at prior medians and x at 0.
-    """
-
-    def __init__(self, model: CLDS, data=None, init_values=None, init_scale: float = 0.05):
-        if not init_scale > 0:
-            raise ValueError(f"init_scale: expected a positive number, got {init_scale!r}")
-        self.model = model
-        self.init_scale = float(init_scale)
-        # A data-driven start (``data`` only) sets the path; the parameters start at prior medians, as in the
-        # model card's measurements. Explicit ``init_values`` set every site.
-        path_only = init_values is None
-        if init_values is None and data is not None:
-            init_values = model.init_values(data)
-        self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {} if path_only else {k: v for k, v in self.init_values.items() if k != "x"}
-        self.parameter_guide = AutoNormal(
-            parameter_program(model.program, ("x",), self.init_values), init_loc_fn=init_to_values_then_median(values),
-            init_scale=self.init_scale,
-        )
-        self.__name__ = "CLDSPathGuide"
-
-    def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
-        out = self.parameter_guide(data, record_log_lik=record_log_lik)
-        B, T = data.y.shape[:2]
-        x0 = None if self.init_values is None else self.init_values.get("x")
-        chain = gauss_markov_chain(
-            "x", B, T, self.model.latent_dim, init_loc=x0, init_scale=self.init_scale, time_mask=data.time_mask
-        )
-        with numpyro.plate("trial", B):
-            out["x"] = numpyro.sample("x", chain)
-        return out
-
-    def sample_posterior(self, key, params, *args, sample_shape=(), **kwargs):
-        from numpyro.infer import Predictive
-
-        n = int(np.prod(sample_shape)) if sample_shape else 1
-        return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)
-
-    @staticmethod
-    def path_means(params, data: SequenceData) -> jax.Array:
-        """(trials, time, latent) exact mean of q(x) at fitted guide parameters ``params`` (``Fit.params``)."""
-        get = lambda n: jnp.asarray(params[f"x_{n}"])  # noqa: E731
-        F = get("transition_matrices") * jnp.asarray(data.time_mask)[:, 1:, None, None]
-        chain = GaussMarkovChain(get("initial_loc"), get("initial_scale_tril"), F, get("transition_offsets"),
-                                 get("transition_scale_trils"))
-        return chain.mean

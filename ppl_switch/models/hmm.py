@@ -270,15 +270,6 @@ class HMM(StateChainModel):
         corr = jnp.ones(scales.shape + (1,)) if corr is None else jnp.asarray(corr)
         return {"means": params["means"], "scale_tril": scales[..., :, None] * corr}
 
-    # ----- closed-form EM ----------------------------------------------------------------------
-    def em(self, data: SequenceData, **kw):
-        """Baum-Welch EM (restarts vmapped, one compiled program); see
-        :func:`ppl_switch.infer.hmm_em.chain_em` for the options (num_iters, num_restarts, tol, map,
-        params, min_covar). Returns ``(params, history)``."""
-        from ppl_switch.infer.hmm_em import chain_em  # infer builds on models: import at call time
-
-        return chain_em(self, data, **kw)
-
     # ----- replicates and simulation ------------------------------------------------------------
     def _emit(self, key, params, states) -> jax.Array:
         """(trials, T, D) emissions for a (trials, T) state path."""

@@ -375,14 +375,6 @@ class LDS(Model):
             params.pop("initial_mean")
         return self.full_params(params)
 
-    # ----- closed-form EM ----------------------------------------------------------------------
-    def em(self, data: SequenceData, **kw):
-        """Kalman EM (restarts vmapped, one compiled program); see
-        :func:`ppl_switch.infer.lds_em.lds_em` for the options. Returns ``(params, history)``."""
-        from ppl_switch.infer.lds_em import lds_em  # infer builds on models: import at call time
-
-        return lds_em(self, data, **kw)
-
     def invariants(self, params) -> dict[str, jax.Array]:
         """Quantities unchanged by an orthogonal change of latent basis (the identified part).
 

@@ -13,10 +13,19 @@ Parameter names (sites of the model): ``transition_weights`` W (K, D), ``transit
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 TRANSITION_KINDS = ("recurrent", "recurrent_only", "sticky")
+
+
+class TransitionPrior(NamedTuple):
+    """Independent normal priors (loc, scale) on each transition site; ``stickiness`` is half-normal."""
+
+    loc: dict
+    scale: dict
 
 
 def transition_site_names(kind: str, input_dim: int) -> tuple[str, ...]:
@@ -78,6 +87,7 @@ def regime_partition(kind: str, params, points, previous_state=None):
 
 __all__ = [
     "TRANSITION_KINDS",
+    "TransitionPrior",
     "transition_site_names",
     "transition_logits",
     "path_transition_logits",

@@ -34,14 +34,16 @@ alone. Same model in every case, different coordinates for NUTS.
 
 Inference paths: NUTS over parameters and x; SVI with :meth:`SLDS.default_guide` (mean-field normal over
 parameters and a Gauss–Markov chain over x, :mod:`ppl_switch.guides.gauss_markov`); structured
-mean-field variational EM :meth:`SLDS.em` (via ``fit_em``), the fast path; the collapsed Gaussian-sum
-filter :meth:`SLDS.filter` for online filtering and an approximate log p(y).
+mean-field variational EM :func:`~ppl_switch.infer.slds_em.slds_em` (``fit_em``), the fast path; the
+collapsed Gaussian-sum filter :meth:`SLDS.filter` for online filtering and an approximate log p(y). This
+module holds what that EM needs from the model: the parameter conversions :meth:`SLDS.params_to_em` /
+:meth:`SLDS.params_from_em`, its conjugate priors :meth:`SLDS.em_prior`, and the data-driven start
+(:func:`em_initial_params`, :func:`local_dynamics_paths`, :func:`random_sticky_paths`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -54,8 +56,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
-from ppl_switch.errors import FitError
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import SequenceData, check_positive_int
 from ppl_switch.guides.gauss_markov import gauss_markov_chain
 from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, permute_by_dims, require_obs_dim
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob, masked_poisson_log_prob
@@ -450,7 +451,8 @@ class SLDS(Model):
             the default) or ``("gamma", shape, rate)`` with shape > 1, a boundary-avoiding prior (zero
             density at s = 0; Chung et al. 2013) against the funnel toward Q_k -> 0 when the data hardly
             separate dynamics noise from observation noise (measured effect on NUTS: benchmarks/results.md, SLDS history).
-            It is the program's prior (NUTS, SVI); :meth:`em` keeps its conjugate inverse-Wishart regulariser.
+            It is the program's prior (NUTS, SVI); the EM (:func:`~ppl_switch.infer.slds_em.slds_em`) keeps its
+            conjugate inverse-Wishart regulariser.
         dynamics_scale_coordinates: "direct" (``dynamics_scales`` is a sample site) or "path_relative"
             (NUTS only: the path, and the noise scales and initial mean measured relative to it, are one
             block site ``path_and_relative_parameters``, see :class:`PathWithRelativeParameters`;
@@ -962,7 +964,7 @@ class SLDS(Model):
             out[RELATIVE_PATH_SITE] = np.asarray(join_relative_site(path, eta[np.asarray(perm)], zeta))
         return out
 
-    # ----- structured mean-field variational EM (the fast path) ---------------------------------
+    # ----- hooks of the structured mean-field variational EM (ppl_switch.infer.slds_em) ----------
     def params_to_em(self, params, dtype=None) -> dict[str, jax.Array]:
         """Site-form params -> the EM's parameter dict (:mod:`ppl_switch.ops.switching`)."""
         Lq = self.dynamics_scale_trils(params)
@@ -1040,175 +1042,6 @@ class SLDS(Model):
         dtype = jnp.result_type(float)
         p = self.params_to_em(params, dtype)
         return sw.em_log_prior(p, self.em_prior(obs_dim, dtype), self.emission_cov == "diagonal", tied_dynamics_cov)
-
-    def em(self, data: SequenceData, *, key=None, params=None, learn=None, num_iters: int = 100,
-           num_restarts: int = 4, tied_dynamics_cov: bool = False, return_posterior: bool = False):
-        """Structured mean-field variational EM (closed-form updates; the fast path).
-
-        q(z, x) = q(z) q(x): q(z) is an HMM posterior whose log-likelihoods are E_q(x) log N(x_t; A_k
-        x_{t-1} + b_k, Q_k); q(x) is a Gaussian chain with q(z)-averaged precisions (see
-        :mod:`ppl_switch.ops.switching`); the M-step is closed-form MAP under weak conjugate priors
-        (:meth:`em_prior`). The objective (ELBO + log prior) never decreases.
-
-        Args:
-            data: validated SequenceData (``fit_em`` passes it).
-            key: PRNG key for the restarts' random initial regime paths.
-            params: optional site-form starting (or known) parameters. Without them, a PCA/AR(1)
-                start is refined by EM of one LDS shared by the regimes (for K > 1), and ``num_restarts``
-                runs from it are made, with regime paths from k-means on the local dynamics of its
-                smoothed path (all but one) and a random sticky path; the highest objective is kept.
-            learn: which groups the M-step updates, a subset of ``("initial", "transitions",
-                "dynamics", "emission_matrix", "emission_bias", "emission_cov")``; default all (the
-                emission matrix only if it is not fixed), or none when ``params`` are given.
-            num_iters: EM iterations.
-            tied_dynamics_cov: fit one Q shared by the regimes (the returned Q_k are then equal).
-            return_posterior: also return the :class:`~ppl_switch.ops.switching.EMTrialPosterior`.
-
-        Returns:
-            ``(params, history)``: site-form point estimate plus ``x`` (q(x) means, (B, T, D)) and
-            ``q_state_probs`` (q(z) marginals, (B, T, K)); history ``{"log_likelihoods": objective per
-            iteration, "objective": ..., "restart_objectives": ...}``. With ``return_posterior`` a
-            third element, the q of every trial.
-        """
-        if self.emission != "gaussian":
-            raise NotImplementedError("em: structured mean-field EM needs Gaussian emissions; use fit_svi or fit_nuts")
-        num_iters = check_positive_int(num_iters, "num_iters")
-        num_restarts = check_positive_int(num_restarts, "num_restarts")
-        mask = np.asarray(data.mask)
-        if self.emission_cov == "full":
-            partial = mask.any(-1) & ~mask.all(-1)
-            if partial.any():
-                raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
-        if learn is None:
-            learn = () if params is not None else sw.EM_GROUPS
-        learn = frozenset(learn)
-        bad = sorted(learn - set(sw.EM_GROUPS))
-        if bad:
-            raise ValueError(f"learn: unknown groups {bad}; valid groups are {list(sw.EM_GROUPS)}")
-        if self.fixed_emission_matrix is not None:
-            learn = learn - {"emission_matrix"}
-        key = jax.random.PRNGKey(0) if key is None else key
-        dtype = jnp.result_type(float)
-        B, T, N = data.y.shape
-        K = self.num_states
-        y = jnp.asarray(data.y, dtype)
-        m = jnp.asarray(mask)
-        tm = jnp.asarray(data.time_mask)
-        u = jnp.asarray(data.inputs, dtype) if self.input_dim else jnp.zeros((B, T, 0), dtype)
-        prior = self.em_prior(N, dtype)
-        diagonal = self.emission_cov == "diagonal"
-        if params is not None:
-            p0 = [self.params_to_em(params, dtype)]
-            gammas = [jnp.full((B, T, K), 1.0 / K, dtype)]
-            needs_init_step = False
-        else:
-            seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
-            rng = np.random.default_rng(seed)
-            base = {k: jnp.asarray(v, dtype) for k, v in em_initial_params(self, data, rng).items()}
-            needs_init_step = True
-            run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
-            if K > 1:  # fit one shared LDS first: the least-squares start puts the observation noise into Q
-                shared = _single_lds_fit(run, base, y, m, tm, u, prior)
-                if all(bool(jnp.all(jnp.isfinite(v))) for v in shared.values()):
-                    base = shared
-                else:  # never silent; the restarts can still succeed from the least-squares start
-                    warnings.warn("SLDS.em: the shared-LDS start became non-finite; the restarts start from the "
-                                  "least-squares start instead", RuntimeWarning, stacklevel=2)
-            # starts: k-means on local dynamics of the LDS-smoothed path (all but one restart) and random
-            # sticky segments
-            starts = local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
-            starts = starts[: num_restarts - 1] + [random_sticky_paths(rng, B, T, K)]
-            p0 = [base] * len(starts)
-            gammas = [jnp.asarray(g, dtype) for g in starts]
-        run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
-        # restarts one after another through the same compiled run (a leading axis of one): the
-        # same total work on CPU as a vmap over restarts, with a restart's memory only
-        results = [run(jax.tree.map(lambda a: a[None], p_r), g_r[None], y, m, tm, u, prior) for p_r, g_r in zip(p0, gammas)]
-        p_fit, traces, q, checks = jax.tree.map(lambda *a: jnp.concatenate(a), *results)
-        # never silent: a restart with a non-finite value is dropped (warning); none left is a FitError
-        failures = [_first_nonfinite_stage(jax.tree.map(lambda a: np.asarray(a[r]), checks)) for r in range(len(results))]
-        failed = [f"restart {r}: stage {f[0]!r} at iteration {f[1]}" for r, f in enumerate(failures) if f]
-        if len(failed) == len(results):
-
-            raise FitError(f"SLDS.em: every restart became non-finite ({'; '.join(failed)}); nothing is returned. "
-                           "Try x64=True, standardised y, or more informative priors",
-                           sites={"params": sorted(k for k, v in p_fit.items() if not np.all(np.isfinite(np.asarray(v))))})
-        if failed:
-            warnings.warn(f"SLDS.em: {len(failed)} of {len(results)} restarts became non-finite and were dropped: "
-                          + "; ".join(failed), RuntimeWarning, stacklevel=2)
-        finals = np.where([f is None for f in failures], np.asarray(traces[:, -1]), -np.inf)
-        best = int(np.argmax(finals))
-        p_best = jax.tree.map(lambda a: a[best], p_fit)
-        q_best = jax.tree.map(lambda a: a[best], q)
-        out = self.params_from_em(p_best)
-        out["x"] = np.asarray(q_best.means)
-        out["q_state_probs"] = np.asarray(q_best.state_probs)
-        history = {
-            "log_likelihoods": np.asarray(traces[best]),
-            "objective": "ELBO + log prior of the M-step's conjugate regularisers (non-decreasing)",
-            "restart_objectives": np.where([f is None for f in failures], np.asarray(traces[:, -1]), np.nan),
-            "failed_starts": failed,
-        }
-        if return_posterior:
-            return out, history, q_best
-        return out, history
-
-
-def _compiled_em(learn: frozenset, num_iters: int, diagonal: bool, init_step: bool, tied: bool):
-    key = (learn, num_iters, diagonal, init_step, tied)
-    if key not in _EM_CACHE:
-
-        def one(p, gamma, y, m, tm, u, prior):
-            if init_step:
-                p = sw.em_init_step(p, gamma, y, m, tm, u, prior, learn, diagonal, tied)
-            start_ok = sw.all_finite(p)  # the start after the symmetry-breaking M-step
-            p, trace, q, checks = sw.structured_mean_field_em(p, gamma, y, m, tm, u, prior, learn, num_iters, diagonal,
-                                                              tied, return_checks=True)
-            return p, trace, q, {**checks, "start": start_ok}
-
-        _EM_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None, None, None, None)))
-    return _EM_CACHE[key]
-
-
-_EM_CACHE: dict = {}
-
-
-def _first_nonfinite_stage(checks) -> Optional[tuple]:
-    """(stage, iteration) of the first non-finite value of one EM run, or None when all are finite.
-
-    ``checks``: {"start": bool, "e_step": (I + 1,) bool, "m_step": (I,) bool} from the compiled run; the
-    E-step of iteration i runs before its M-step, and the last E-step is the final one."""
-    if not checks["start"]:
-        return ("start", 0)
-    num_iters = len(checks["m_step"])
-    for i in range(num_iters + 1):
-        if not checks["e_step"][i]:
-            return ("E-step" if i < num_iters else "final E-step", i)
-        if i < num_iters and not checks["m_step"][i]:
-            return ("M-step", i)
-    return None
-
-_REGIME_KEYS = ("dynamics_matrices", "dynamics_biases", "input_matrices", "dynamics_covs")
-
-
-def _single_lds_fit(run, base, y, m, tm, u, prior):
-    """EM of one linear dynamical system shared by all regimes, through the compiled EM ``run``.
-
-    With equal regimes, a uniform q(z), uniform pi0 and a doubly stochastic P (as in ``base``) every
-    regime receives the same statistics, so the structured mean-field EM is exact EM for one LDS. The
-    fitted regimes are averaged (rounding may break the symmetry slightly) and the chain is reset to the
-    sticky start, so that the restarts only inherit the LDS's noise split, dynamics and readout."""
-    B, T = y.shape[:2]
-    K = base["transition_matrix"].shape[0]
-    uniform = jnp.full((1, B, T, K), 1.0 / K, y.dtype)
-    p_fit = run(jax.tree.map(lambda a: a[None], base), uniform, y, m, tm, u, prior)[0]
-    p_fit = jax.tree.map(lambda a: a[0], p_fit)
-    out = dict(base)
-    for name in ("initial_mean", "initial_cov", "emission_matrix", "emission_bias", "emission_cov"):
-        out[name] = p_fit[name]
-    for name in _REGIME_KEYS:
-        out[name] = jnp.broadcast_to(jnp.mean(p_fit[name], 0), base[name].shape)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1400,4 +1233,5 @@ class SLDSGuide:
 
 
 __all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain", "WhitenedSwitchingChain", "AnchoredSwitchingChain",
-           "PathWithRelativeParameters", "path_noise_scales"]
+           "PathWithRelativeParameters", "path_noise_scales", "least_squares_latents", "em_initial_params",
+           "local_dynamics_paths", "random_sticky_paths"]

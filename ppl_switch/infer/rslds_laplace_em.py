@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
+from ppl_switch.models.rslds_transitions import TransitionPrior  # re-exported: the model's transition prior type
 from ppl_switch.models.rslds_transitions import path_transition_logits, path_transition_matrices, transition_logits
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_smoother
@@ -45,13 +46,6 @@ from ppl_switch.ops.switching import residual_covariances  # re-exported: the st
 
 #: candidate step sizes of every damped Newton step (0 keeps the current point: never a decrease)
 _STEP_SIZES = (1.0, 0.5, 0.25, 0.1, 0.0)
-
-
-class TransitionPrior(NamedTuple):
-    """Independent normal priors (loc, scale) on each transition site; ``stickiness`` is half-normal."""
-
-    loc: dict
-    scale: dict
 
 
 def transition_log_prior(tp, prior: TransitionPrior):
