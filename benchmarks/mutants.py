@@ -177,6 +177,39 @@ MUTANTS = [
         ("tests/test_recommended_fit.py", "-k", "falls_back_to_the_released_start"),
         "a GDM fit from the released start (0.56-0.65 accuracy) reported as if from the data-driven one",
     ),
+    # ----- the layers (2026-12-06, fourth session) -----
+    Mutant(
+        "library EM of the farthest built-in class",
+        "ppl_switch/infer/em.py",
+        "    for cls in model_class.__mro__:",
+        "    for cls in reversed(model_class.__mro__):",
+        ("tests/test_baseline_em.py", "-k", "nearest_built_in_class"),
+        "an rSLDS fitted by the SLDS's EM (RSLDS subclasses SLDS): the recurrent transitions never learned",
+    ),
+    Mutant(
+        "em = None ignored",
+        "ppl_switch/infer/em.py",
+        "        if method is None or callable(method):",
+        "        if callable(method):",
+        ("tests/test_baseline_em.py", "-k", "nearest_built_in_class"),
+        "a model that says it has no EM (an HMM with another emission) gets the Gaussian Baum-Welch anyway",
+    ),
+    Mutant(
+        "fixed points by model name again",
+        "ppl_switch/analysis/fit_fixed_points.py",
+        '    kind = getattr(fit.model, "fixed_point_kind", None)',
+        '    kind = getattr(fit.model, "fixed_point_kind", None) if fit.model.name in ("lds", "slds", "rslds", "arhmm", "gdm", "clds", "gpslds", "gpsde") else None',
+        ("tests/test_cli.py", "-k", "declaring_its_fixed_point_kind"),
+        "a new model's declared fixed points ignored unless the analysis is edited (here: an HMM subclass declaring affine dynamics)",
+    ),
+    Mutant(
+        "a model imports inference again",
+        "ppl_switch/models/lds.py",
+        '        """x -> A x + b per draw (zero input): see :meth:`Model.affine_dynamics`."""',
+        '        """x -> A x + b per draw (zero input): see :meth:`Model.affine_dynamics`."""\n        from ppl_switch.infer.lds_em import lds_em  # noqa: F401',
+        ("tests/test_import_layers.py",),
+        "a function-level import from models up into infer (the hooks this redesign removed)",
+    ),
 ]
 
 

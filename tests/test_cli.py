@@ -189,6 +189,29 @@ def test_fixed_points_of_an_lds_draw_by_draw():
     np.testing.assert_allclose(np.einsum("cwij,cwj->cwi", A, x) + b, x, rtol=1e-9, atol=1e-12)
 
 
+def test_a_model_gets_the_group_by_declaring_its_fixed_point_kind():
+    """A model outside the zoo gets the group from its own hooks, with no edit of the analysis: here an
+    HMM whose state means are read as the offsets of the map y -> 0.5 y + mean_k (fixed point 2 mean_k)."""
+    from ppl_switch.models import HMM
+
+    class DriftingHMM(HMM):
+        fixed_point_kind = "affine"
+
+        def affine_dynamics(self, samples, obs_dim):
+            means = np.asarray(samples["means"], float)  # (chain, draw, K, D)
+            return np.broadcast_to(0.5 * np.eye(obs_dim), means.shape + (obs_dim,)), means, ("chain", "draw", "state"), "obs", None
+
+    rng = np.random.default_rng(3)
+    samples = {"means": rng.standard_normal((1, 4, 2, 3))}
+    plain = _fit_from_draws(HMM(2, 3), HMM(2, 3).prepare(rng.standard_normal((1, 5, 3))), samples)
+    assert add_fit_fixed_points(plain) is plain.idata  # the HMM declares none: no group
+    fit = _fit_from_draws(DriftingHMM(2, 3), plain.data, samples)
+    fp = get_group(add_fit_fixed_points(fit), "fixed_points")
+    assert fp["fixed_point"].dims == ("chain", "draw", "state", "obs")
+    np.testing.assert_allclose(fp["fixed_point"].values, 2.0 * samples["means"], rtol=1e-12)
+    np.testing.assert_allclose(fp["spectral_radius"].values, 0.5, rtol=1e-12)
+
+
 def test_fixed_points_and_companion_eigenvalues_of_a_lag_two_arhmm():
     rng = np.random.default_rng(1)
     K, L, D = 2, 2, 2

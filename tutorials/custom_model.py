@@ -37,6 +37,12 @@ data)``, ``sample_states``  marginals, Viterbi, sampled paths). Missing: as abov
 ``permute_states``          draws are written unaligned, and a ``fit.warnings`` entry says so.
 ``simulate``,               not called by the runners; used by tests, tutorials and ``ppl-switch
 ``default_params``          simulate``.
+``em`` (optional)           a closed-form EM for ``fit_em``; a subclass of a built-in model gets the
+                            library's EM for its class (``em = None``: none). Missing: ``fit_em`` raises
+                            ``NotImplementedError`` naming the model.
+``fixed_point_kind``,       the ``fixed_points`` group ``ppl-switch fit`` adds: e.g. ``"affine"`` with
+``affine_dynamics``         ``affine_dynamics(samples, obs_dim)`` returning the maps x -> A x + b.
+(optional)                  Missing: no group.
 =========================== ========================================================================
 
 A missing ``log_likelihood`` / ``posterior_predictive`` / ``state_posterior`` does not fail the fit: the

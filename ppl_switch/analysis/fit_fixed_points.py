@@ -1,5 +1,6 @@
-"""The derived ``fixed_points`` group of a fit, for every model whose dynamics have fixed points: one
-dispatch over the model zoo that ``ppl-switch fit`` calls before writing its .nc.
+"""The derived ``fixed_points`` group of a fit, for every model whose dynamics have fixed points, as the
+model asks for it (``Model.fixed_point_kind``, ``Model.affine_dynamics``): ``ppl-switch fit`` calls it
+before writing its .nc, and a new model gets the group by declaring its kind, without editing this file.
 
 Each model reuses its own analysis helper where there is one, so the group has the schema its model card
 documents; in every model the fixed points are the variable ``fixed_point``. The fixed point is taken at
@@ -21,7 +22,8 @@ gpslds, gpsde  roots of the drift f(x), Newton from a grid of starts  ``fixed_po
 hmm            none (no continuous dynamics): no group
 =============  =====================================================  =======================================
 
-The affine models (lds, slds, rslds, arhmm, gdm) also hold ``eigenvalue_real``/``eigenvalue_imag``
+Their ``fixed_point_kind``: "affine" lds, arhmm, gdm; "switching" slds, rslds; "conditions" clds;
+"drift_roots" gpslds, gpsde; None hmm, gdm_mixture. The affine models (lds, slds, rslds, arhmm, gdm) also hold ``eigenvalue_real``/``eigenvalue_imag``
 (..., eig), ``stability`` (index into ``attrs["stability_types"]``) and ``spectral_radius``.
 """
 
@@ -34,73 +36,36 @@ import xarray as xr
 
 from ppl_switch.analysis.fixed_points import STABILITY_TYPES, add_fixed_points_group, fixed_points, stability_types
 
-__all__ = ["FIXED_POINT_DIMS", "add_fit_fixed_points", "condition_grid"]
-
-#: model name -> dims of the group's fixed-point variable (models not listed get no group)
-FIXED_POINT_DIMS = {
-    "lds": ("chain", "draw", "latent"),
-    "slds": ("chain", "draw", "state", "latent"),
-    "rslds": ("chain", "draw", "state", "latent"),
-    "arhmm": ("chain", "draw", "state", "obs"),
-    "gdm": ("chain", "draw", "state", "latent"),
-    "clds": ("chain", "draw", "condition", "latent"),
-    "gpslds": ("sample", "root", "latent"),
-    "gpsde": ("sample", "root", "latent"),
-}
+__all__ = ["add_fit_fixed_points", "condition_grid"]
 
 #: points of the CLDS condition grid (per input axis: round(CONDITION_GRID_SIZE ** (1 / input_dim)))
 CONDITION_GRID_SIZE = 25
 
 
 def add_fit_fixed_points(fit):
-    """``fit.idata`` with the ``fixed_points`` group of the table above added (and ``flow_field`` for a
-    2-D latent SDE); ``fit.idata`` unchanged for a model without fixed points."""
+    """``fit.idata`` with the ``fixed_points`` group its model asks for (``model.fixed_point_kind``, the table
+    above; and ``flow_field`` for a 2-D latent SDE); ``fit.idata`` unchanged for a model without fixed points."""
     from ppl_switch.results import replace_groups
 
-    name = getattr(fit.model, "name", None)
-    if name not in FIXED_POINT_DIMS:
+    kind = getattr(fit.model, "fixed_point_kind", None)
+    if kind is None:
         return fit.idata
-    if name in ("slds", "rslds"):
+    if kind == "switching":
         return add_fixed_points_group(fit.idata, fit.model)
-    if name == "clds":
+    if kind == "conditions":
         from ppl_switch.analysis.clds_analysis import add_fixed_points
 
         return add_fixed_points(fit, condition_grid(fit.data))
-    if name in ("gpslds", "gpsde"):
+    if kind == "drift_roots":
         return _latent_sde_fixed_points(fit)
-    A, b, lead, space, keep = _affine_maps(fit.model, fit.samples, fit.data.obs_dim)
+    if kind != "affine":
+        raise ValueError(f"model: unknown fixed_point_kind {kind!r} (None, 'affine', 'switching', 'conditions', 'drift_roots')")
+    A, b, lead, space, keep = fit.model.affine_dynamics(fit.samples, fit.data.obs_dim)
     ds = _affine_dataset(A, b, lead, space, keep)
-    if name == "gdm":  # back to observation space: y* = S_k x* + b_k
-        S, offsets = np.asarray(fit.samples["dynamics"]), np.asarray(fit.samples["offsets"])
-        y_star = np.einsum("...knd,...kd->...kn", S, ds["fixed_point"].values) + offsets
-        ds["fixed_point_obs"] = xr.Variable(("chain", "draw", "state", "obs"), y_star)
+    back = getattr(fit.model, "observation_fixed_points", None)
+    if callable(back):  # e.g. the GDM: fixed points found in its projected space, shown in y too
+        ds["fixed_point_obs"] = xr.Variable(lead + ("obs",), back(fit.samples, ds["fixed_point"].values))
     return replace_groups(fit.idata, {"fixed_points": ds})
-
-
-def _affine_maps(model, samples, obs_dim: int):
-    """(A (..., D, D), b (..., D), lead dims, name of the coordinate dim, coordinates kept) of the
-    per-draw affine maps whose fixed points the group holds."""
-    get = lambda name: np.asarray(samples[name], float)  # noqa: E731
-    if model.name == "lds":
-        return get("dynamics_matrix"), get("dynamics_bias"), ("chain", "draw"), "latent", None
-    if model.name == "arhmm":
-        # the AR(L) recursion as a first-order one on (y_t, ..., y_{t-L+1}): its fixed point repeats y*
-        # L times and its eigenvalues decide the stability of the AR process
-        W, bias = get("ar_weights"), get("biases")  # (..., K, L, D, D), (..., K, D)
-        L, D = W.shape[-3], W.shape[-1]
-        top = np.concatenate([W[..., l, :, :] for l in range(L)], -1)  # (..., K, D, L*D)
-        shift = np.broadcast_to(np.eye((L - 1) * D, L * D), top.shape[:-2] + ((L - 1) * D, L * D))
-        companion = np.concatenate([top, shift], -2)
-        padded = np.concatenate([bias, np.zeros(bias.shape[:-1] + ((L - 1) * D,))], -1)
-        return companion, padded, ("chain", "draw", "state"), "obs", D
-    if model.name == "gdm":
-        # x = F y follows x -> F S_k x + F b_k in regime k (App. B)
-        S = get("dynamics")  # (..., K, N, D)
-        F = get("projection") if model.train_projection else model.fixed_projection(obs_dim)  # (..., D, N)
-        A = np.einsum("...dn,...kne->...kde", F, S)
-        b = np.einsum("...dn,...kn->...kd", F, get("offsets"))
-        return A, b, ("chain", "draw", "state"), "latent", None
-    raise ValueError(f"model: no affine fixed points for {model.name!r}")
 
 
 def _affine_dataset(A, b, lead, space: str, keep: Optional[int]) -> xr.Dataset:

@@ -72,6 +72,7 @@ class ARHMM(StateChainModel):
 
     name = "arhmm"
     recommended_runner = ("em", {})
+    fixed_point_kind = "affine"  # y*_k of each regime's AR recursion, via its companion form
 
     def __init__(
         self,
@@ -99,6 +100,18 @@ class ARHMM(StateChainModel):
             "sticky": self.sticky,
             "initial": self.initial_config(),
         }
+
+    def affine_dynamics(self, samples, obs_dim: int):
+        """Each regime's AR(L) recursion as a first-order one on (y_t, ..., y_{t-L+1}), per draw: its fixed
+        point repeats y*_k L times (the first ``obs_dim`` coordinates are kept) and its eigenvalues decide the
+        stability of the AR process. See :meth:`Model.affine_dynamics`."""
+        W, bias = np.asarray(samples["ar_weights"], float), np.asarray(samples["biases"], float)  # (..., K, L, D, D), (..., K, D)
+        L, D = W.shape[-3], W.shape[-1]
+        top = np.concatenate([W[..., lag, :, :] for lag in range(L)], -1)  # (..., K, D, L*D)
+        shift = np.broadcast_to(np.eye((L - 1) * D, L * D), top.shape[:-2] + ((L - 1) * D, L * D))
+        companion = np.concatenate([top, shift], -2)
+        padded = np.concatenate([bias, np.zeros(bias.shape[:-1] + ((L - 1) * D,))], -1)
+        return companion, padded, ("chain", "draw", "state"), "obs", D
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         dims = {

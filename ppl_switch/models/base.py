@@ -48,6 +48,12 @@ class Model:
     emission: str = "gaussian"
     #: what ``ppl_switch.fit`` runs: (runner, options); see :mod:`ppl_switch.infer.recommended`
     recommended_runner: ClassVar[tuple[str, dict]] = ("svi", {})
+    #: the ``fixed_points`` group a fit gets (:mod:`ppl_switch.analysis.fit_fixed_points`): None (no
+    #: continuous dynamics: no group); "affine": the fixed points of the per-draw affine maps that
+    #: :meth:`affine_dynamics` returns; "switching": per regime of the SLDS family (``dynamics_matrix``,
+    #: ``dynamics_bias`` sites); "conditions": per condition of the inputs (CLDS); "drift_roots": the roots
+    #: of a latent SDE's drift
+    fixed_point_kind: ClassVar[Optional[str]] = None
 
     # ----- data ---------------------------------------------------------------------------------
     def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:
@@ -71,6 +77,13 @@ class Model:
     def default_guide(self):
         """The documented default SVI guide: a callable with the program's signature."""
         raise _not_defined(self, "default_guide")
+
+    def affine_dynamics(self, samples: Mapping[str, Any], obs_dim: int):
+        """For ``fixed_point_kind = "affine"``: the per-draw maps x -> A x + b whose fixed points the fit's
+        ``fixed_points`` group holds, as (A (..., D, D), b (..., D), dims of the leading axes, name of the
+        coordinate dim, number of leading coordinates of x* to keep or None), from posterior ``samples``
+        {site: (chain, draw, ...)}."""
+        raise _not_defined(self, "affine_dynamics")
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         """Named dims (beyond chain, draw) of every parameter and latent site, e.g.

@@ -152,6 +152,7 @@ class CLDS(Model):
     """
 
     name = "clds"
+    fixed_point_kind = "conditions"  # x*(u) = (I - A(u))^-1 b(u) on a grid of input conditions
     recommended_runner = ("em", {"num_iters": 200, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {"num_steps": 1000, "learning_rate": 0.01})})  # exact MAP-EM; Poisson: path-guide SVI
     num_states = 0
 

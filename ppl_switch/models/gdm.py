@@ -60,6 +60,7 @@ class GDM(GDMBase):
     """
 
     name = "gdm"
+    fixed_point_kind = "affine"  # per regime, in the projected space x = F y (and back in y)
     recommended_runner = ("gdm_svi", {"start": "auto", "projection": "auto"})  # GS-BBVI from the segmentation start (model card)
     _config_keys = ("num_states", "latent_dim", "obs_dim", "input_dim", "emission", "sticky", "transition", "gru_hidden",
                     "temperature", "train_projection", "constrain_gamma", "projection_seed", "prior_scale",
@@ -131,6 +132,19 @@ class GDM(GDMBase):
             "readout_bias": ("state",),
             "projection": ("latent", "obs"),
         }
+
+    def affine_dynamics(self, samples, obs_dim: int):
+        """x = F y follows x -> F S_k x + F b_k in regime k (App. B), per draw: see :meth:`Model.affine_dynamics`."""
+        S = np.asarray(samples["dynamics"], float)  # (..., K, N, D)
+        F = np.asarray(samples["projection"], float) if self.train_projection else self.fixed_projection(obs_dim)  # (..., D, N)
+        A = np.einsum("...dn,...kne->...kde", F, S)
+        b = np.einsum("...dn,...kn->...kd", F, np.asarray(samples["offsets"], float))
+        return A, b, ("chain", "draw", "state"), "latent", None
+
+    def observation_fixed_points(self, samples, fixed_points) -> np.ndarray:
+        """(..., K, N) the fixed points back in observation space, y*_k = S_k x*_k + b_k."""
+        S, offsets = np.asarray(samples["dynamics"]), np.asarray(samples["offsets"])
+        return np.einsum("...knd,...kd->...kn", S, fixed_points) + offsets
 
     def fixed_projection(self, obs_dim: int) -> np.ndarray:
         """The fixed projection F (D, N): ``projection_matrix`` if given, else 0.1 N(0, 1) drawn from

@@ -117,6 +117,7 @@ class _LatentSDEModel(Model):
     """Everything but the drift prior: path, emissions, runner hooks. Subclasses define the drift."""
 
     num_states = 0
+    fixed_point_kind = "drift_roots"  # roots of f(x), Newton from a grid of starts
 
     def _init_common(self, latent_dim, obs_dim, input_dim, dt, emission, link, initial_scale, fixed_emission):
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")

@@ -75,6 +75,7 @@ class LDS(Model):
     name = "lds"
     num_states = 0
     recommended_runner = ("em", {})
+    fixed_point_kind = "affine"  # x* = (I - A)^-1 b per draw
 
     def __init__(self, latent_dim: int, obs_dim: Optional[int] = None, input_dim: int = 0, *, fixed=None,
                  dynamics_cov: str = "identity", initial_cov: str = "identity"):
@@ -138,6 +139,11 @@ class LDS(Model):
         for name, value in self.fixed.items():
             out[name] = jnp.asarray(value, jnp.result_type(float))
         return out
+
+    def affine_dynamics(self, samples, obs_dim: int):
+        """x -> A x + b per draw (zero input): see :meth:`Model.affine_dynamics`."""
+        get = lambda name: np.asarray(samples[name], float)  # noqa: E731
+        return get("dynamics_matrix"), get("dynamics_bias"), ("chain", "draw"), "latent", None
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
         dims = {

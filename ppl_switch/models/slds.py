@@ -461,6 +461,7 @@ class SLDS(Model):
     """
 
     name = "slds"
+    fixed_point_kind = "switching"  # x*_k = (I - A_k)^-1 b_k per regime and draw
     recommended_runner = ("em", {"num_restarts": 4, "num_iters": 100, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {})})  # structured mean-field EM (model card)
     #: the constructor arguments :meth:`config` records, in order (a subclass lists its own)
     _config_keys: ClassVar[tuple[str, ...]] = (
