@@ -181,7 +181,7 @@ def _check_options(name: str, model, options: Mapping[str, Any]) -> None:
     target = _target(name, model)
     params = inspect.signature(target).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # the target passes options on (e.g. HMM.em to chain_em), which checks them
+        return  # the target passes options on (e.g. a model's own em(data, **kw)), which checks them
     own = {"num_draws"} if name == "gdm_svi" else set()
     reserved = {"model", "data", "y", "self", "seed", "x64", "progress_bar", "progress", "key"}
     valid = sorted((set(params) | own) - reserved)
