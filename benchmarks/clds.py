@@ -311,7 +311,7 @@ def bench_poisson(args):
     from ppl_switch.analysis.clds_analysis import co_smoothing, fixed_points, r2_score
     from ppl_switch.datasets.head_direction import simulate_head_direction
     from ppl_switch.infer import fit_svi
-    from ppl_switch.guides.clds_path import CLDSPathGuide
+    from ppl_switch.guides.path_guide import CLDSPathGuide
     from ppl_switch.models.clds import CLDS
     from ppl_switch.ops.basis import FourierBasis
 

@@ -20,7 +20,7 @@ from scipy.stats import multivariate_normal, poisson
 
 from ppl_switch.data import DataError
 from ppl_switch.datasets.head_direction import simulate_head_direction
-from ppl_switch.guides.clds_path import CLDSPathGuide
+from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.models.clds import CLDS
 from ppl_switch.ops.basis import FourierBasis
 

@@ -18,7 +18,7 @@ linear-Gaussian state space model, so x is marginalised exactly by the Kalman fi
 With Poisson emissions x cannot be marginalised in closed form: the path x_{1:T} of every trial is one
 block site ``x`` (trials, time, latent) whose prior is the conditionally linear Gauss–Markov chain above
 (steps past a trial's length get N(0, I), independent of the trial), and the default SVI guide
-(:class:`~ppl_switch.guides.clds_path.CLDSPathGuide`) is a Gauss–Markov path guide
+(:class:`~ppl_switch.guides.path_guide.CLDSPathGuide`) is a Gauss–Markov path guide
 (:mod:`ppl_switch.guides.gauss_markov`) plus a mean-field normal over the parameters. For analyses that
 need the latent posterior of new trials (co-smoothing, tuning curves) :meth:`CLDS.smooth` uses a Laplace
 approximation at the posterior mode of x given the parameters, found by Newton's method, where each step is
@@ -48,7 +48,7 @@ import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.guides.clds_path import CLDSPathGuide
+from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob_cov, masked_poisson_log_prob
@@ -619,7 +619,7 @@ class CLDS(Model):
 
     def default_guide(self, data=None, *, init_values=None, init_scale: Optional[float] = None):
         """Gaussian emissions: mean-field normal over weights and (unconstrained) covariance sites
-        (``init_scale`` 0.01). Poisson: :class:`~ppl_switch.guides.clds_path.CLDSPathGuide`, a Gauss–Markov
+        (``init_scale`` 0.01). Poisson: :class:`~ppl_switch.guides.path_guide.CLDSPathGuide`, a Gauss–Markov
         path guide over x plus a mean-field normal over the parameters (``init_scale`` 0.05); ``data`` or
         ``init_values`` set the start (:meth:`init_values`), else the prior medians and x = 0."""
         if self.emission == "poisson":

@@ -22,7 +22,7 @@ As in the SLDS the path ``x`` is one block site whose density p(x | theta) sums 
 with the HMM forward algorithm -- here with time-varying transition matrices computed from x
 (:func:`ppl_switch.ops.hmm.hmm_log_normalizer_from_logits`), so NUTS and SVI see a continuous model.
 
-Inference paths: NUTS (short series); SVI with the SLDS's structured guide (:class:`SLDSGuide`: mean-field
+Inference paths: NUTS (short series); SVI with the SLDS's structured guide (:class:`~ppl_switch.guides.path_guide.SLDSGuide`: mean-field
 parameters, Gauss–Markov chain over x, z exact given x); the fast path
 :func:`~ppl_switch.infer.rslds_em.rslds_em` (``fit_em``), Laplace-type variational EM
 (:mod:`ppl_switch.infer.rslds_laplace_em`) started from the SLDS's PCA / AR(1) start and several regime

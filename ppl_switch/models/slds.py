@@ -53,11 +53,9 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from jax.scipy.linalg import solve_triangular
-from numpyro.infer.autoguide import AutoNormal
 
-from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.data import SequenceData, check_positive_int
-from ppl_switch.guides.gauss_markov import gauss_markov_chain
+from ppl_switch.guides.path_guide import SLDSGuide
 from ppl_switch.models._common import check_nonneg_float, check_nonneg_int, check_optional_dim, permute_by_dims, require_obs_dim
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob, masked_poisson_log_prob
 from ppl_switch.models.base import Model
@@ -707,6 +705,9 @@ class SLDS(Model):
             self._dynamics_scale_dist(), self._initial_mean_prior(), params["initial_scales"],
             data.y.shape[:2] + (self.latent_dim,), self.num_states)
 
+    #: every site a path can be sampled at (one per ``path_parameterisation``): guides hide them all
+    path_sites = tuple(PATH_SITES.values())
+
     @property
     def path_site(self) -> str:
         """The sample site that holds the path: ``x``, ``x_innovations`` or ``x_anchored``."""
@@ -750,7 +751,7 @@ class SLDS(Model):
 
     # ----- guides -------------------------------------------------------------------------------
     def default_guide(self, data=None, *, init_values=None, init_scale: float = 0.05):
-        """Mean-field normal over the parameters plus a Gauss–Markov chain over x (see :class:`SLDSGuide`).
+        """Mean-field normal over the parameters plus a Gauss–Markov chain over x (see :class:`~ppl_switch.guides.path_guide.SLDSGuide`).
 
         Args:
             data: optional data used to initialise (PCA for C and x, distinct rotations for A_k).
@@ -1180,59 +1181,6 @@ def random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.n
     return np.eye(K)[z]
 
 
-# --------------------------------------------------------------------------------------------------
-# The default SVI guide
-
-
-class SLDSGuide:
-    """AutoNormal over the parameters (the path hidden from it) and a Gauss–Markov chain over the path
-    site: x, or ``x_innovations`` for a whitened model (a Gauss–Markov family in those coordinates).
-
-    Called with the program's signature. ``init_values`` (site dict, e.g. from ``fit_em``) sets where every
-    site starts; for a whitened model pass ``data`` with it so that the start of x can be turned into
-    innovations. ``data`` alone starts the path at the PCA start of :meth:`SLDS.init_values` and the
-    parameters at prior medians: the PCA/AR(1) parameter start measured worse (state accuracy 0.756
-    against 0.817 at T = 1000, ``benchmarks/slds.py --paths svi``).
-    """
-
-    def __init__(self, model: SLDS, data=None, init_values=None, init_scale: float = 0.05):
-        self.model = model
-        self.init_scale = float(init_scale)
-        # the guide's path site: the path itself, its innovations (whitened) or x - m0 (anchored)
-        self.path_site = model.path_site
-        path_only = init_values is None
-        if init_values is None and data is not None:
-            init_values = model.init_values(data)
-        elif init_values is not None and data is not None:
-            init_values = model.latent_site_values(init_values, data)
-        self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
-        values = {} if path_only else {
-            k: v for k, v in self.init_values.items() if k not in (*PATH_SITES.values(), "q_state_probs")}
-        self.parameter_guide = AutoNormal(
-            parameter_program(model.program, tuple(PATH_SITES.values()), self.init_values),
-            init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
-        )
-        self.__name__ = "SLDSGuide"
-
-    def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
-        out = self.parameter_guide(data, record_log_lik=record_log_lik)
-        B, T = data.y.shape[:2]
-        site = self.path_site
-        x0 = None if self.init_values is None or site not in self.init_values else self.init_values[site]
-        chain = gauss_markov_chain(
-            site, B, T, self.model.latent_dim, init_loc=x0, init_scale=self.init_scale, time_mask=data.time_mask
-        )
-        with numpyro.plate("trial", B):
-            out[site] = numpyro.sample(site, chain)
-        return out
-
-    def sample_posterior(self, key, params, *args, sample_shape=(), **kwargs):
-        from numpyro.infer import Predictive
-
-        n = int(np.prod(sample_shape)) if sample_shape else 1
-        return Predictive(self, params=params, num_samples=n)(key, *args, **kwargs)
-
-
-__all__ = ["SLDS", "SLDSGuide", "SwitchingLinearChain", "WhitenedSwitchingChain", "AnchoredSwitchingChain",
+__all__ = ["SLDS", "SwitchingLinearChain", "WhitenedSwitchingChain", "AnchoredSwitchingChain",
            "PathWithRelativeParameters", "path_noise_scales", "least_squares_latents", "em_initial_params",
            "local_dynamics_paths", "random_sticky_paths"]
