@@ -23,8 +23,9 @@ hmm            none (no continuous dynamics): no group
 =============  =====================================================  =======================================
 
 Their ``fixed_point_kind``: "affine" lds, arhmm, gdm; "switching" slds, rslds; "conditions" clds;
-"drift_roots" gpslds, gpsde; None hmm, gdm_mixture. The affine models (lds, slds, rslds, arhmm, gdm) also hold ``eigenvalue_real``/``eigenvalue_imag``
-(..., eig), ``stability`` (index into ``attrs["stability_types"]``) and ``spectral_radius``.
+"drift_roots" gpslds, gpsde; None hmm, gdm_mixture. The affine models (lds, slds, rslds, arhmm, gdm) also
+hold ``eigenvalue_real``/``eigenvalue_imag`` (..., eig), ``stability`` (index into
+``attrs["stability_types"]``) and ``spectral_radius``.
 """
 
 from __future__ import annotations

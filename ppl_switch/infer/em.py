@@ -23,7 +23,7 @@ from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_
 from ppl_switch.errors import FitError
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
-from ppl_switch.infer.sharding import SHARDED_EM_MODELS, resolve_mesh, unsupported
+from ppl_switch.infer.sharding import resolve_mesh, unsupported
 
 _EM_METHODS = ("em", "fit_em")
 #: further attempts with new starts (a new ``key``) when an EM run ends non-finite
@@ -107,7 +107,7 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
         )
     seed = check_int(seed, "seed", minimum=0)
     if devices is not None:
-        if not (getattr(model, "name", None) in SHARDED_EM_MODELS or "devices" in inspect.signature(em).parameters):
+        if "devices" not in inspect.signature(em).parameters:  # the HMM/ARHMM and LDS EMs take it
             raise unsupported(f"the EM of {type(model).__name__}", "trials")
         mesh = resolve_mesh(devices)  # checked before anything compiles
         kw = {**kw, "devices": mesh}

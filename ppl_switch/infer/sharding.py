@@ -42,8 +42,6 @@ from ppl_switch.data import SequenceData
 
 #: the mesh axis the trials are split over
 TRIAL_AXIS = "trial"
-#: models (``model.name``) whose ``em`` forwards ``devices=`` to a sharded program (hmm_em.py, lds_em.py)
-SHARDED_EM_MODELS = ("hmm", "arhmm", "lds")
 
 Devices = Union[None, int, Sequence[jax.Device], Mesh]
 
@@ -206,7 +204,6 @@ def unsupported(runner: str, what: str) -> ValueError:
 
 
 __all__ = [
-    "SHARDED_EM_MODELS",
     "TRIAL_AXIS",
     "mask_padded_trials",
     "num_shards",
