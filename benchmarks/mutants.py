@@ -210,6 +210,23 @@ MUTANTS = [
         ("tests/test_import_layers.py",),
         "a function-level import from models up into infer (the hooks this redesign removed)",
     ),
+    # ----- HMM full-covariance EM with partly observed steps (2026-12-06, fifth session) -----
+    Mutant(
+        "hmm partly observed m-step without the conditional covariance",
+        "ppl_switch/infer/hmm_em.py",
+        '                return {"means": means, "covs": covs + cov_sum / nw[:, None, None]}',
+        '                return {"means": means, "covs": covs}',
+        ("tests/test_baseline_em.py", "-k", "partly_observed"),
+        "E[y y'] of the missing entries without their conditional covariance: Sigma shrinks every iteration",
+    ),
+    Mutant(
+        "hmm conditional fill ignores the observed entries' correlation",
+        "ppl_switch/infer/hmm_em.py",
+        '        fill = means + jnp.einsum("kde,cke->ckd", covs, m * sol[..., 0])',
+        '        fill = jnp.where(m > 0, yc[:, None, :], means)',
+        ("tests/test_baseline_em.py", "-k", "conditional_fill or partly_observed"),
+        "missing entries filled with the state mean, not the conditional mean given the observed ones",
+    ),
 ]
 
 

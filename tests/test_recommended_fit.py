@@ -152,15 +152,27 @@ def test_real_hmm_fit_through_fit():
 
 
 def test_em_refusing_partly_observed_steps_falls_back_to_svi_and_says_so():
-    """HMM(2) with a full covariance, a fifth of the entries missing at random: the closed-form EM refuses
-    partly observed steps before compiling; fit() then runs SVI on the same model, warns, and records why."""
-    model = get_model("hmm", num_states=2, obs_dim=2)
+    """ARHMM(2) in 2-D, a fifth of the entries missing at random: its closed-form EM refuses partly observed
+    steps (a missing entry is also a regressor) before compiling; fit() then runs SVI on the same model, warns,
+    and records why."""
+    model = get_model("arhmm", num_states=2, obs_dim=2)
     data, truth = model.simulate(jax.random.PRNGKey(1), 1, 60)
     mask = np.random.default_rng(0).random(np.shape(data.y)) > 0.2
     with pytest.warns(ppl_switch.infer.FitWarning, match="EM does not cover this data"):
         fit = ppl_switch.fit(model, np.asarray(data.y), mask=mask, progress_bar=False, seed=0)
     assert fit.method == "svi" and fit.config["runner"] == "svi"
     assert "mask" in fit.config["fallback_reason"] and fit.warnings[0] == fit.config["fallback_reason"]
+
+
+def test_hmm_with_partly_observed_steps_is_fitted_by_em():
+    """HMM(2) with a full covariance, a fifth of the entries missing at random: EM treats the missing entries as
+    latent (no fallback) and recovers the states."""
+    model = get_model("hmm", num_states=2, obs_dim=2)
+    data, truth = model.simulate(jax.random.PRNGKey(1), 1, 60)
+    mask = np.random.default_rng(0).random(np.shape(data.y)) > 0.2
+    assert (mask.any(-1) & ~mask.all(-1)).any()
+    fit = ppl_switch.fit(model, np.asarray(data.y), mask=mask, progress_bar=False, seed=0)
+    assert fit.method == "em" and "fallback_reason" not in fit.config
     probs = np.asarray(fit.idata["posterior_states"]["state_probs"])[0]
     accuracy = max(np.mean(probs.argmax(-1) == np.asarray(truth["states"])[0]), np.mean(probs.argmax(-1) != np.asarray(truth["states"])[0]))
     assert accuracy >= 0.95, accuracy

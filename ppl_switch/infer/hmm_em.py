@@ -8,8 +8,10 @@ model's. M-step (weights w_tk = p(z_t = k | y) on observed steps, pairs inside e
 * initial: "learned": pi = mean_n p(z_0 | y_n); "stationary": pi = stationary(P), and P maximises
   the transition term plus sum_n E log pi(P)_{z_0} (a generalised M-step: the counts' maximiser,
   refined by gradient steps on the logits, kept only where it does not lower that term); fixed: kept;
-* HMM Gaussian: weighted means and covariances; diagonal: per coordinate over observed entries;
-  Poisson: weighted means of the counts;
+* HMM Gaussian: weighted means and covariances; with partly observed steps, the missing entries are
+  latent too: given state k they are Gaussian given the observed ones (:func:`conditional_fill`), and the
+  M-step uses their conditional means and covariances (exact EM: the observed-data likelihood never
+  decreases); diagonal: per coordinate over observed entries; Poisson: weighted means of the counts;
 * ARHMM: weighted least squares of y_t on [y_{t-1}, ..., y_{t-L}, 1, u_t] per state, residual
   covariance. The first L steps' density N(m0, diag(s0^2)) is the same in every state; EM keeps m0,
   s0 at the mean and standard deviation of those steps, so it maximises log p(y_{L:} | y_{<L}).
@@ -195,6 +197,62 @@ def _weighted_cov(w, resid, ridge):
     return cov + jnp.diag(ridge)
 
 
+def conditional_fill(w, y0, mask, means, covs):
+    """The E-step of a full-covariance Gaussian emission with missing entries, per step and state.
+
+    Given z_t = k, the missing entries y_m of y_t are Gaussian given the observed y_o:
+    E[y_m | y_o] = mu_m + S_mo S_oo^-1 (y_o - mu_o), Cov = S_mm - S_mo S_oo^-1 S_om. Written without gathers
+    (the pattern varies per step): with M = diag(mask) and S~ = M S M + (I - M) (S_oo on the observed block,
+    identity elsewhere), E[y_t | y_o, k] = mu + S M S~^-1 M (y - mu) and Cov[y_t | y_o, k] = S - S M S~^-1 M S
+    (zero on observed rows and columns). A fully observed step gives (y, 0).
+
+    Args:
+        w: (N, T, K) weights p(z_t = k | y) (zero on steps without an observation).
+        y0: (N, T, D) observations, 0 where missing; mask: (N, T, D).
+        means: (K, D); covs: (K, D, D) the current emission parameters.
+
+    Returns:
+        ``(fill, cov_sum)``: (N, T, K, D) conditional means E[y_t | y_o, z_t = k], and (K, D, D)
+        sum_t w_tk Cov[y_t | y_o, z_t = k]. Steps are processed in chunks, so memory is
+        O(chunk K D^2), not O(N T K D^2).
+    """
+    N, T, D = y0.shape
+    K = means.shape[0]
+    dtype = y0.dtype
+    n = N * T
+    chunk = int(max(1, min(n, 2**22 // (K * D * D))))
+    pad = (-n) % chunk
+
+    def flat(a):
+        a = a.reshape((n,) + a.shape[2:])
+        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
+
+    eye = jnp.eye(D, dtype=dtype)
+
+    def one_chunk(cov_sum, xs):
+        wc, yc, mc = xs  # (c, K), (c, D), (c, D)
+        m = mc[:, None, :]  # (c, 1, D)
+        MS = m[..., :, None] * covs  # M S (c, K, D, D)
+        S_tilde = MS * m[..., None, :] + eye * (1 - m)[..., None, :]
+        r = m * (yc[:, None, :] - means)  # M (y - mu) (c, K, D)
+        sol = jnp.linalg.solve(S_tilde, jnp.concatenate([r[..., None], MS], -1))  # S~^-1 [r, M S]
+        fill = means + jnp.einsum("kde,cke->ckd", covs, m * sol[..., 0])
+        cond = covs - jnp.einsum("ckde,ckdf->ckef", MS, sol[..., 1:])
+        return cov_sum + jnp.einsum("ck,ckde->kde", wc, cond), fill
+
+    cov_sum, fill = jax.lax.scan(
+        one_chunk, jnp.zeros((K, D, D), dtype), (flat(w), flat(y0), flat(mask.astype(dtype)))
+    )
+    cov_sum = 0.5 * (cov_sum + jnp.swapaxes(cov_sum, -1, -2))
+    return fill.reshape(-1, K, D)[:n].reshape(N, T, K, D), cov_sum
+
+
+def partly_observed_steps(mask) -> bool:
+    """Whether some step (..., T, D) has observed and missing entries both."""
+    mask = np.asarray(mask)
+    return bool((mask.any(-1) & ~mask.all(-1)).any())
+
+
 # ----------------------------------------------------------------------------------------------
 # the program
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +280,10 @@ _PROGRAMS: dict = {}
 
 
 
-def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: float, given_start: bool):
-    """The jitted EM of one model configuration (cached: one compilation per data shape)."""
+def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: float, given_start: bool,
+                   partly_observed: bool):
+    """The jitted EM of one model configuration (cached: one compilation per data shape); ``partly_observed``:
+    the full-covariance Gaussian M-step fills missing entries (:func:`conditional_fill`)."""
     K = model.num_states
     is_ar = model.name == "arhmm"
     emission = "gaussian" if is_ar else model.emission
@@ -312,7 +372,13 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
                 ss = jnp.einsum("ntkd,ntkd->kd", wm, (y0[:, :, None, :] - means) ** 2)
                 var = _map_scale_sq(wm.sum((0, 1)), ss, hmm_mod.SCALE_PRIOR_SCALE) if use_map else ss / nk + ridge
                 return {"means": means, "vars": var} if emission == "diag_gaussian" else {"means": means, "covs": var[..., None]}
-            means = s1 / nk  # full covariance: steps are fully observed or fully missing (checked)
+            if partly_observed:  # missing entries are latent: their conditional moments given state and y_o
+                fill, cov_sum = conditional_fill(w, y0, mask, p["means"], p["covs"])
+                nw = jnp.maximum(w.sum((0, 1)), 1e-30)
+                means = jnp.einsum("ntk,ntkd->kd", w, fill) / nw[:, None]
+                covs = _weighted_cov(w, fill - means, ridge)
+                return {"means": means, "covs": covs + cov_sum / nw[:, None, None]}
+            means = s1 / nk  # full covariance, every step fully observed or fully missing
             covs = _weighted_cov(w, y0[:, :, None, :] - means, ridge)
             return {"means": means, "covs": covs}
 
@@ -365,6 +431,8 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
             var = jnp.einsum("ntkd,ntkd->kd", wm, (y0[:, :, None, :] - means) ** 2) / nk + ridge
             if emission == "diag_gaussian":
                 return {"means": means, "vars": var}
+            if partly_observed:  # zeros in place of missing entries would bias a full covariance: start diagonal
+                return {"means": means, "covs": jax.vmap(jnp.diag)(var)}
             return {"means": means, "covs": _weighted_cov(w, y0[:, :, None, :] - means, ridge)}
 
         return run_em(init, e_step, m_step, keys, num_iters, tol)
@@ -385,11 +453,10 @@ def _check(model, data: SequenceData, use_map: bool) -> None:
         )
     D = data.obs_dim
     full = model.name == "arhmm" or model.emission == "gaussian"
-    mask = np.asarray(data.mask)
-    if full and D > 1 and (mask.any(-1) & ~mask.all(-1)).any():
+    if model.name == "arhmm" and D > 1 and partly_observed_steps(data.mask):  # missing regressors: no closed form
         raise DataError(
-            "mask: EM with a full emission covariance needs every step fully observed or fully missing; "
-            "use emission='diag_gaussian' or fit_svi for partly observed steps"
+            "mask: the ARHMM's EM needs every step fully observed or fully missing (a missing entry is also a "
+            "regressor of the next steps); use fit_svi for partly observed steps"
         )
     if use_map and full and D > 1:
         raise NotImplementedError(
@@ -441,7 +508,9 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
         start, num_restarts = _from_sites(model, params, dtype), 1
     keys = jax.random.split(key, num_restarts)
     model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
-    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map), float(min_covar), start is not None)
+    partial = model.name == "hmm" and model.emission == "gaussian" and partly_observed_steps(data.mask)
+    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map),
+                           float(min_covar), start is not None, partial)
     out = run_on_devices(run, keys, data, dtype, start, devices)
     best, history = best_restart(out)
     p = jax.tree.map(lambda a: a[best], out.params)

@@ -232,7 +232,7 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
         result = RUNNERS[name](model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar), **options, **placement)
     except DataError as err:
         # the data passed model.prepare, so this is a closed-form EM refusing what its updates do not cover
-        # (e.g. partly observed steps under a full emission covariance), before compiling: fit it by SVI
+        # (e.g. the ARHMM's partly observed steps: a missing entry is also a regressor), before compiling: fit it by SVI
         if name != "em" or overrides:
             raise
         reason = f"EM does not cover this data ({err}); fitted with SVI on the same model instead"
