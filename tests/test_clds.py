@@ -22,6 +22,7 @@ from ppl_switch.analysis.clds_analysis import (
     tuning_curves,
 )
 from ppl_switch.data import DataError, SequenceData
+from ppl_switch.errors import FitWarning
 from ppl_switch.datasets.head_direction import (
     bump_tuning,
     ring_dynamics,
@@ -210,6 +211,158 @@ def test_em_keeps_fixed_values_and_recovers_noise(small_data):
     p = model.with_fixed(out["params"])
     np.testing.assert_allclose(model.parameter_functions(p, jnp.zeros((1, 1)))["C"][0], C)
     np.testing.assert_allclose(model.covariances(p)["dynamics_cov"], 0.05 * np.eye(2), atol=1e-12)
+
+
+def test_em_stopping_on_a_non_finite_objective_returns_the_last_finite_parameters_and_warns(small_data):
+    """An M-step whose output breaks the next objective (here: NaN injected after the third step): EM stops,
+    returns the parameters of the last finite objective (those the third step started from, not the broken
+    ones), records where it stopped, and em() warns."""
+    _, data, _ = small_data
+    model = _small_model(varying=("A", "b", "C", "m"))
+    real_step, seen = model._em_step, []
+
+    def breaking_step(params, d):
+        new, stats = real_step(params, d)
+        seen.append(params)
+        if len(seen) == 3:
+            new = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), new)
+        return new, stats
+
+    model._em_step = breaking_step
+    out = model.em_params(data, num_iters=10, seed=1)
+    assert out["stopped_nonfinite_at"] == 3 and len(out["objective"]) == 3
+    for name, value in out["params"].items():
+        np.testing.assert_array_equal(value, seen[2][name], err_msg=name)
+    seen.clear()
+    with pytest.warns(FitWarning, match="not finite at iteration 3"):
+        model.em(data, num_iters=10)
+
+
+def _moment_form_covariances(model, new, data, means, covs, cross):
+    """Oracle for the Q and R M-step: the moment form Syy - W'H - H'W + W'GW (the M-step's formula before
+    the per-step residual form), from summed second moments of z_t = select(phi(u_t) (x) [x_t; 1]) built
+    one step at a time with np.kron, and the new weights W. Returns Q (D, D) and R ((N,) or (N, N))."""
+    p = model.with_fixed(new)
+    D, N = model.latent_dim, data.obs_dim
+    means, covs, cross = (np.asarray(a, np.float64) for a in (means, covs, cross))
+    y, mask = np.asarray(data.y), np.asarray(data.mask)
+
+    def second_moments(k, t):  # E[x~ x~'] of x~ = [x_t; 1]
+        xt = np.append(means[k, t], 1.0)
+        S = np.outer(xt, xt)
+        S[:D, :D] += covs[k, t]
+        return xt, S
+
+    W = np.asarray(model._stack_weights(p, ("A", "b")))
+    G, H, Syy, n = 0.0, 0.0, 0.0, 0
+    for k in range(data.num_trials):
+        length = int(data.lengths[k])
+        phi, sel = (np.asarray(a) for a in model._features(("A", "b"), jnp.asarray(data.inputs[k, : length - 1])))
+        for t in range(length - 1):
+            xt, Sxx = second_moments(k, t)
+            Sxn = np.outer(xt, means[k, t + 1])  # E[x~_t x_{t+1}']
+            Sxn[:D] += cross[k, t].T
+            G = G + np.kron(np.outer(phi[t], phi[t]), Sxx)[np.ix_(sel, sel)]
+            H = H + np.kron(phi[t][:, None], Sxn)[sel]
+            Syy = Syy + covs[k, t + 1] + np.outer(means[k, t + 1], means[k, t + 1])
+            n += 1
+    Q = (Syy - W.T @ H - H.T @ W + W.T @ G @ W) / n
+
+    W = np.asarray(model._stack_weights(p, ("C", "d")))  # (P, N)
+    P = W.shape[0]
+    diag = model.emission_cov == "diag"
+    G = np.zeros((N, P, P) if diag else (P, P))
+    H = np.zeros((N, P) if diag else (P, N))
+    Syy = np.zeros(N if diag else (N, N))
+    count = np.zeros(N if diag else ())
+    for k in range(data.num_trials):
+        phi, sel = (np.asarray(a) for a in model._features(("C", "d"), jnp.asarray(data.inputs[k])))
+        for t in range(y.shape[1]):
+            xt, Sxx = second_moments(k, t)
+            z = np.kron(phi[t], xt)[sel]
+            Gz = np.kron(np.outer(phi[t], phi[t]), Sxx)[np.ix_(sel, sel)]
+            m = mask[k, t].astype(float) if diag else float(mask[k, t, 0])
+            G = G + (m[:, None, None] * Gz if diag else m * Gz)
+            H = H + (m[:, None] * y[k, t][:, None] * z if diag else m * np.outer(z, y[k, t]))
+            Syy = Syy + (m * y[k, t] ** 2 if diag else m * np.outer(y[k, t], y[k, t]))
+            count = count + m
+    if diag:
+        R = (Syy - 2 * np.einsum("pn,np->n", W, H) + np.einsum("pn,npq,qn->n", W, G, W)) / count
+    else:
+        R = (Syy - W.T @ H - H.T @ W + W.T @ G @ W) / count
+    return Q, R
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(varying=("A", "b", "C", "m")), dict(varying=("A", "b", "m"), emission_bias=True, emission_cov="full")],
+    ids=["diag_R_C_varying", "full_R_with_d"],
+)
+def test_residual_form_q_r_match_the_moment_form(kw, small_data):
+    """The per-step residual form of the Q and R M-step gives the moment form's maximiser (float64, with
+    ragged trials and masks); the covariance terms matter here, so a dropped term or a wrong sign fails."""
+    _, data, _ = small_data
+    model = _small_model(**kw)
+    mask = np.asarray(data.mask).copy()
+    if model.emission_cov == "diag":
+        mask[0, 3, 1] = mask[2, 5, :2] = False
+    mask[1, 4] = False
+    masked = model.prepare(np.asarray(data.y), mask=mask, lengths=np.array([12, 12, 9, 12, 7, 12]),
+                           inputs=np.asarray(data.inputs))
+    start = model._init_params(jax.random.PRNGKey(3), masked)
+    new, _ = model._em_step(start, masked)
+    means, covs, cross, _ = model.smooth(start, masked)
+    Q, R = _moment_form_covariances(model, new, masked, means, covs, cross)
+    got = model.covariances(new)
+
+    def rel(a, b):
+        return np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b)
+
+    assert rel(got["dynamics_cov"], Q) < 1e-9
+    assert rel(got["emission_cov"], R) < 1e-9
+    # sensitivity: without the smoothed (cross-)covariances the oracle moves by far more than the tolerance
+    Q0, R0 = _moment_form_covariances(model, new, masked, means, 0 * covs, 0 * cross)
+    assert rel(Q0, Q) > 1e-2 and rel(R0, R) > 1e-2
+
+
+def _near_noiseless(emission_cov):
+    """Near-noiseless data in the current precision: D = 2, N = 10, 4 trials x 50 steps, dynamics and
+    observation sd 0.01, |x| up to ~40 (default b and m weights x 10). Returns (model, truth, data)."""
+    model = CLDS(latent_dim=2, obs_dim=10, input_dim=1, basis=SMALL_BASIS, emission_cov=emission_cov)
+    truth = model.default_params(jax.random.PRNGKey(0))
+    truth.update(W_b=10 * truth["W_b"], W_m=10 * truth["W_m"], dynamics_scale=jnp.full(2, 0.01),
+                 emission_scale=jnp.full(10, 0.01), initial_scale=jnp.full(2, 0.1))
+    data, _ = model.simulate(jax.random.PRNGKey(1), 4, 50, params=truth)
+    return model, truth, data
+
+
+@pytest.mark.parametrize("emission_cov", ["diag", "full"])
+def test_em_in_float32_on_near_noiseless_data(emission_cov):
+    """20 EM iterations from the truth in float32. The moment form of the Q and R M-step (summed moments
+    ~T |x|^2 = 1e4 against T Q ~ 1e-3) gave a NaN Q in the first M-step here (and R = 1e-12 for one neuron,
+    diag); the per-step residual form keeps Q and R positive definite at their true size, the objective
+    non-decreasing up to float32 rounding (J itself rounds by up to ~0.5 nats, 1e-4 |J|, here) and its end
+    value within 1 nat of float64 EM's on the same data."""
+    with jax.enable_x64(False):
+        model, truth, data = _near_noiseless(emission_cov)
+        out = model.em_params(data, num_iters=20, init_params=truth)
+        params = {k: np.asarray(v, np.float64) for k, v in out["params"].items()}
+    J = out["objective"]
+    assert len(J) == 20  # em_params stops early once the objective is not finite
+    assert all(np.all(np.isfinite(v)) for v in params.values())
+    cov = model.covariances(params)
+    Q, R = np.asarray(cov["dynamics_cov"]), np.asarray(cov["emission_cov"])
+    R = np.diag(R) if R.ndim == 1 else R
+    assert np.linalg.eigvalsh(Q).min() > 0 and np.linalg.eigvalsh(R).min() > 0
+    np.testing.assert_allclose(np.sqrt(np.diag(Q)), 0.01, rtol=0.3)
+    np.testing.assert_allclose(np.sqrt(np.diag(R)), 0.01, rtol=0.3)
+    assert np.diff(J).min() > -2e-4 * abs(J[-1]), np.diff(J)
+    assert J[-1] > J[0] + 500
+    data64 = SequenceData(np.asarray(data.y, np.float64), np.asarray(data.mask), np.asarray(data.lengths),
+                          np.asarray(data.inputs, np.float64))
+    truth64 = {k: np.asarray(v, np.float64) for k, v in truth.items()}
+    J64 = model.em_params(data64, num_iters=20, init_params=truth64)["objective"]
+    assert abs(J[-1] - J64[-1]) < 1.0, (J[-1], J64[-1])
 
 
 # ----- errors ----------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -48,6 +49,7 @@ import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.errors import FitWarning
 from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median
@@ -726,11 +728,18 @@ class CLDS(Model):
         self._require_gaussian("EM (fit_em)")
         seed = 0 if key is None else int(jax.random.randint(key, (), 0, 2**31 - 1))
         out = self.em_params(data, num_iters=num_iters, seed=seed, init_params=init_params, tol=tol, verbose=verbose)
+        if out["stopped_nonfinite_at"] is not None:
+            warnings.warn(
+                f"CLDS EM: the objective was not finite at iteration {out['stopped_nonfinite_at']}; returned the "
+                "parameters of its last finite value (try x64=True, more trials, or fixing initial_scale)",
+                FitWarning,
+            )
         history = {
             "log_likelihoods": out["log_likelihood"],
             "objective": out["objective"],
             "seconds": out["seconds"],
             "compile_seconds": out["compile_seconds"],
+            "stopped_nonfinite_at": out["stopped_nonfinite_at"],
         }
         return out["params"], history
 
@@ -746,8 +755,9 @@ class CLDS(Model):
             tol: stop when the objective improves by less than ``tol * |J|``.
         Returns:
             {"params", "objective" (iterations,) J before each M-step, "log_likelihood" (iterations,),
-             "seconds" (wall time after compilation), "compile_seconds", "data"}.
-        Stops (keeping the last finite parameters) if the objective becomes NaN.
+             "seconds" (wall time after compilation), "compile_seconds", "data", "stopped_nonfinite_at"
+             (None, or the iteration whose objective was not finite)}.
+        Stops if the objective becomes non-finite, returning the parameters of its last finite value.
         """
         self._require_gaussian("EM (fit_em)")
         if not isinstance(data, SequenceData):
@@ -766,18 +776,22 @@ class CLDS(Model):
         jax.block_until_ready(new_params)
         compile_s = time.perf_counter() - t0
         objective, loglik = [float(stats["objective"])], [float(stats["log_likelihood"])]
-        params = new_params
+        # J is evaluated at the parameters going into a step; a non-finite J means the previous M-step's
+        # output is unusable, so the parameters it was computed from (``previous``) are the last finite ones
+        previous, params = params, new_params
+        stopped_at = None
         t0 = time.perf_counter()
         for i in range(1, num_iters):
             new_params, stats = step(params, data)
             J = float(stats["objective"])
             if not np.isfinite(J):
                 if verbose:
-                    print(f"EM: objective not finite at iteration {i}; keeping the previous parameters")
+                    print(f"EM: objective not finite at iteration {i}; keeping the last finite parameters")
+                params, stopped_at = previous, i
                 break
             objective.append(J)
             loglik.append(float(stats["log_likelihood"]))
-            params = new_params
+            previous, params = params, new_params
             if verbose and (i % 20 == 0 or i == num_iters - 1):
                 print(f"EM iter {i}: J = {J:.3f}")
             if tol is not None and abs(objective[-1] - objective[-2]) < tol * abs(objective[-1]):
@@ -790,6 +804,7 @@ class CLDS(Model):
             "seconds": time.perf_counter() - t0,
             "compile_seconds": compile_s,
             "data": data,
+            "stopped_nonfinite_at": stopped_at,
         }
 
     def _require_gaussian(self, what: str) -> None:
@@ -855,6 +870,17 @@ class CLDS(Model):
             W = jnp.concatenate([W, p[f"W_{bias}"]], 0)
         return W
 
+    def _affine_maps(self, phi, W, names, out_dim):
+        """M(u_t) (..., out, D) and bias(u_t) (..., out) (zeros without a bias basis) from the features
+        phi (..., L_mat + L_bias) of :meth:`_features` and stacked weights W (P, out): W' z_t = M x_t + bias."""
+        mat, bias = names
+        w = self._split_weights(W, names, out_dim)
+        L = self.bases[mat].num_features
+        M = jnp.einsum("...l,lij->...ij", phi[..., :L], w[f"W_{mat}"])
+        if bias in self.bases:
+            return M, phi[..., L:] @ w[f"W_{bias}"]
+        return M, jnp.zeros(M.shape[:-1], M.dtype)
+
     @_jit_method
     def _em_step(self, params, data: SequenceData):
         """One ECM iteration. Returns (new params, {"objective", "log_likelihood"} at the old params)."""
@@ -880,10 +906,10 @@ class CLDS(Model):
         # ---- [A b] jointly given Q (Sylvester), then Q. Regressor z_t = [phi_A (x) x_t; phi_b]; the
         # Gram sum_t E[z z'] is a selection of sum_t (phi phi') (x) E[x~ x~'], one matrix product.
         D1 = D + 1
-        phi, sel = jax.vmap(lambda u: self._features(("A", "b"), u[:-1]))(data.inputs)
+        phi_t, sel = jax.vmap(lambda u: self._features(("A", "b"), u[:-1]))(data.inputs)  # (K, T-1, La)
         sel = sel[0]
         n = K * (T - 1)
-        phi = (phi * trans[..., None]).reshape(n, -1)  # zero rows for transitions past the length
+        phi = (phi_t * trans[..., None]).reshape(n, -1)  # zero rows for transitions past the length
         La = phi.shape[-1]
         outer = (phi[:, :, None] * phi[:, None, :]).reshape(n, La * La)
         G = (outer.T @ Sxx[:, :-1].reshape(n, D1 * D1)).reshape(La, La, D1, D1)
@@ -893,16 +919,24 @@ class CLDS(Model):
         W = solve_sylvester_psd(G, Q_old, H)
         new.update(self._split_weights(W, ("A", "b"), D))
         n_trans = trans.sum()
-        Sxnxn = jnp.einsum("kt,ktij->ij", trans, Exx[:, 1:])
-        Q = _sym(Sxnxn - _mT(W) @ H - _mT(H) @ W + _mT(W) @ G @ W) / n_trans
+        # Q and R come from per-step residuals, not the moment form Syy - W'H - H'W + W'GW (same maximiser):
+        # the summed moments are O(T |x|^2) while Q is O(T q^2), so on near-noiseless data the moment form
+        # cancels every float32 digit and can go indefinite. Each term here is already of the result's size:
+        # E[e e'] = r r' + S_{t+1} - A X_t' - X_t A' + A S_t A',  e = x_{t+1} - A x_t - b,  X_t = cross_t
+        # = Cov[x_{t+1}, x_t],  r = mu_{t+1} - A mu_t - b  (A, b at u_t, as built from the new W).
+        A_t, b_t = self._affine_maps(phi_t, W, ("A", "b"), D)  # (K, T-1, D, D), (K, T-1, D)
+        r = means[:, 1:] - jnp.einsum("ktij,ktj->kti", A_t, means[:, :-1]) - b_t
+        AX = A_t @ _mT(cross)  # A Cov[x_t, x_{t+1}]
+        E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX) + A_t @ covs[:, :-1] @ _mT(A_t)
+        Q = _sym(jnp.where(trans[..., None, None] > 0, E, 0.0).sum((0, 1))) / n_trans
         new["dynamics_scale"], new["dynamics_corr_chol"] = sites_from_cov(Q)
 
         # ---- C (and d) given R, then R
-        phie, sele = jax.vmap(lambda u: self._features(("C", "d"), u))(data.inputs)
+        phie_t, sele = jax.vmap(lambda u: self._features(("C", "d"), u))(data.inputs)  # (K, T, Le)
         sele = sele[0]
         n = K * T
-        Le = phie.shape[-1]
-        phie = phie.reshape(n, Le)
+        Le = phie_t.shape[-1]
+        phie = phie_t.reshape(n, Le)
         obs = data.mask.astype(dtype).reshape(n, N)
         y = data.y.reshape(n, N)
         fixed_C = "W_C" in self.fixed
@@ -926,7 +960,11 @@ class CLDS(Model):
                 Wn = jnp.linalg.solve(Gn + R_old[:, None, None] * jnp.eye(P), hn[..., None])[..., 0]
                 new.update(self._split_weights(_mT(Wn), ("C", "d"), N))
             n_obs = obs.sum(0)
-            sq = (obs * y**2).sum(0) - 2 * jnp.einsum("np,np->n", Wn, hn) + jnp.einsum("np,npq,nq->n", Wn, Gn, Wn)
+            # per-step residual form (see Q): sq_n = sum_t m_tn [(y_tn - c_n mu_t - d_n)^2 + c_n S_t c_n']
+            C_t, d_t = self._affine_maps(phie_t, _mT(Wn), ("C", "d"), N)  # (K, T, N, D), (K, T, N)
+            resid = data.y - jnp.einsum("ktnd,ktd->ktn", C_t, means) - d_t
+            sq_t = resid**2 + jnp.einsum("ktnd,ktde,ktne->ktn", C_t, covs, C_t)
+            sq = jnp.where(data.mask, sq_t, 0.0).sum((0, 1))
             new["emission_scale"] = jnp.sqrt(jnp.maximum(sq / n_obs, 1e-12))
         else:
             step_obs = obs[:, :1]  # whole steps observed or missing (checked)
@@ -938,8 +976,11 @@ class CLDS(Model):
             else:
                 We = solve_sylvester_psd(Ge, R_old, He)
                 new.update(self._split_weights(We, ("C", "d"), N))
-            Syy = (step_obs * y).T @ y
-            R = _sym(Syy - _mT(We) @ He - _mT(He) @ We + _mT(We) @ Ge @ We) / step_obs.sum()
+            # per-step residual form (see Q): E[e e'] = r r' + C S_t C' over the observed steps
+            C_t, d_t = self._affine_maps(phie_t, We, ("C", "d"), N)  # (K, T, N, D), (K, T, N)
+            resid = data.y - jnp.einsum("ktnd,ktd->ktn", C_t, means) - d_t
+            E = resid[..., :, None] * resid[..., None, :] + C_t @ covs @ _mT(C_t)
+            R = _sym(jnp.where(data.mask[..., :1, None], E, 0.0).sum((0, 1))) / step_obs.sum()
             new["emission_scale"], new["emission_corr_chol"] = sites_from_cov(R)
 
         # ---- m given Q_1 (Sylvester), then Q_1
