@@ -288,7 +288,7 @@ def test_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch,
     def boom(args):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_list", boom)
+    monkeypatch.setattr("ppl_switch.cli.parser.cmd_list", boom)  # where make_parser looks it up
     code, _, err = run(capsys, "list")
     assert code == 1
     assert err == "ppl-switch list: error: RuntimeError: first line [...] (rerun with --debug for the traceback)\n"

@@ -13,8 +13,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 from scipy.stats import multivariate_normal
 
+from ppl_switch.distributions.switching_chain import SwitchingLinearChain
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, chain_precision_blocks, gauss_markov_chain
-from ppl_switch.models.slds import SwitchingLinearChain
 from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
 import pytest
 

@@ -16,13 +16,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ppl_switch"
 #: layer of each top-level module or subpackage (ppl_switch.<first part>); higher may import lower
 LAYERS = {
     "version": 0, "errors": 0, "data": 0, "ops": 0,
-    "distributions": 1,
+    "distributions": 1,  # incl. distributions.switching_chain (the SLDS path), below the models that build it
     "guides": 2,
     "models": 3,
     "relabel": 4, "results": 4,
     "infer": 5,
     "analysis": 6, "datasets": 6,
-    "plots": 7, "plots_dynamics": 7, "plots_gpslds": 7,
+    "plots": 7,  # plots.fit, plots.dynamics, plots.gpslds
     "cli": 8,
     "": 9,  # ppl_switch/__init__.py
 }

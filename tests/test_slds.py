@@ -450,7 +450,7 @@ def test_whitened_path_is_an_exact_change_of_variables():
     density is the centred one plus that log-determinant (ragged trials, inputs, K = 3)."""
     from numpyro.infer.util import log_density
 
-    from ppl_switch.models.slds import WhitenedSwitchingChain
+    from ppl_switch.distributions.switching_chain import WhitenedSwitchingChain
 
     centred = SLDS(num_states=3, latent_dim=2, obs_dim=2, input_dim=1)
     whitened = SLDS(num_states=3, latent_dim=2, obs_dim=2, input_dim=1, path_parameterisation="whitened")

@@ -38,7 +38,7 @@ from ppl_switch.datasets.gpslds_synthetic import simulate_gpslds_synthetic, two_
 from ppl_switch.infer import fit_nuts, fit_svi
 from ppl_switch.infer.path_gibbs import guide_means, sample_path_gibbs
 from ppl_switch.models.gpslds import GPSDE, GPSLDS
-from ppl_switch.plots_gpslds import plot_gpslds_summary
+from ppl_switch.plots import plot_gpslds_summary
 
 SMOKE = os.environ.get("PPL_SWITCH_SMOKE", "0") == "1"
 OUT = os.environ.get("PPL_SWITCH_TUTORIAL_OUT", ".")

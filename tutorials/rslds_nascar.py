@@ -30,7 +30,7 @@ from ppl_switch.analysis.metrics import affine_align, affine_aligned_r2, matched
 from ppl_switch.datasets.rslds_nascar import simulate_rslds_nascar
 from ppl_switch.infer import fit_em
 from ppl_switch.models.rslds import RSLDS
-from ppl_switch.plots_dynamics import plot_dynamics
+from ppl_switch.plots import plot_dynamics
 from ppl_switch.results import get_group
 
 SMOKE = os.environ.get("PPL_SWITCH_SMOKE", "0") == "1"

@@ -45,6 +45,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 
 from ppl_switch.data import SequenceData, as_sequence_data
+from ppl_switch.distributions.switching_chain import SwitchingLinearChain
 from ppl_switch.models._common import check_nonneg_float
 from ppl_switch.models.rslds_transitions import (
     TRANSITION_KINDS,
@@ -54,7 +55,7 @@ from ppl_switch.models.rslds_transitions import (
     transition_logits,
     transition_site_names,
 )
-from ppl_switch.models.slds import SLDS, SwitchingLinearChain
+from ppl_switch.models.slds import SLDS
 from ppl_switch.ops import switching as sw
 from ppl_switch.ops.hmm import hmm_log_normalizer_from_logits, hmm_sample, hmm_smoother, hmm_viterbi
 

@@ -34,7 +34,7 @@ def plot_dynamics(samples, ax=None, *, model=None, latents=None, states=None, gr
     """
     import matplotlib.pyplot as plt
 
-    from ppl_switch.plots import state_colours
+    from ppl_switch.plots.fit import state_colours
     from ppl_switch.results import credible_interval_convention
 
     if level is None:

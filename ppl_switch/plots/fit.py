@@ -1,5 +1,7 @@
-"""Figures people expect from a fit: observations with the posterior predictive band, the inferred states
-over time, and (for models with fixed points) flow fields. Works on both InferenceData generations."""
+"""The summary figure of a fit over time: observations with the posterior predictive band and the inferred
+state probabilities (:func:`plot_fit`), plus the conventions the other figures share (credible intervals,
+state colours). Works on both InferenceData generations. Flow fields: :mod:`ppl_switch.plots.dynamics`,
+:mod:`ppl_switch.plots.gpslds`."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ppl_switch.plots import state_colours
+from ppl_switch.plots.fit import state_colours
 from ppl_switch.results import credible_interval_convention
 
 __all__ = ["plot_flow_field", "plot_drift_variance", "plot_slow_points", "plot_fixed_point_regions", "plot_latents",
