@@ -299,3 +299,33 @@ def test_logits_validation_names_the_logits():
         hmm_log_normalizer_from_logits(np.zeros(K), np.zeros((K, K + 1)), np.zeros((T, K)))
     with pytest.raises(ValueError, match="initial_logits must have shape"):
         hmm_log_normalizer_from_logits(np.zeros(K + 2), np.zeros((K, K)), np.zeros((T, K)))
+
+
+def numpy_forward(initial, transition, log_likelihoods):
+    """Oracle: the forward algorithm in float64 numpy, one step at a time (log p(y), filtered, predicted)."""
+    predicted, filtered, log_z = [initial], [], 0.0
+    for t, ll_t in enumerate(log_likelihoods):
+        alpha = predicted[-1] * np.exp(ll_t - ll_t.max())
+        log_z += np.log(alpha.sum()) + ll_t.max()
+        filtered.append(alpha / alpha.sum())
+        if t + 1 < len(log_likelihoods):
+            predicted.append(filtered[-1] @ transition)
+    return log_z, np.stack(filtered), np.stack(predicted)
+
+
+@pytest.mark.parametrize("predicted_from_scan", [False, True])
+@pytest.mark.parametrize("num_states", [3, 40])  # both step forms: broadcast (K <= 32) and dot
+def test_sequential_filter_step_forms_match_a_numpy_forward_pass(num_states, predicted_from_scan, monkeypatch):
+    import ppl_switch.ops.hmm as ops_hmm
+
+    monkeypatch.setattr(ops_hmm, "_PREDICTED_FROM_SCAN", predicted_from_scan)
+    rng = np.random.default_rng(num_states)
+    transition = rng.random((num_states, num_states)) + 3 * np.eye(num_states)
+    transition /= transition.sum(1, keepdims=True)
+    initial = rng.dirichlet(np.ones(num_states))
+    ll = 2 * rng.normal(size=(30, num_states))
+    log_z, filtered, predicted = numpy_forward(initial, transition, ll)
+    out = hmm_filter(initial, transition, ll)
+    np.testing.assert_allclose(out.log_normalizer, log_z, rtol=1e-12)
+    np.testing.assert_allclose(out.filtered_probs, filtered, atol=1e-12)
+    np.testing.assert_allclose(out.predicted_probs, predicted, atol=1e-12)

@@ -43,6 +43,27 @@ Array = jax.Array
 #: loop unrolling of the sequential scans (fewer loop iterations amortise XLA's per-step overhead)
 _SCAN_UNROLL = 1
 
+#: up to this many states, a sequential step's vector-matrix product runs as a broadcast multiply and a sum,
+#: above it as a dot: on XLA's CPU backend the dot's call overhead dominates for small K (K = 25, T = 1e4 filter:
+#: 1.33 against 1.61 ms on jax 0.12.1, 2.1 against 2.5 ms on 0.9.2) and the dot wins for large K (K = 100:
+#: 7.5 against 17.6 ms); benchmarks/results.md, "HMM sequential step form"
+_BROADCAST_PRODUCT_MAX_K = 32
+
+
+#: the sequential filter emits p(z_t | y_{0:t-1}) from its scan on jax >= 0.10, and recomputes them afterwards
+#: with one batched product on older jax: XLA's CPU backend changed which is faster (K = 25, T = 1e4 filter:
+#: 1.6 against 2.3 ms on jax 0.12.1; 5.7 against 2.9 ms on 0.9.2); benchmarks/results.md, "HMM sequential
+#: step form". Same values either way (a product of the same numbers).
+_PREDICTED_FROM_SCAN = tuple(jax.__version_info__[:2]) >= (0, 10)
+
+
+def _row_times_matrix(v: Array, A: Array) -> Array:
+    """v @ A for one step: (K,) x (K, K) -> (K,)."""
+    if A.shape[-1] <= _BROADCAST_PRODUCT_MAX_K:
+        return (v[:, None] * A).sum(0)
+    return v @ A
+
+
 
 class HMMFilterResult(NamedTuple):
     """Result of :func:`hmm_filter`.
@@ -175,27 +196,33 @@ def _transition_steps(inputs: _Inputs) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward_sequential(inputs: _Inputs, lik: Array) -> tuple[Array, Array]:
-    """Forward pass; returns filtered (T, K) and the per-step normalisers c (T,).
+def _forward_sequential(inputs: _Inputs, lik: Array, emit_predicted: bool = False):
+    """Forward pass; returns filtered (T, K) and the per-step normalisers c (T,) (and with
+    ``emit_predicted`` the predicted probabilities (T, K) too).
 
-    The scan emits only what the recursion produces anyway: also emitting the predicted vectors
-    costs ~2x on CPU, so those are recomputed afterwards with one batched product.
+    Without ``emit_predicted`` the scan emits only what the recursion needs: on jax < 0.10 also emitting
+    the predicted vectors costs ~2x on CPU, so :func:`hmm_filter` recomputes them afterwards there
+    (``_PREDICTED_FROM_SCAN``).
     """
     A = inputs.transition
 
     def step(filtered_prev, xs):
         lik_t, A_prev = xs if inputs.time_varying else (xs, A)
-        alpha = (filtered_prev @ A_prev) * lik_t
+        predicted = _row_times_matrix(filtered_prev, A_prev)
+        alpha = predicted * lik_t
         c = alpha.sum()
         filtered = _normalise_step(alpha, c)
-        return filtered, (filtered, c)
+        return filtered, ((filtered, c, predicted) if emit_predicted else (filtered, c))
 
     alpha0 = inputs.initial * lik[0]
     c0 = alpha0.sum()
     filtered0 = _safe_divide(alpha0, c0)
     xs = (lik[1:], A) if inputs.time_varying else lik[1:]
-    _, (filtered, c) = lax.scan(step, filtered0, xs, unroll=_SCAN_UNROLL)
-    return jnp.concatenate([filtered0[None], filtered]), jnp.concatenate([c0[None], c])
+    _, out = lax.scan(step, filtered0, xs, unroll=_SCAN_UNROLL)
+    filtered, c = jnp.concatenate([filtered0[None], out[0]]), jnp.concatenate([c0[None], out[1]])
+    if emit_predicted:
+        return filtered, c, jnp.concatenate([inputs.initial[None], out[2]])
+    return filtered, c
 
 
 def _predicted(inputs: _Inputs, filtered: Array) -> Array:
@@ -342,6 +369,9 @@ def hmm_filter(
     """
     inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
     lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
+    if _PREDICTED_FROM_SCAN and not parallel:
+        filtered, c, predicted = _forward_sequential(inputs, lik, emit_predicted=True)
+        return HMMFilterResult(jnp.sum(jnp.log(c)) + jnp.sum(shift), filtered, predicted)
     filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
     return HMMFilterResult(log_normalizer, filtered, _predicted(inputs, filtered))
 
