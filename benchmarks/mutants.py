@@ -227,6 +227,23 @@ MUTANTS = [
         ("tests/test_baseline_em.py", "-k", "conditional_fill or partly_observed"),
         "missing entries filled with the state mean, not the conditional mean given the observed ones",
     ),
+    # ----- CLDS residual-form Q and R, the HMM filter's step forms (2026-12-06, fifth session) -----
+    Mutant(
+        "clds residual Q without the A S A' term",
+        "ppl_switch/models/clds.py",
+        "E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX) + A_t @ covs[:, :-1] @ _mT(A_t)",
+        "E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX)",
+        ("tests/test_clds.py", "-k", "residual_form"),
+        "the dynamics noise covariance without the smoothed covariance carried through A",
+    ),
+    Mutant(
+        "hmm broadcast step sums over the wrong axis",
+        "ppl_switch/ops/hmm.py",
+        "        return (v[:, None] * A).sum(0)",
+        "        return (v[:, None] * A).sum(1)",
+        ("tests/test_ops_hmm.py", "-k", "step_forms"),
+        "v @ A as a broadcast product reduced over the columns: A' v instead of A v on the small-K path",
+    ),
 ]
 
 
