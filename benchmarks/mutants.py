@@ -244,6 +244,14 @@ MUTANTS = [
         ("tests/test_ops_hmm.py", "-k", "step_forms"),
         "v @ A as a broadcast product reduced over the columns: A' v instead of A v on the small-K path",
     ),
+    Mutant(
+        "a registered model without its conformance configuration",
+        "ppl_switch/models/lds.py",
+        "    example_config = dict(latent_dim=2, obs_dim=3, input_dim=1)\n",
+        "",
+        ("tests/test_conformance.py", "-k", "declares_an_example_config"),
+        "a model the conformance suite would silently skip (the LDS, here)",
+    ),
 ]
 
 

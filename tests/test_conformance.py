@@ -1,7 +1,9 @@
 """Conformance suite: every model in the zoo passes the same checks.
 
-A model joins by appending a :class:`Case` to ``CASES`` (name in the registry, constructor options,
-tiny sizes). For each case: simulate -> fit_svi (few steps) -> fit_nuts (tiny) -> the InferenceData
+Every model in the registry (``ppl_switch.models.MODELS``) joins with the configuration it declares,
+``Model.example_config``: a new model is checked by registering it; a registered model without one fails
+:func:`test_every_registered_model_declares_an_example_config`. ``VARIANTS`` adds further configurations
+of a model (other emissions, transitions). For each case: simulate -> fit_svi (few steps) -> fit_nuts (tiny) -> the InferenceData
 schema -> finite gradients -> padded == ragged log-likelihood -> values under the mask do not matter
 -> bad input raises an error naming the argument.
 
@@ -27,7 +29,7 @@ from scipy.special import log_softmax, logsumexp
 
 from ppl_switch.data import DataError
 from ppl_switch.infer import fit_nuts, fit_svi
-from ppl_switch.models import get_model
+from ppl_switch.models import MODELS, get_model
 
 # oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
 pytestmark = pytest.mark.float64
@@ -42,29 +44,42 @@ class Case(NamedTuple):
     slow: bool = False  # variants of a model already covered by a default case run only under -m slow
 
 
-CASES = [
-    Case("hmm", dict(num_states=2, obs_dim=2), nuts_by_default=True),
+#: registered models whose own case runs only under -m slow (its checks are ~100 s SVI, ~150 s NUTS
+#: compilation; tests/test_gdm_mixture.py covers its density by default), and those whose NUTS checks run by
+#: default (NUTS compiles slowly; the others run them under -m slow)
+SLOW_MODELS = {"gdm_mixture"}
+NUTS_BY_DEFAULT = {"hmm", "lds"}
+
+#: configurations beyond each model's example_config
+VARIANTS = [
     Case("hmm", dict(num_states=2, obs_dim=3, emission="poisson")),
-    Case("arhmm", dict(num_states=2, obs_dim=2, input_dim=1)),
-    Case("lds", dict(latent_dim=2, obs_dim=3, input_dim=1), nuts_by_default=True),
-    Case("slds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
-    Case("clds", dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})),
     Case(
         "clds",
         dict(latent_dim=2, obs_dim=3, input_dim=1, emission="poisson", basis={"type": "FourierBasis", "num_frequencies": 3}),
         slow=True,
     ),
-    Case("gpslds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)),
-    Case("gpsde", dict(latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01, num_basis=4)),
-    Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
     Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, transitions="recurrent_only"), slow=True),
     Case("rslds", dict(num_states=2, latent_dim=2, obs_dim=3, transitions="sticky"), slow=True),
-    Case("gdm", dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)),
     Case("gdm", dict(num_states=2, latent_dim=2, obs_dim=3, emission="poisson", transition="gru", gru_hidden=4), slow=True),
-    # the 3-level mixture model: its own fast tests (tests/test_gdm_mixture.py) cover the density; the
-    # conformance checks (~100 s SVI, ~150 s NUTS compilation) run under -m slow
-    Case("gdm_mixture", dict(num_states=2, latent_dim=2, obs_dim=3), slow=True),
 ]
+
+
+def _declared_example_config(name: str):
+    """The example_config the registered class declares itself (not one inherited from a parent)."""
+    return vars(MODELS[name]).get("example_config")
+
+
+CASES = [
+    Case(name, dict(_declared_example_config(name)), nuts_by_default=name in NUTS_BY_DEFAULT, slow=name in SLOW_MODELS)
+    for name in MODELS
+    if _declared_example_config(name) is not None
+] + VARIANTS
+
+
+def test_every_registered_model_declares_an_example_config():
+    missing = [name for name in MODELS if _declared_example_config(name) is None]
+    assert not missing, f"registered models without their own example_config (Model.example_config): {missing}"
+
 
 _SHORT_NAMES = {"num_states": "K", "latent_dim": "D", "input_dim": "U"}
 

@@ -4,7 +4,6 @@ credible-interval convention (ArviZ's default of the installed generation) that 
 Runs in float32 (nothing here depends on the precision); the deadlock check runs in a subprocess.
 """
 
-import os
 import subprocess
 import sys
 from importlib.metadata import version

@@ -123,7 +123,7 @@ def _dense_lds_logpdf(params, y, mask, inputs):
     F = np.asarray(params.get("emission_input_weights", np.zeros((y.shape[1], 0))))
     u = np.zeros((T, 0)) if inputs is None else inputs
     # x_t = mean_t + sum_{s<=t} A^{t-s} w_s with w ~ N(0, I) (w_0 is the initial noise)
-    means, coef = [m0], [np.eye(H)]
+    means = [m0]
     for t in range(1, T):
         means.append(A @ means[-1] + b + B @ u[t])
     mean_x = np.concatenate(means)

@@ -5,7 +5,6 @@ Not in tests/test_slds.py because that module runs in float64 (its oracles compa
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from ppl_switch.analysis.metrics import matched_state_accuracy
 from ppl_switch.data import as_sequence_data

@@ -79,14 +79,14 @@ def simulate_rslds_nascar(seed: int = 0, num_timesteps: int = 10000, obs_dim: in
     A, b = p["dynamics_matrix"], p["dynamics_bias"]
     z = np.empty(T, int)
     x = np.empty((T, 2))
-    z_prev, x_prev = 2, p["initial_mean"]
+    x_prev = p["initial_mean"]
     for t in range(T):
         logits = W @ x_prev + r
         prob = np.exp(logits - logits.max())
         z_t = rng.choice(4, p=prob / prob.sum())
         x_t = A[z_t] @ x_prev + b[z_t] + dynamics_noise * rng.standard_normal(2)
         z[t], x[t] = z_t, x_t
-        z_prev, x_prev = z_t, x_t
+        x_prev = x_t
     y = x @ p["emission_matrix"].T + p["emission_bias"] + emission_noise * rng.standard_normal((T, N))
     return {"y": y[None], "states": z[None], "latents": x[None], "params": p}
 

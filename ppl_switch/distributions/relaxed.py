@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.scipy.special import gammaln, logsumexp
 from numpyro.distributions import constraints
 from numpyro.distributions.distribution import Distribution
-from numpyro.distributions.util import promote_shapes, validate_sample
+from numpyro.distributions.util import validate_sample
 
 __all__ = [
     "RelaxedOneHotCategorical",

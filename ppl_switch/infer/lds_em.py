@@ -67,7 +67,6 @@ def _build_program(model, num_iters: int, tol: float, min_var: float, given_star
     def program(keys, y, mask, lengths, inputs, start):
         dtype = y.dtype
         N, T, D = y.shape
-        F = H + 1 + U
         data = SequenceData(y, mask, lengths, inputs)
         fmask = model.filter_mask(data)
         y0 = jnp.where(mask, y, 0.0)

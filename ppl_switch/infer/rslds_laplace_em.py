@@ -176,7 +176,7 @@ def jj_update(p, post):
 
 def bernoulli_emission_m_step(p, posts, jj_xi, y, mask, learn, emission_prior_scales):
     """Closed-form readout under the bound: per neuron w = [c, d] = (2 sum lam E[g g'] + P0)^-1 sum (y - 1/2) E[g]."""
-    C, d = p["emission_matrix"], p["emission_bias"]
+    C = p["emission_matrix"]
     D = C.shape[1]
     mu, S = posts.means, posts.covs  # (B, T, D), (B, T, D, D)
     ones = jnp.ones(mu.shape[:-1] + (1,), mu.dtype)

@@ -9,7 +9,7 @@ parameters, the run stops after the chunk, and a :class:`FitError` names the off
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

@@ -71,6 +71,7 @@ class ARHMM(StateChainModel):
     """
 
     name = "arhmm"
+    example_config = dict(num_states=2, obs_dim=2, input_dim=1)
     recommended_runner = ("em", {})
     fixed_point_kind = "affine"  # y*_k of each regime's AR recursion, via its companion form
 

@@ -54,6 +54,10 @@ class Model:
     #: ``dynamics_bias`` sites); "conditions": per condition of the inputs (CLDS); "drift_roots": the roots
     #: of a latent SDE's drift
     fixed_point_kind: ClassVar[Optional[str]] = None
+    #: a small configuration (constructor options) that exercises the model's main features on tiny data;
+    #: the conformance suite (tests/test_conformance.py) fits every registered model with it, so a new model
+    #: is checked by declaring it. A subclass declares its own (the suite does not inherit a parent's).
+    example_config: ClassVar[Optional[dict]] = None
 
     # ----- data ---------------------------------------------------------------------------------
     def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:

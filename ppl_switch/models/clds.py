@@ -154,6 +154,7 @@ class CLDS(Model):
     """
 
     name = "clds"
+    example_config = dict(latent_dim=2, obs_dim=3, input_dim=1, basis={"type": "FourierBasis", "num_frequencies": 3})
     fixed_point_kind = "conditions"  # x*(u) = (I - A(u))^-1 b(u) on a grid of input conditions
     recommended_runner = ("em", {"num_iters": 200, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {"num_steps": 1000, "learning_rate": 0.01})})  # exact MAP-EM; Poisson: path-guide SVI
     num_states = 0

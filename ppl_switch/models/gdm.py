@@ -60,6 +60,7 @@ class GDM(GDMBase):
     """
 
     name = "gdm"
+    example_config = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)
     fixed_point_kind = "affine"  # per regime, in the projected space x = F y (and back in y)
     recommended_runner = ("gdm_svi", {"start": "auto", "projection": "auto"})  # GS-BBVI from the segmentation start (model card)
     _config_keys = ("num_states", "latent_dim", "obs_dim", "input_dim", "emission", "sticky", "transition", "gru_hidden",
@@ -285,7 +286,7 @@ class GDM(GDMBase):
         return data, truth
 
     def _simulate_trial(self, key, params, num_timesteps, inputs):
-        N, K = self.obs_dim, self.num_states
+        N = self.obs_dim
         tau = self.temperature
         F = self.projection(params, N)
         gamma = self.gamma(params)

@@ -71,6 +71,7 @@ class GDMMixture(GDMBase):
     """
 
     name = "gdm_mixture"
+    example_config = dict(num_states=2, latent_dim=2, obs_dim=3)
     _config_keys = ("num_states", "latent_dim", "obs_dim", "emission", "sticky", "state_noise", "temperature", "prior_scale")
     path_dims = {"x": ("trial", "time", "latent"), "z": ("trial", "time", "state")}
 

@@ -411,6 +411,7 @@ class GPSLDS(_LatentSDEModel):
     """
 
     name = "gpslds"
+    example_config = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01)
     recommended_runner = ("svi_path_refinement", {"num_rounds": 2, "latent_scale": 2.0})  # the card's refined SVI fit
 
     def __init__(self, num_states: int = 2, latent_dim: int = 2, obs_dim: Optional[int] = None, input_dim: int = 0, *,
@@ -623,6 +624,7 @@ class GPSDE(_LatentSDEModel):
     """
 
     name = "gpsde"
+    example_config = dict(latent_dim=2, obs_dim=3, input_dim=1, emission="gaussian", dt=0.01, num_basis=4)
 
     def __init__(self, latent_dim: int = 2, obs_dim: Optional[int] = None, input_dim: int = 0, *, dt: float = 0.001,
                  emission: str = "point_process", link: str = "softplus", num_basis: int = 10, box: float = 15.0,

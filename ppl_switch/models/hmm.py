@@ -200,6 +200,7 @@ class HMM(StateChainModel):
     """
 
     name = "hmm"
+    example_config = dict(num_states=2, obs_dim=2)
     recommended_runner = ("em", {})
 
     def __init__(

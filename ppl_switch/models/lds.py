@@ -73,6 +73,7 @@ class LDS(Model):
     """
 
     name = "lds"
+    example_config = dict(latent_dim=2, obs_dim=3, input_dim=1)
     num_states = 0
     recommended_runner = ("em", {})
     fixed_point_kind = "affine"  # x* = (I - A)^-1 b per draw
@@ -218,7 +219,7 @@ class LDS(Model):
         (filter with :meth:`filter_mask`, which drops step 0); ``simulate=True`` uses N(0, I) instead."""
         params = self.full_params(params)
         H = self.latent_dim
-        N, T = data.num_trials, data.num_timesteps
+        N = data.num_trials
         A = jnp.asarray(params["dynamics_matrix"])
         C = jnp.asarray(params["emission_matrix"])
         b = jnp.asarray(params["dynamics_bias"])

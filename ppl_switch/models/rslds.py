@@ -204,6 +204,7 @@ class RSLDS(SLDS):
     """
 
     name = "rslds"
+    example_config = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)
     recommended_runner = ("em", {"num_restarts": 3, "num_iters": 100, "requires": {"emission": ("gaussian", "bernoulli")}, "otherwise": ("svi", {})})  # Laplace EM, best of 3 (model card)
     # no transition_concentration (no Dirichlet on P) and no path_parameterisation: the rSLDS path is
     # always centred (its Laplace EM works on x)

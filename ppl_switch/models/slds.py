@@ -141,6 +141,7 @@ class SLDS(Model):
     """
 
     name = "slds"
+    example_config = dict(num_states=2, latent_dim=2, obs_dim=3, input_dim=1)
     fixed_point_kind = "switching"  # x*_k = (I - A_k)^-1 b_k per regime and draw
     recommended_runner = ("em", {"num_restarts": 4, "num_iters": 100, "requires": {"emission": ("gaussian",)}, "otherwise": ("svi", {})})  # structured mean-field EM (model card)
     #: the constructor arguments :meth:`config` records, in order (a subclass lists its own)

@@ -50,11 +50,11 @@ _SCAN_UNROLL = 1
 _BROADCAST_PRODUCT_MAX_K = 32
 
 
-#: the sequential filter emits p(z_t | y_{0:t-1}) from its scan on jax >= 0.10, and recomputes them afterwards
+#: the sequential filter emits p(z_t | y_{0:t-1}) from its scan on jax >= 0.12, and recomputes them afterwards
 #: with one batched product on older jax: XLA's CPU backend changed which is faster (K = 25, T = 1e4 filter:
-#: 1.6 against 2.3 ms on jax 0.12.1; 5.7 against 2.9 ms on 0.9.2); benchmarks/results.md, "HMM sequential
-#: step form". Same values either way (a product of the same numbers).
-_PREDICTED_FROM_SCAN = tuple(jax.__version_info__[:2]) >= (0, 10)
+#: 1.6 against 2.3 ms on jax 0.12.1; 5.7-6.4 against 2.9 ms on 0.9.2, 0.10.2 and 0.11.2); benchmarks/results.md,
+#: "HMM sequential step form". Same values either way (a product of the same numbers).
+_PREDICTED_FROM_SCAN = tuple(jax.__version_info__[:2]) >= (0, 12)
 
 
 def _row_times_matrix(v: Array, A: Array) -> Array:
@@ -200,7 +200,7 @@ def _forward_sequential(inputs: _Inputs, lik: Array, emit_predicted: bool = Fals
     """Forward pass; returns filtered (T, K) and the per-step normalisers c (T,) (and with
     ``emit_predicted`` the predicted probabilities (T, K) too).
 
-    Without ``emit_predicted`` the scan emits only what the recursion needs: on jax < 0.10 also emitting
+    Without ``emit_predicted`` the scan emits only what the recursion needs: on jax < 0.12 also emitting
     the predicted vectors costs ~2x on CPU, so :func:`hmm_filter` recomputes them afterwards there
     (``_PREDICTED_FROM_SCAN``).
     """

@@ -19,7 +19,7 @@ Observation likelihoods on the grid (bin width ``dt``, rate ``lam`` in events pe
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
