@@ -165,11 +165,15 @@ def as_sequence_data(
     if mask is None:
         mask_arr = np.broadcast_to(in_length, y_arr.shape) & ~np.isnan(y_arr)
     else:
-        mask_arr, _ = _as_3d(mask, "mask", object)
+        mask_arr, mask_lengths = _as_3d(mask, "mask", object)
+        if mask_lengths is not None and not np.array_equal(mask_lengths, lengths):
+            raise DataError(f"mask: a list of trials of lengths {mask_lengths.tolist()}, but the trials of y have "
+                            f"lengths {lengths.tolist()}; pass one mask per trial, shaped like that trial of y")
         if mask_arr.shape[:2] != y_arr.shape[:2] or mask_arr.shape[2] not in (1, dim):
             raise DataError(f"mask: expected shape {y_arr.shape} (same as y), got {mask_arr.shape}")
-        # NaN padding (from a ragged list) counts as unobserved.
-        mask_arr = np.where(mask_arr == None, False, mask_arr)  # noqa: E711
+        if mask_lengths is not None:  # a ragged list: its padding (NaN) is past each trial's end, unobserved
+            mask_arr = np.where(in_length, mask_arr, False)
+        mask_arr = np.where(mask_arr == None, False, mask_arr)  # noqa: E711  (None entries: unobserved)
         if not np.all(np.isin(mask_arr, [True, False, 0, 1])):
             raise DataError("mask: expected booleans (True = observed)")
         mask_arr = np.broadcast_to(mask_arr.astype(bool), y_arr.shape) & in_length
