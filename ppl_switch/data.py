@@ -217,6 +217,13 @@ def as_sequence_data(
     return SequenceData(y_clean, mask_arr, lengths, inputs_arr)
 
 
+def partly_observed_steps(mask) -> bool:
+    """Whether some step of a (..., T, D) mask has observed and missing entries both (what the closed-form
+    EMs with a full emission covariance check before compiling)."""
+    mask = np.asarray(mask)
+    return bool((mask.any(-1) & ~mask.all(-1)).any())
+
+
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
     """Return ``value`` as int, or raise naming ``name`` if it is not an integer >= minimum."""
     if isinstance(value, bool) or not float(value).is_integer() or int(value) < minimum:

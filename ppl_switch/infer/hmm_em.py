@@ -37,7 +37,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import gammaln, xlogy
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.infer.sharding import real_trials
 from ppl_switch.models import arhmm as arhmm_mod
@@ -245,12 +245,6 @@ def conditional_fill(w, y0, mask, means, covs):
     )
     cov_sum = 0.5 * (cov_sum + jnp.swapaxes(cov_sum, -1, -2))
     return fill.reshape(-1, K, D)[:n].reshape(N, T, K, D), cov_sum
-
-
-def partly_observed_steps(mask) -> bool:
-    """Whether some step (..., T, D) has observed and missing entries both."""
-    mask = np.asarray(mask)
-    return bool((mask.any(-1) & ~mask.all(-1)).any())
 
 
 # ----------------------------------------------------------------------------------------------

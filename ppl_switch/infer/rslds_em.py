@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppl_switch.infer.rslds_laplace_em as lem
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.infer.prepare import check_float
 from ppl_switch.infer.slds_em import em_groups
@@ -78,7 +78,7 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
     tol = check_float(tol, "tol", 0.0, open_low=False)
     num_newton = check_positive_int(num_newton, "num_newton")
     mask = np.asarray(data.mask)
-    if model.emission == "gaussian" and model.emission_cov == "full" and (mask.any(-1) & ~mask.all(-1)).any():
+    if model.emission == "gaussian" and model.emission_cov == "full" and partly_observed_steps(mask):
         raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
     learn = em_groups(model, learn, params)
     if model.emission == "bernoulli":

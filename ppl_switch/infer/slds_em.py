@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.models.slds import em_initial_params, local_dynamics_paths, random_sticky_paths
 from ppl_switch.ops import switching as sw
@@ -74,10 +74,8 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
     num_iters = check_positive_int(num_iters, "num_iters")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
     mask = np.asarray(data.mask)
-    if model.emission_cov == "full":
-        partial = mask.any(-1) & ~mask.all(-1)
-        if partial.any():
-            raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
+    if model.emission_cov == "full" and partly_observed_steps(mask):
+        raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
     learn = em_groups(model, learn, params)
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = jnp.result_type(float)

@@ -48,7 +48,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.autoguide import AutoNormal
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitWarning
 from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
@@ -764,10 +764,8 @@ class CLDS(Model):
         if not isinstance(data, SequenceData):
             data = self.prepare(data, inputs=inputs, mask=mask, lengths=lengths)
         num_iters = check_positive_int(num_iters, "num_iters")
-        if self.emission_cov == "full":
-            partial = data.mask.any(-1) & ~data.mask.all(-1)
-            if np.any(partial):
-                raise DataError("mask: EM with emission_cov='full' needs whole time steps observed or missing")
+        if self.emission_cov == "full" and partly_observed_steps(data.mask):
+            raise DataError("mask: EM with emission_cov='full' needs whole time steps observed or missing")
         params = self._init_params(jax.random.PRNGKey(seed), data) if init_params is None else dict(init_params)
         params = {k: jnp.asarray(v) for k, v in params.items() if k not in self.fixed}
         data = jax.tree.map(jnp.asarray, data)  # on device once, not at every iteration

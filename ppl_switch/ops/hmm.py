@@ -49,7 +49,6 @@ _SCAN_UNROLL = 1
 #: 7.5 against 17.6 ms); benchmarks/results.md, "HMM sequential step form"
 _BROADCAST_PRODUCT_MAX_K = 32
 
-
 #: the sequential filter emits p(z_t | y_{0:t-1}) from its scan on jax >= 0.12, and recomputes them afterwards
 #: with one batched product on older jax: XLA's CPU backend changed which is faster (K = 25, T = 1e4 filter:
 #: 1.6 against 2.3 ms on jax 0.12.1; 5.7-6.4 against 2.9 ms on 0.9.2, 0.10.2 and 0.11.2); benchmarks/results.md,
@@ -62,7 +61,6 @@ def _row_times_matrix(v: Array, A: Array) -> Array:
     if A.shape[-1] <= _BROADCAST_PRODUCT_MAX_K:
         return (v[:, None] * A).sum(0)
     return v @ A
-
 
 
 class HMMFilterResult(NamedTuple):
@@ -371,7 +369,7 @@ def hmm_filter(
     lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
     if _PREDICTED_FROM_SCAN and not parallel:
         filtered, c, predicted = _forward_sequential(inputs, lik, emit_predicted=True)
-        return HMMFilterResult(jnp.sum(jnp.log(c)) + jnp.sum(shift), filtered, predicted)
+        return HMMFilterResult(_log_normalizer(c, shift), filtered, predicted)
     filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
     return HMMFilterResult(log_normalizer, filtered, _predicted(inputs, filtered))
 
@@ -408,7 +406,12 @@ def _forward(inputs: _Inputs, lik: Array, shift: Array, parallel: bool) -> tuple
     if parallel:
         return _forward_parallel(inputs, lik, shift)
     filtered, c = _forward_sequential(inputs, lik)
-    return filtered, jnp.sum(jnp.log(c)) + jnp.sum(shift)
+    return filtered, _log_normalizer(c, shift)
+
+
+def _log_normalizer(c: Array, shift: Array) -> Array:
+    """log p(y) from the sequential pass's per-step normalisers c (T,) and the likelihoods' log shifts (T,)."""
+    return jnp.sum(jnp.log(c)) + jnp.sum(shift)
 
 
 def _smoothed_and_pairwise(inputs: _Inputs, lik: Array, filtered: Array, betas: Array, sums: Array):
