@@ -71,13 +71,37 @@ class SwitchingLinearChain(dist.Distribution):
 
         return jax.vmap(one)(x, self.dynamics_biases, self.time_mask)
 
+    def chain_log_normalizers(self, x, regime_log_likelihoods):
+        """(B,) log of the sum over regime paths of p(z) prod_t p(x_t | x_{t-1}, z_t) per trial (forward
+        algorithm); ``regime_log_likelihoods`` (B, T, K). A subclass with other transitions overrides this."""
+        return jax.vmap(lambda l, m: hmm_filter(self.initial_probs, self.transition_matrix, l, m).log_normalizer)(
+            regime_log_likelihoods, self.time_mask)
+
     def log_prob(self, x):
         """(B,) log p(x_n) of each trial's path."""
         ll = self.regime_log_likelihoods(x)
         init = dist.MultivariateNormal(self.initial_mean, scale_tril=self.initial_scale_tril).log_prob(x[:, 0])
-        chain = jax.vmap(lambda l, m: hmm_filter(self.initial_probs, self.transition_matrix, l, m).log_normalizer)(ll, self.time_mask)
+        chain = self.chain_log_normalizers(x, ll)
         pad = jnp.sum(jnp.where(self.time_mask[..., None], 0.0, -0.5 * x**2 - 0.5 * _LOG_2PI), (-2, -1))
         return init + chain + pad
+
+    def ancestral_step_inputs(self, z_keys, eps):
+        """The per-step inputs of :meth:`ancestral_step`, leading axis T-1: a key per step, the dynamics noise
+        (T-1, B, D) and the biases (T-1, B, K, D). A subclass may add its own."""
+        return z_keys, eps, jnp.swapaxes(self.dynamics_biases, 0, 1)
+
+    def ancestral_step(self, carry, inp):
+        """One step of the ancestral draw: (z (B,), x (B, D)) and this step's inputs -> the next (z, x)."""
+        z, x = carry
+        key_t, e, b_t = inp  # b_t (B, K, D)
+        z_next = jax.random.categorical(key_t, jnp.log(self.transition_matrix)[z])
+        return z_next, self.regime_move(z_next, x, b_t, e)
+
+    def regime_move(self, z_next, x, b_t, e):
+        """x_{t+1} = A_z x_t + b_z + L_z e for the regimes z_next (B,) entered; x (B, D), b_t (B, K, D), e (B, D)."""
+        A = self.dynamics_matrices[z_next]
+        L = self.dynamics_scale_trils[z_next]
+        return jnp.einsum("bij,bj->bi", A, x) + jnp.take_along_axis(b_t, z_next[:, None, None], 1)[:, 0] + jnp.einsum("bij,bj->bi", L, e)
 
     def sample_with_states(self, key):
         """Ancestral draw: (z (B, T) int32, -1 past the end; x (B, T, D))."""
@@ -87,21 +111,14 @@ class SwitchingLinearChain(dist.Distribution):
         dtype = jnp.result_type(self.initial_mean, float)
         z0 = jax.random.categorical(k_z0, jnp.log(self.initial_probs), shape=(B,))
         x0 = self.initial_mean + jax.random.normal(k_x0, (B, D), dtype) @ self.initial_scale_tril.T
-        log_P = jnp.log(self.transition_matrix)
-        u = jax.random.split(k_z, T - 1) if T > 1 else None
-        eps = jax.random.normal(k_x, (max(T - 1, 0), B, D), dtype)
 
         def step(carry, inp):
-            z, x = carry
-            key_t, e, b_t = inp  # b_t (B, K, D)
-            z_next = jax.random.categorical(key_t, log_P[z])
-            A = self.dynamics_matrices[z_next]
-            L = self.dynamics_scale_trils[z_next]
-            x_next = jnp.einsum("bij,bj->bi", A, x) + jnp.take_along_axis(b_t, z_next[:, None, None], 1)[:, 0] + jnp.einsum("bij,bj->bi", L, e)
-            return (z_next, x_next), (z_next, x_next)
+            new = self.ancestral_step(carry, inp)
+            return new, new
 
         if T > 1:
-            _, (zs, xs) = jax.lax.scan(step, (z0, x0), (u, eps, jnp.swapaxes(self.dynamics_biases, 0, 1)))
+            eps = jax.random.normal(k_x, (T - 1, B, D), dtype)
+            _, (zs, xs) = jax.lax.scan(step, (z0, x0), self.ancestral_step_inputs(jax.random.split(k_z, T - 1), eps))
             z = jnp.concatenate([z0[:, None], zs.T], 1)
             x = jnp.concatenate([x0[:, None], jnp.swapaxes(xs, 0, 1)], 1)
         else:

@@ -34,7 +34,6 @@ start helpers :func:`gaussian_view` and :func:`bernoulli_bias`.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -98,48 +97,25 @@ class RecurrentSwitchingChain(SwitchingLinearChain):
             return jax.vmap(lambda x_b: path_transition_logits(self.kind, self.transitions, x_b))(x)
         return jax.vmap(lambda x_b, u_b: path_transition_logits(self.kind, self.transitions, x_b, u_b))(x, self.inputs)
 
-    def log_prob(self, x):
-        """(B,) log p(x_n) of each trial's path."""
-        ll = self.regime_log_likelihoods(x)
-        logits = self.transition_logits(x)
+    def chain_log_normalizers(self, x, regime_log_likelihoods):
+        """As :meth:`SwitchingLinearChain.chain_log_normalizers`, with the transitions of each step along x."""
         log_pi0 = jnp.log(self.initial_probs)
-        chain = jax.vmap(lambda lg, l, m: hmm_log_normalizer_from_logits(log_pi0, lg, l, m))(logits, ll, self.time_mask)
-        init = dist.MultivariateNormal(self.initial_mean, scale_tril=self.initial_scale_tril).log_prob(x[:, 0])
-        pad = jnp.sum(jnp.where(self.time_mask[..., None], 0.0, -0.5 * x**2 - 0.5 * math.log(2 * math.pi)), (-2, -1))
-        return init + chain + pad
+        return jax.vmap(lambda lg, l, m: hmm_log_normalizer_from_logits(log_pi0, lg, l, m))(
+            self.transition_logits(x), regime_log_likelihoods, self.time_mask)
 
-    def sample_with_states(self, key):
-        """Ancestral draw: (z (B, T) int32, -1 past the end; x (B, T, D))."""
+    def ancestral_step_inputs(self, z_keys, eps):
+        """The base chain's step inputs plus the input u at each destination step (T-1, B, U)."""
         B, T = self.batch_shape[0], self.event_shape[0]
-        D = self.event_shape[1]
-        k_z0, k_z, k_x0, k_x, k_pad = jax.random.split(key, 5)
-        dtype = jnp.result_type(self.initial_mean, float)
-        z0 = jax.random.categorical(k_z0, jnp.log(self.initial_probs), shape=(B,))
-        x0 = self.initial_mean + jax.random.normal(k_x0, (B, D), dtype) @ self.initial_scale_tril.T
-        u_all = jnp.zeros((B, T, 0), dtype) if self.inputs is None else jnp.asarray(self.inputs, dtype)
+        u_all = jnp.zeros((B, T, 0), eps.dtype) if self.inputs is None else jnp.asarray(self.inputs, eps.dtype)
+        return super().ancestral_step_inputs(z_keys, eps) + (jnp.swapaxes(u_all[:, 1:], 0, 1),)
 
-        def step(carry, inp):
-            z, x = carry
-            key_t, e, b_t, u_t = inp  # b_t (B, K, D), u_t (B, U) input at the destination step
-            logits = transition_logits(self.kind, self.transitions, x, u_t if u_t.shape[-1] else None)  # (B, K, K)
-            z_next = jax.random.categorical(key_t, jnp.take_along_axis(logits, z[:, None, None], 1)[:, 0])
-            A = self.dynamics_matrices[z_next]
-            L = self.dynamics_scale_trils[z_next]
-            x_next = (jnp.einsum("bij,bj->bi", A, x) + jnp.take_along_axis(b_t, z_next[:, None, None], 1)[:, 0]
-                      + jnp.einsum("bij,bj->bi", L, e))
-            return (z_next, x_next), (z_next, x_next)
-
-        if T > 1:
-            eps = jax.random.normal(k_x, (T - 1, B, D), dtype)
-            xs_in = (jax.random.split(k_z, T - 1), eps, jnp.swapaxes(self.dynamics_biases, 0, 1), jnp.swapaxes(u_all[:, 1:], 0, 1))
-            _, (zs, xs) = jax.lax.scan(step, (z0, x0), xs_in)
-            z = jnp.concatenate([z0[:, None], zs.T], 1)
-            x = jnp.concatenate([x0[:, None], jnp.swapaxes(xs, 0, 1)], 1)
-        else:
-            z, x = z0[:, None], x0[:, None]
-        tm = self.time_mask
-        x = jnp.where(tm[..., None], x, jax.random.normal(k_pad, x.shape, dtype))
-        return jnp.where(tm, z, -1).astype(jnp.int32), x
+    def ancestral_step(self, carry, inp):
+        """The base chain's step with the transition row of the current regime at the current x (and u)."""
+        z, x = carry
+        key_t, e, b_t, u_t = inp  # b_t (B, K, D), u_t (B, U) input at the destination step
+        logits = transition_logits(self.kind, self.transitions, x, u_t if u_t.shape[-1] else None)  # (B, K, K)
+        z_next = jax.random.categorical(key_t, jnp.take_along_axis(logits, z[:, None, None], 1)[:, 0])
+        return z_next, self.regime_move(z_next, x, b_t, e)
 
 
 # --------------------------------------------------------------------------------------------------
