@@ -252,6 +252,39 @@ MUTANTS = [
         ("tests/test_conformance.py", "-k", "declares_an_example_config"),
         "a model the conformance suite would silently skip (the LDS, here)",
     ),
+    # ----- padding trials of devices= in the SLDS-family EMs; EM memory (2026-12-06, sixth session) -----
+    Mutant(
+        "padding trial initial-state statistics counted",
+        "ppl_switch/ops/switching.py",
+        "    real = time_mask[:, 0]\n",
+        "    real = jnp.ones_like(time_mask[:, 0])\n",
+        ("tests/test_sharding.py", "-k", "padding_trials_add_nothing"),
+        "a length-0 trial that devices= adds pulls the initial mean and covariance towards its prior",
+    ),
+    Mutant(
+        "padding trial ELBO counted",
+        "ppl_switch/ops/switching.py",
+        "    return jnp.sum(jnp.where(time_mask[:, 0], per_trial, 0.0))",
+        "    return jnp.sum(per_trial)",
+        ("tests/test_sharding.py", "-k", "padding_trials_add_nothing"),
+        "the objective on N devices differs from one device's by the padding trials' prior terms",
+    ),
+    Mutant(
+        "expected transition counts without the transition matrix",
+        "ppl_switch/ops/hmm.py",
+        "        counts = inputs.transition * (row.T @ later)",
+        "        counts = row.T @ later",
+        ("tests/test_ops_hmm.py", "-k", "posterior_stats"),
+        "the memory-light EM statistics drop the factor A_ij of p(z_t = i, z_{t+1} = j | y)",
+    ),
+    Mutant(
+        "expected transition counts ignore the pair weights",
+        "ppl_switch/ops/hmm.py",
+        "        row = row * jnp.asarray(pair_weights, row.dtype)[:, None]",
+        "        row = row",
+        ("tests/test_ops_hmm.py", "-k", "posterior_stats"),
+        "pairs past a trial's end counted in the HMM and SLDS EMs' transition counts",
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ import pytest
 from ppl_switch.ops.hmm import (
     hmm_filter,
     hmm_log_normalizer_from_logits,
+    hmm_posterior_stats,
     hmm_sample,
     hmm_smoother,
     hmm_viterbi,
@@ -91,6 +92,24 @@ def test_filter_and_smoother_match_brute_force(parallel, time_varying, zeros):
     np.testing.assert_allclose(smooth.smoothed_probs, smoothed, atol=1e-10)
     np.testing.assert_allclose(smooth.pairwise_probs, pairwise, atol=1e-10)
     np.testing.assert_allclose(smooth.filtered_probs, filt.filtered_probs, atol=1e-10)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("time_varying", [False, True])
+def test_posterior_stats_are_weighted_brute_force_transition_counts(parallel, time_varying):
+    """The EM statistics without pairwise marginals: counts = sum_t w_t p(z_t, z_{t+1} | y) (weights that
+    differ per pair, one of them 0), smoothed marginals and log Z, all from enumeration; a masked step too."""
+    initial, transition, ll = random_hmm(4, zeros=True, time_varying=time_varying)
+    mask = np.array([True, True, False, True, True])
+    log_z, paths, probs = brute_force(initial, transition, ll, mask)
+    smoothed, pairwise = marginals(paths, probs, K)
+    weights = np.array([1.0, 0.0, 2.5, 0.5])
+    stats = hmm_posterior_stats(initial, transition, ll, mask, weights, parallel=parallel)
+    np.testing.assert_allclose(stats.log_normalizer, log_z, rtol=1e-10)
+    np.testing.assert_allclose(stats.smoothed_probs, smoothed, atol=1e-10)
+    np.testing.assert_allclose(stats.transition_counts, np.einsum("t,tij->ij", weights, pairwise), atol=1e-10)
+    unweighted = hmm_posterior_stats(initial, transition, ll, mask, parallel=parallel)
+    np.testing.assert_allclose(unweighted.transition_counts, pairwise.sum(0), atol=1e-10)
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -303,8 +303,8 @@ def _m_step_inputs(post, gamma, y, dtype):
     T = y.shape[1]
     mask, tm, u = jnp.ones(y.shape, bool), jnp.ones((1, T), bool), jnp.zeros((1, T, 0), dtype)
     pairwise = gamma[:, :-1, :, None] * gamma[:, 1:, None, :]
-    stats = jax.vmap(sw._sufficient_stats)(post, gamma, pairwise, y, mask, tm, u)
-    return mask, tm, u, sw._sum_trials(stats)
+    stats = jax.vmap(sw.sufficient_stats)(post, gamma, jax.vmap(sw.pair_counts)(pairwise, tm), y, mask, tm, u)
+    return mask, tm, u, sw.sum_trials(stats, tm)
 
 
 @float64

@@ -82,9 +82,9 @@ def fit_em(model, data, *, mask=None, lengths=None, inputs=None, seed: int = 0, 
     ``devices``: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a
     ``jax.sharding.Mesh`` with a ``"trial"`` axis. The trials are padded with empty trials to a multiple
     of the device count and split over the devices; the EM's sums over trials run as cross-device
-    reductions inside its one compiled program (:mod:`ppl_switch.infer.sharding`). Supported by the
-    HMM, ARHMM and LDS EMs (same result as one device up to float rounding); other models' EMs (SLDS,
-    rSLDS, ...) raise a ValueError naming ``devices``.
+    reductions inside its compiled program (:mod:`ppl_switch.infer.sharding`). Supported by the
+    HMM, ARHMM, LDS, SLDS and rSLDS EMs (same result as one device up to float rounding); an EM without a
+    ``devices`` argument (the CLDS's, a user model's) raises a ValueError naming ``devices``.
 
     Returns a :class:`Fit` whose ``params`` is the point estimate and whose ``samples`` hold it as one
     draw of one chain ``(1, 1, ...)``. ``fit.warnings`` (also emitted as FitWarning) reports data far

@@ -29,7 +29,7 @@ import optax
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.gdm_guides import MAP_SUFFIX, LinearGuide, MixtureGuide
 from ppl_switch.models.gdm import GDM
-from ppl_switch.ops.hmm import hmm_smoother
+from ppl_switch.ops.hmm import hmm_posterior_stats
 
 __all__ = ["HardStateFit", "hard_state_em", "pca_projection", "segmentation_start"]
 
@@ -135,9 +135,9 @@ def _weighted_regressions(regressors, targets, weights, ridge: float = 1e-6):
 def _smooth_trials(transition, log_likelihoods, mask):
     """Forward-backward per trial: (trials, pairs, K) marginals, (trials, K, K) summed pairwise, (trials,) log Z."""
     K = transition.shape[0]
-    out = jax.vmap(lambda ll, m: hmm_smoother(jnp.full(K, 1.0 / K), transition, ll, m))(log_likelihoods, mask)
-    pairwise = jnp.sum(out.pairwise_probs * (mask[:, 1:] & mask[:, :-1])[..., None, None], 1)
-    return out.smoothed_probs, pairwise, out.log_normalizer
+    both = (mask[:, 1:] & mask[:, :-1]).astype(log_likelihoods.dtype)  # pairs of two valid steps
+    out = jax.vmap(lambda ll, m, w: hmm_posterior_stats(jnp.full(K, 1.0 / K), transition, ll, m, w))(log_likelihoods, mask, both)
+    return out.smoothed_probs, out.transition_counts, out.log_normalizer
 
 
 def _em_from(labels, K, regressors, targets, pair_mask, num_iters, transition_pseudocount):

@@ -1,6 +1,6 @@
 """Closed-form EM (Baum-Welch) for the HMM and the ARHMM, as functions of (model, data).
 
-E-step: the forward-backward smoother (:func:`ppl_switch.ops.hmm.hmm_smoother`) on the model's own
+E-step: the forward-backward smoother (:func:`ppl_switch.ops.hmm.hmm_posterior_stats`) on the model's own
 emission log-likelihoods, so masks, ragged trials and the ARHMM's first-lags convention are exactly the
 model's. M-step (weights w_tk = p(z_t = k | y) on observed steps, pairs inside each trial's length):
 
@@ -42,7 +42,7 @@ from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run
 from ppl_switch.infer.sharding import real_trials
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
-from ppl_switch.ops.hmm import hmm_smoother, stationary_distribution
+from ppl_switch.ops.hmm import hmm_posterior_stats, stationary_distribution
 
 #: gradient steps on the transition logits in the stationary-initial M-step
 STATIONARY_STEPS = 20
@@ -315,9 +315,10 @@ def _build_program(model, num_iters: int, tol: float, use_map: bool, min_covar: 
             site = _to_sites(model, p)
             ll = model.emission_log_likelihoods(site, data)
             pi, P = site["initial_probs"], site["transition_matrix"]
-            sm = jax.vmap(lambda l, m: hmm_smoother(pi, P, l, m))(ll, step)
+            # expected transition counts without the (N, T-1, K, K) pairwise marginals (memory O(N T K))
+            sm = jax.vmap(lambda l, m, w: hmm_posterior_stats(pi, P, l, m, w))(ll, step, pair_ok.astype(dtype))
             gamma = sm.smoothed_probs * step[..., None]
-            counts = jnp.einsum("ntij,nt->ij", sm.pairwise_probs, pair_ok.astype(dtype))
+            counts = sm.transition_counts.sum(0)
             loglik = jnp.where(real, sm.log_normalizer, 0.0).sum()  # a padding trial's is 0 only up to rounding
             obj = loglik + _log_prior(model, site) if use_map else loglik
             return (gamma, counts, sm.smoothed_probs[:, 0] * real[:, None]), loglik, obj

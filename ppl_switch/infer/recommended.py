@@ -204,7 +204,7 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
         seed: same seed, same numbers. x64: float64 for the process (default float32).
         progress_bar: show the runner's progress bar where it has one.
         devices: None, a number of devices, a list of ``jax.Device`` or a Mesh with a ``"trial"`` axis,
-            passed to the runner: ``em`` (HMM, ARHMM, LDS) and ``svi`` split the trials over the devices,
+            passed to the runner: ``em`` (HMM, ARHMM, LDS, SLDS, rSLDS) and ``svi`` split the trials over the devices,
             ``nuts`` runs one chain per device (see :func:`fit_em`, :func:`fit_svi`, :func:`fit_nuts`);
             the other runners and EMs raise a ValueError naming ``devices``.
         **overrides: options for the runner that runs (replace the model's recommended ones), e.g.

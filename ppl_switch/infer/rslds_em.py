@@ -21,6 +21,7 @@ import ppl_switch.infer.rslds_laplace_em as lem
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.infer.prepare import check_float
+from ppl_switch.infer.sharding import resolve_mesh, shard_per_trial, shard_trials, unpad_trials
 from ppl_switch.infer.slds_em import em_groups
 from ppl_switch.models.rslds import EMISSION_BIAS_PRIOR_SCALE, EMISSION_MATRIX_PRIOR_SCALE, bernoulli_bias, gaussian_view
 from ppl_switch.models.slds import SLDS, em_initial_params, least_squares_latents, local_dynamics_paths, random_sticky_paths
@@ -29,7 +30,8 @@ from ppl_switch.ops import switching as sw
 
 def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num_iters: int = 100,
              num_restarts: int = 3, num_newton: int = 3, screen_iters: Optional[int] = None, tol: float = 0.0,
-             tied_dynamics_cov: bool = False, smoothing_width: float = 5.0, return_posterior: bool = False):
+             tied_dynamics_cov: bool = False, smoothing_width: float = 5.0, return_posterior: bool = False,
+             devices=None):
     """Laplace-type variational EM, the fast path (see :mod:`ppl_switch.infer.rslds_laplace_em`).
 
     Start (deterministic given ``key``): PCA of y (of a Gaussian-smoothed y for Bernoulli emissions,
@@ -59,6 +61,11 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
         tol: relative objective gain over 5 iterations below which the run stops (0: never).
         tied_dynamics_cov: one Q shared by the regimes.
         return_posterior: also return the :class:`~ppl_switch.infer.rslds_laplace_em.LaplaceEMPosterior`.
+        devices: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a Mesh
+            with a ``"trial"`` axis: the starts are built on the host from the unpadded data as on one
+            device; then the trials (data and per-trial q) are padded with empty trials to a multiple of
+            the device count and split over the devices (:mod:`ppl_switch.infer.sharding`), and every
+            iteration's sums over trials are cross-device reductions inside its compiled program.
 
     Returns:
         ``(params, history)`` like :func:`~ppl_switch.infer.slds_em.slds_em`: site-form point estimate
@@ -83,17 +90,22 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
     learn = em_groups(model, learn, params)
     if model.emission == "bernoulli":
         learn = learn - {"emission_cov"}
+    mesh = resolve_mesh(devices)  # checked before anything compiles
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = jnp.result_type(float)
     B, T, N = data.y.shape
+    placed = data if mesh is None else shard_trials(data, mesh, dtype)  # padded to B_pad trials, sharded
+    y = jnp.asarray(placed.y, dtype)
     arrays = dict(
-        y=jnp.asarray(data.y, dtype), mask=jnp.asarray(mask), time_mask=jnp.asarray(data.time_mask),
-        inputs=jnp.asarray(data.inputs, dtype) if model.input_dim else jnp.zeros((B, T, 0), dtype),
+        y=y, mask=jnp.asarray(placed.mask), time_mask=jnp.arange(T) < jnp.asarray(placed.lengths)[:, None],
+        inputs=jnp.asarray(placed.inputs, dtype) if model.input_dim else jnp.zeros(y.shape[:2] + (0,), dtype),
     )
     if params is not None:
         starts = [_state_from_params(model, params, data, dtype)]
     else:
         starts = _initial_states(model, data, key, num_restarts, dtype, float(smoothing_width))
+    if mesh is not None:  # q of every trial placed where its trial lives (padding: copies of trial 0, masked)
+        starts = [s._replace(**shard_per_trial({f: getattr(s, f) for f in _PER_TRIAL}, mesh)) for s in starts]
     # one compiled iteration driven from Python: XLA:CPU was seen to stall (idle threads, no
     # progress) on some whole-loop programs at N = 10, T >= 300; single iterations do not
     settings = (model.transitions, model.emission, learn, num_newton, model.emission_cov == "diagonal", bool(tied_dynamics_cov))
@@ -149,6 +161,8 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
         warnings.warn(f"rslds_em: {len(failures)} of {len(starts)} starts became non-finite and were dropped: "
                       + "; ".join(failures), RuntimeWarning, stacklevel=2)
     best, state, trace, q = result
+    if mesh is not None:  # back to the host, padding trials dropped
+        q = q._replace(**unpad_trials({f: getattr(q, f) for f in q._fields}, B))
     out = model.params_from_em({**state.params, **state.transitions})
     out["x"] = np.asarray(q.means)
     out["q_state_probs"] = np.asarray(q.state_probs)
@@ -168,6 +182,9 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
 
 # --------------------------------------------------------------------------------------------------
 # Starts
+
+#: the per-trial fields of a LaplaceEMState (leading axis: trials)
+_PER_TRIAL = ("state_probs", "pairwise", "means", "jj_xi")
 
 
 def _state_from_params(model, params, data, dtype) -> lem.LaplaceEMState:

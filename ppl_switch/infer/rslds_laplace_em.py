@@ -281,7 +281,7 @@ def laplace_em(state: LaplaceEMState, y, mask, time_mask, inputs, em_prior: sw.E
         return run(s.state_probs, s.pairwise, s.means, s.jj_xi, y, mask, time_mask, inputs)
 
     def objective(s, elbo):
-        value = jnp.sum(elbo) + sw.em_log_prior(s.params, em_prior, diagonal, tied) + transition_log_prior(s.transitions, transition_prior)
+        value = sw.real_trial_sum(elbo, time_mask) + sw.em_log_prior(s.params, em_prior, diagonal, tied) + transition_log_prior(s.transitions, transition_prior)
         if emission == "bernoulli":
             value = value + bernoulli_emission_log_prior(s.params, emission_prior_scales, "emission_matrix" in learn)
         return value
@@ -290,8 +290,9 @@ def laplace_em(state: LaplaceEMState, y, mask, time_mask, inputs, em_prior: sw.E
         elbo, post, hmm, _ = e_step(s)
         value = objective(s, elbo)
         jj = jax.vmap(jj_update, in_axes=(None, 0))(s.params, post) if emission == "bernoulli" else s.jj_xi
-        stats = jax.vmap(sw._sufficient_stats)(post, hmm.smoothed_probs, hmm.pairwise_probs, y, mask, time_mask, inputs)
-        p = sw.em_m_step(s.params, sw._sum_trials(stats), em_prior, smf_learn, diagonal, tied)
+        counts = jax.vmap(sw.pair_counts)(hmm.pairwise_probs, time_mask)  # the transition M-step needs pairwise per t
+        stats = jax.vmap(sw.sufficient_stats)(post, hmm.smoothed_probs, counts, y, mask, time_mask, inputs)
+        p = sw.em_m_step(s.params, sw.sum_trials(stats, time_mask), em_prior, smf_learn, diagonal, tied)
         p = residual_covariances(p, post, hmm.smoothed_probs, y, mask, time_mask, inputs, em_prior, smf_learn, diagonal, tied)
         if emission == "bernoulli" and learn & {"emission_matrix", "emission_bias"}:
             p = bernoulli_emission_m_step(p, post, jj, y, mask, learn, emission_prior_scales)

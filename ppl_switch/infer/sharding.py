@@ -135,6 +135,32 @@ def shard_trials(data: SequenceData, mesh: Mesh, float_dtype=None) -> SequenceDa
     )
 
 
+def shard_per_trial(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` (per-trial state: leading axis the N real trials, e.g. an EM's q(z)
+    marginals or q(x) means) padded like :func:`shard_trials` and placed trial-sharded.
+
+    A padding trial gets a copy of trial 0's values: finite and in range (probabilities, bound
+    parameters), and irrelevant, since every statistic and objective term of a length-0 trial is masked.
+    """
+    multiple = num_shards(mesh)
+    s = trial_sharding(mesh)
+
+    def place(x):
+        x = np.asarray(x)
+        extra = -x.shape[0] % multiple
+        if extra:
+            x = np.concatenate([x, np.repeat(x[:1], extra, 0)])
+        return _place(x, s)
+
+    return jax.tree.map(place, tree)
+
+
+def unpad_trials(tree: Any, num_trials: int) -> Any:
+    """Every array leaf of ``tree`` (leading axis: padded trials) cut back to the first ``num_trials``,
+    as host numpy arrays (gathered from the devices)."""
+    return jax.tree.map(lambda a: np.asarray(a)[:num_trials], tree)
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Every array leaf of ``tree`` placed whole on every device of ``mesh`` (None leaves kept)."""
     return jax.device_put(tree, replicated(mesh))
@@ -198,7 +224,7 @@ def mask_padded_trials(program):
 def unsupported(runner: str, what: str) -> ValueError:
     """The one-line error of a runner that does not shard ``what`` yet."""
     return ValueError(
-        f"devices: {runner} does not shard {what} over devices yet; devices= works with fit_em for HMM, ARHMM and LDS, "
+        f"devices: {runner} does not shard {what} over devices yet; devices= works with fit_em for HMM, ARHMM, LDS, SLDS and rSLDS, "
         "with fit_svi for models without per-trial latent sites, and with fit_nuts as one chain per device; use devices=None"
     )
 
@@ -212,6 +238,8 @@ __all__ = [
     "real_trials",
     "replicate",
     "resolve_mesh",
+    "shard_per_trial",
     "shard_trials",
+    "unpad_trials",
     "unsupported",
 ]

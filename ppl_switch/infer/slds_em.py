@@ -21,6 +21,7 @@ import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
+from ppl_switch.infer.sharding import resolve_mesh, shard_per_trial, shard_trials, unpad_trials
 from ppl_switch.models.slds import em_initial_params, local_dynamics_paths, random_sticky_paths
 from ppl_switch.ops import switching as sw
 
@@ -40,7 +41,7 @@ def em_groups(model, learn, params) -> frozenset:
 
 
 def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num_iters: int = 100,
-            num_restarts: int = 4, tied_dynamics_cov: bool = False, return_posterior: bool = False):
+            num_restarts: int = 4, tied_dynamics_cov: bool = False, return_posterior: bool = False, devices=None):
     """Structured mean-field variational EM (closed-form updates; the fast path).
 
     q(z, x) = q(z) q(x): q(z) is an HMM posterior whose log-likelihoods are E_q(x) log N(x_t; A_k
@@ -62,6 +63,12 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
         num_iters: EM iterations.
         tied_dynamics_cov: fit one Q shared by the regimes (the returned Q_k are then equal).
         return_posterior: also return the :class:`~ppl_switch.ops.switching.EMTrialPosterior`.
+        devices: None (JAX's default device), a number of devices, a list of ``jax.Device`` or a Mesh
+            with a ``"trial"`` axis: the trials are padded with empty trials to a multiple of the device
+            count and split over the devices (:mod:`ppl_switch.infer.sharding`); q(x) and q(z) of each
+            trial are computed where it lives and the sufficient statistics and objective are summed
+            across devices inside the compiled program. The starts are computed on the host from the
+            unpadded data as on one device, so the result equals one device's up to float rounding.
 
     Returns:
         ``(params, history)``: site-form point estimate plus ``x`` (q(x) means, (B, T, D)) and
@@ -77,19 +84,22 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
     if model.emission_cov == "full" and partly_observed_steps(mask):
         raise DataError("mask: EM with emission_cov='full' needs every step fully observed or fully missing")
     learn = em_groups(model, learn, params)
+    mesh = resolve_mesh(devices)  # checked before anything compiles
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = jnp.result_type(float)
     B, T, N = data.y.shape
     K = model.num_states
-    y = jnp.asarray(data.y, dtype)
-    m = jnp.asarray(mask)
-    tm = jnp.asarray(data.time_mask)
-    u = jnp.asarray(data.inputs, dtype) if model.input_dim else jnp.zeros((B, T, 0), dtype)
+    placed = data if mesh is None else shard_trials(data, mesh, dtype)  # padded to B_pad trials, sharded
+    y = jnp.asarray(placed.y, dtype)
+    m = jnp.asarray(placed.mask)
+    tm = jnp.arange(T) < jnp.asarray(placed.lengths)[:, None]  # (B_pad, T); all False on a padding trial
+    u = jnp.asarray(placed.inputs, dtype) if model.input_dim else jnp.zeros(y.shape[:2] + (0,), dtype)
+    per_trial = (lambda a: a) if mesh is None else (lambda a: shard_per_trial(a, mesh))
     prior = model.em_prior(N, dtype)
     diagonal = model.emission_cov == "diagonal"
     if params is not None:
         p0 = [model.params_to_em(params, dtype)]
-        gammas = [jnp.full((B, T, K), 1.0 / K, dtype)]
+        gammas = [per_trial(jnp.full((B, T, K), 1.0 / K, dtype))]
         needs_init_step = False
     else:
         seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
@@ -109,7 +119,7 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
         starts = local_dynamics_paths(base, data, rng, max(num_restarts - 1, 1)) if K > 1 else []
         starts = starts[: num_restarts - 1] + [random_sticky_paths(rng, B, T, K)]
         p0 = [base] * len(starts)
-        gammas = [jnp.asarray(g, dtype) for g in starts]
+        gammas = [per_trial(jnp.asarray(g, dtype)) for g in starts]
     run = _compiled_em(learn, num_iters, diagonal, needs_init_step, bool(tied_dynamics_cov))
     # restarts one after another through the same compiled run (a leading axis of one): the
     # same total work on CPU as a vmap over restarts, with a restart's memory only
@@ -130,6 +140,8 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
     best = int(np.argmax(finals))
     p_best = jax.tree.map(lambda a: a[best], p_fit)
     q_best = jax.tree.map(lambda a: a[best], q)
+    if mesh is not None:  # back to the host, padding trials dropped
+        q_best = unpad_trials(q_best, B)
     out = model.params_from_em(p_best)
     out["x"] = np.asarray(q_best.means)
     out["q_state_probs"] = np.asarray(q_best.state_probs)

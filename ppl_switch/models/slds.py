@@ -815,7 +815,7 @@ def local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: in
     x_{t+1} ~ A x_t + b is fitted by least squares in a sliding window around every step, and the
     windows are clustered (k-means, a different seed per path) on vec([A b]).
     """
-    from ppl_switch.ops.kalman import LGSSMParams, lgssm_smoother
+    from ppl_switch.ops.kalman import LGSSMParams
 
     K = int(em["transition_matrix"].shape[0])
     B, T = data.y.shape[:2]
@@ -824,22 +824,12 @@ def local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: in
         jnp.asarray(em["dynamics_biases"][0]), jnp.asarray(em["dynamics_covs"][0]), jnp.asarray(em["emission_matrix"]),
         jnp.asarray(em["emission_bias"]), jnp.asarray(em["emission_cov"]),
     )
-    smooth = jax.jit(jax.vmap(lambda y, m: lgssm_smoother(lg, y, m).smoothed_means))
-    x = np.asarray(smooth(jnp.asarray(data.y), jnp.asarray(data.mask)))
-    D = x.shape[-1]
-    feats, where = [], []
-    half = window // 2
-    for b in range(B):
-        n = int(data.lengths[b])
-        for t in range(n):
-            lo, hi = max(0, t - half), min(n - 1, t + half)
-            if hi - lo < D + 2:
-                lo, hi = max(0, min(lo, n - 1 - (D + 2))), min(n - 1, max(hi, D + 2))
-            f = np.concatenate([x[b, lo:hi], np.ones((hi - lo, 1))], 1)
-            W = np.linalg.lstsq(f.T @ f + 1e-3 * np.eye(D + 1), f.T @ x[b, lo + 1 : hi + 1], rcond=None)[0]
-            feats.append(W.ravel())
-            where.append((b, t))
-    feats = np.asarray(feats)
+    x = np.asarray(_smoothed_means(lg, jnp.asarray(data.y), jnp.asarray(data.mask)), float)
+    lengths = np.asarray(data.lengths)
+    inside = np.arange(T)[None] < lengths[:, None]  # (B, T): the steps that get a window, in (b, t) order
+    # chunks of trials bound the (chunk, T, D+1, D+1) running sums
+    feats = np.concatenate([_window_dynamics(x[c : c + 256], lengths[c : c + 256], window) for c in range(0, B, 256)])
+    feats = feats.reshape(B * T, -1)[inside.reshape(-1)]
     feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
     paths = []
     for _ in range(num_paths):
@@ -848,10 +838,45 @@ def local_dynamics_paths(em, data: SequenceData, rng, num_paths: int, window: in
             labels = np.argmin(((feats[:, None] - centers[None]) ** 2).sum(-1), 1)
             centers = np.stack([feats[labels == k].mean(0) if np.any(labels == k) else centers[k] for k in range(K)])
         g = np.full((B, T, K), 1.0 / K)
-        for (b, t), k in zip(where, labels):
-            g[b, t] = np.eye(K)[k]
+        g[inside] = np.eye(K)[labels]
         paths.append(g)
     return paths
+
+
+@jax.jit
+def _smoothed_means(lg, y, mask):
+    """(B, T, D) Kalman-smoothed means of every trial under one LGSSM (compiled once per shape)."""
+    from ppl_switch.ops.kalman import lgssm_smoother
+
+    return jax.vmap(lambda y_b, m_b: lgssm_smoother(lg, y_b, m_b).smoothed_means)(y, mask)
+
+
+def _window_dynamics(x: np.ndarray, lengths: np.ndarray, window: int) -> np.ndarray:
+    """vec([A b]) of the ridge least-squares fit x_{s+1} ~ A x_s + b over a window of steps s around every t.
+
+    x (B, T, D) smoothed latents, lengths (B,). For step t of a trial of length n the window is
+    [lo, hi) = [max(0, t - window // 2), min(n - 1, t + window // 2)), widened to D + 2 steps near the ends
+    (short trials: as far as the trial allows); the fit solves (F'F + 1e-3 I) W = F' X_next. Window sums come
+    from running sums over s, so the cost is O(B T D^3) in numpy, with no loop over steps. Returns
+    (B, T, (D + 1) D); rows at t >= n are unused.
+    """
+    B, T, D = x.shape
+    half = window // 2
+    t = np.arange(T)[None]
+    n = lengths[:, None]
+    lo, hi = np.maximum(0, t - half), np.minimum(n - 1, t + half)
+    short = hi - lo < D + 2
+    lo = np.where(short, np.maximum(0, np.minimum(lo, n - 1 - (D + 2))), lo)
+    hi = np.where(short, np.minimum(n - 1, np.maximum(hi, D + 2)), hi)
+    lo, hi = np.where(t < n, lo, 0), np.where(t < n, hi, 0)  # rows t >= n are unused: an empty window
+    f = np.concatenate([x, np.ones((B, T, 1))], -1)  # (B, T, D + 1)
+    # running sums over s < k of f_s f_s' and f_s x_{s+1}' (k = 0 .. T - 1)
+    ff = np.concatenate([np.zeros((B, 1, D + 1, D + 1)), np.cumsum(f[:, :-1, :, None] * f[:, :-1, None, :], 1)], 1)
+    fx = np.concatenate([np.zeros((B, 1, D + 1, D)), np.cumsum(f[:, :-1, :, None] * x[:, 1:, None, :], 1)], 1)
+    b = np.arange(B)[:, None]
+    gram = ff[b, hi] - ff[b, lo] + 1e-3 * np.eye(D + 1)
+    cross = fx[b, hi] - fx[b, lo]
+    return np.linalg.solve(gram, cross).reshape(B, T, -1)
 
 
 def random_sticky_paths(rng, B: int, T: int, K: int, stay: float = 0.95) -> np.ndarray:

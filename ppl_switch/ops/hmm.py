@@ -94,6 +94,21 @@ class HMMSmootherResult(NamedTuple):
     pairwise_probs: Array
 
 
+class HMMPosteriorStats(NamedTuple):
+    """Result of :func:`hmm_posterior_stats`: what an EM needs, without the (T-1, K, K) pairwise marginals.
+
+    Attributes:
+        log_normalizer: () log p(y_{0:T-1}).
+        smoothed_probs: (T, K) p(z_t | y_{0:T-1}).
+        transition_counts: (K, K) ``sum_t w_t p(z_t = i, z_{t+1} = j | y)`` (expected transition counts,
+            each pair t -> t+1 weighted by ``pair_weights[t]``).
+    """
+
+    log_normalizer: Array
+    smoothed_probs: Array
+    transition_counts: Array
+
+
 # ----------------------------------------------------------------------------------------------
 # input handling
 # ----------------------------------------------------------------------------------------------
@@ -414,14 +429,22 @@ def _log_normalizer(c: Array, shift: Array) -> Array:
     return jnp.sum(jnp.log(c)) + jnp.sum(shift)
 
 
-def _smoothed_and_pairwise(inputs: _Inputs, lik: Array, filtered: Array, betas: Array, sums: Array):
-    # smoothed_t ∝ filtered_t * beta_t, with normaliser d_t = filtered_t . beta_t
+def _smoothed_and_pair_factors(filtered: Array, betas: Array, sums: Array):
+    """Smoothed marginals (T, K) and the (T-1, K) row factor of the pairwise marginals.
+
+    smoothed_t ∝ filtered_t * beta_t with normaliser d_t = filtered_t . beta_t, and
+    p(z_t=i, z_{t+1}=j | y) = row_t[i] A_t[i, j] (lik_{t+1} beta_{t+1})[j]: its total is
+    filtered_t . (s_t beta_t) = s_t d_t, so row_t = filtered_t / (s_t d_t)."""
     weighted = filtered * betas
     d = weighted.sum(-1)
     smoothed = _safe_divide(weighted, d[:, None])
-    # p(z_t=i, z_{t+1}=j | y) ∝ filtered_t[i] A_t[i, j] lik_{t+1}[j] beta_{t+1}[j]; its total is
-    # filtered_t . (s_t beta_t) = s_t d_t, so the (T-1, K, K) array is one fused product, no reduction
     row = _safe_divide(filtered[:-1], (sums * d[:-1])[:, None])
+    return smoothed, row
+
+
+def _smoothed_and_pairwise(inputs: _Inputs, lik: Array, filtered: Array, betas: Array, sums: Array):
+    smoothed, row = _smoothed_and_pair_factors(filtered, betas, sums)
+    # the (T-1, K, K) array is one fused product, no reduction
     pairwise = row[:, :, None] * _transition_steps(inputs) * (lik[1:] * betas[1:])[:, None, :]
     return smoothed, pairwise
 
@@ -448,6 +471,46 @@ def hmm_smoother(
     betas, sums = _backward_parallel(inputs, lik, shift) if parallel else _backward_sequential(inputs, lik)
     smoothed, pairwise = _smoothed_and_pairwise(inputs, lik, filtered, betas, sums)
     return HMMSmootherResult(log_normalizer, filtered, smoothed, pairwise)
+
+
+@partial(jax.jit, static_argnames=("parallel",))
+def hmm_posterior_stats(
+    initial_probs: Array,
+    transition_matrix: Array,
+    log_likelihoods: Array,
+    mask: Optional[Array] = None,
+    pair_weights: Optional[Array] = None,
+    parallel: bool = False,
+) -> HMMPosteriorStats:
+    """Forward-backward to the expected sufficient statistics of an EM: log p(y), p(z_t | y) and the
+    expected transition counts, in O(T K + K^2) memory beyond the inputs.
+
+    :func:`hmm_smoother` returns the (T-1, K, K) pairwise marginals; an M-step needs only their weighted
+    sum over t. With a static transition matrix A that sum is ``A * (R' B)`` with R (T-1, K) the pairwise
+    row factors times the weights and B (T-1, K) = lik_{t+1} * beta_{t+1}: one (K, T-1) x (T-1, K)
+    product, so long series never hold T K^2 numbers (an HMM EM at T = 1e6, K = 50 would need 10 GB in
+    float32 for them). A time-varying (T-1, K, K) transition already is that size; it is summed directly.
+
+    Args:
+        initial_probs, transition_matrix, log_likelihoods, mask, parallel: as in :func:`hmm_smoother`.
+        pair_weights: optional (T-1,) weight of each pair t -> t+1 (e.g. 0 past a trial's end); default 1.
+
+    Returns:
+        :class:`HMMPosteriorStats` (log_normalizer (), smoothed_probs (T, K), transition_counts (K, K)).
+    """
+    inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
+    filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
+    betas, sums = _backward_parallel(inputs, lik, shift) if parallel else _backward_sequential(inputs, lik)
+    smoothed, row = _smoothed_and_pair_factors(filtered, betas, sums)
+    if pair_weights is not None:
+        row = row * jnp.asarray(pair_weights, row.dtype)[:, None]
+    later = lik[1:] * betas[1:]
+    if inputs.time_varying:
+        counts = jnp.einsum("ti,tij,tj->ij", row, inputs.transition, later)
+    else:
+        counts = inputs.transition * (row.T @ later)
+    return HMMPosteriorStats(log_normalizer, smoothed, counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,8 +689,10 @@ def stationary_distribution(transition_matrix: Array) -> Array:
 
 __all__ = [
     "HMMFilterResult",
+    "HMMPosteriorStats",
     "HMMSmootherResult",
     "hmm_filter",
+    "hmm_posterior_stats",
     "hmm_smoother",
     "hmm_viterbi",
     "hmm_sample",

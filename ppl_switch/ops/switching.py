@@ -35,7 +35,7 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from ppl_switch.ops.hmm import hmm_smoother
+from ppl_switch.ops.hmm import hmm_posterior_stats
 
 Array = jax.Array
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -530,8 +530,12 @@ def _switching_params(p, inputs_t):
     )
 
 
-def _sufficient_stats(post: ChainPosterior, gamma, pairwise, y, mask, time_mask, inputs_t):
-    """Expected sufficient statistics of one trial under q(x) q(z)."""
+def sufficient_stats(post: ChainPosterior, gamma, transition_counts, y, mask, time_mask, inputs_t):
+    """Expected sufficient statistics of one trial under q(x) q(z).
+
+    gamma (T, K) q(z_t) marginals; transition_counts (K, K) sum over the pairs inside the trial of
+    q(z_t = i, z_{t+1} = j) (:func:`~ppl_switch.ops.hmm.hmm_posterior_stats` with pair weights
+    ``time_mask[1:]``, or :func:`pair_counts`)."""
     mu, S, X = post.means, post.covs, post.cross_covs
     T, D = mu.shape
     ones = jnp.ones((T, 1), mu.dtype)
@@ -563,8 +567,12 @@ def _sufficient_stats(post: ChainPosterior, gamma, pairwise, y, mask, time_mask,
         M=jnp.einsum("t,tij->ij", step, Egg), V=jnp.einsum("tn,ti->ni", yz * step[:, None], gm),
         YY=jnp.einsum("tn,tm->nm", yz, yz), n=step.sum(),
     )
-    trans = jnp.sum(pairwise * time_mask[1:, None, None], 0)
-    return dict(init_probs=gamma[0], init_mean=mu[0], init_second=Exx[0], trans=trans, dyn=dyn, emis=emis)
+    return dict(init_probs=gamma[0], init_mean=mu[0], init_second=Exx[0], trans=transition_counts, dyn=dyn, emis=emis)
+
+
+def pair_counts(pairwise, time_mask):
+    """(K, K) transition counts from pairwise marginals (T-1, K, K), pairs inside the trial only."""
+    return jnp.sum(pairwise * time_mask[1:, None, None], 0)
 
 
 def _iw_log_prior(cov, scale, dof):
@@ -740,17 +748,32 @@ def _e_step_trial(p, gamma, y, mask, time_mask, inputs_t):
     J_diag, J_lower, h = smf_x_potentials(sp, gamma, y, mask, time_mask)
     post = gaussian_chain_posterior(J_diag, J_lower, h)
     ell = smf_transition_log_likelihoods(sp, post, time_mask)
-    hmm = hmm_smoother(p["initial_probs"], p["transition_matrix"], ell, time_mask)
+    hmm = hmm_posterior_stats(p["initial_probs"], p["transition_matrix"], ell, time_mask, time_mask[1:])
     elbo = hmm.log_normalizer + smf_expected_x_terms(sp, post, y, mask, time_mask)
-    stats = _sufficient_stats(post, hmm.smoothed_probs, hmm.pairwise_probs, y, mask, time_mask, inputs_t)
+    stats = sufficient_stats(post, hmm.smoothed_probs, hmm.transition_counts, y, mask, time_mask, inputs_t)
     q = EMTrialPosterior(hmm.smoothed_probs, post.means, post.covs, post.cross_covs, J_diag, J_lower, h)
     return elbo, stats, q
 
 
-def _sum_trials(stats):
+def sum_trials(stats, time_mask):
+    """Per-trial statistics (leading axis B) summed over the real trials.
+
+    A real trial has ``time_mask[b, 0]`` True (every validated trial has length >= 1); a trial of length
+    0 pads the trial count for ``devices=`` (:mod:`ppl_switch.infer.sharding`): its dynamics, emission and
+    transition statistics are already 0 (masked by time), and its initial-state terms are dropped here."""
+    real = time_mask[:, 0]
+    keep = lambda a: a * real.reshape(real.shape + (1,) * (a.ndim - 1)).astype(a.dtype)
     out = jax.tree.map(lambda a: jnp.sum(a, 0), stats)
-    out["num_trials"] = stats["init_mean"].shape[0]
+    for name in ("init_probs", "init_mean", "init_second"):
+        out[name] = jnp.sum(keep(stats[name]), 0)
+    out["num_trials"] = real.sum().astype(stats["init_mean"].dtype)
     return out
+
+
+def real_trial_sum(per_trial, time_mask):
+    """Sum of a per-trial (B,) quantity (ELBO terms) over the real trials (``time_mask[:, 0]``, see
+    :func:`sum_trials`)."""
+    return jnp.sum(jnp.where(time_mask[:, 0], per_trial, 0.0))
 
 
 def em_init_step(p, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_emission, tied_dynamics_cov=False):
@@ -760,11 +783,11 @@ def em_init_step(p, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_em
     def trial(gamma_b, y_b, m_b, tm_b, u_b):
         sp = _switching_params(p, u_b)
         post = gaussian_chain_posterior(*smf_x_potentials(sp, gamma_b, y_b, m_b, tm_b))
-        pairwise = gamma_b[:-1, :, None] * gamma_b[1:, None, :]
-        return _sufficient_stats(post, gamma_b, pairwise, y_b, m_b, tm_b, u_b), post
+        counts = jnp.einsum("t,ti,tj->ij", tm_b[1:].astype(gamma_b.dtype), gamma_b[:-1], gamma_b[1:])
+        return sufficient_stats(post, gamma_b, counts, y_b, m_b, tm_b, u_b), post
 
     stats, posts = jax.vmap(trial)(gamma, y, mask, time_mask, inputs)
-    p_new = em_m_step(p, _sum_trials(stats), prior, learn, diagonal_emission, tied_dynamics_cov)
+    p_new = em_m_step(p, sum_trials(stats, time_mask), prior, learn, diagonal_emission, tied_dynamics_cov)
     return residual_covariances(p_new, posts, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_emission, tied_dynamics_cov)
 
 
@@ -792,15 +815,15 @@ def structured_mean_field_em(p, gamma, y, mask, time_mask, inputs, prior: EMPrio
     def body(carry, _):
         p, gamma = carry
         elbo, stats, q = e_step(p, gamma, y, mask, time_mask, inputs)
-        objective = jnp.sum(elbo) + em_log_prior(p, prior, diagonal_emission, tied_dynamics_cov)
-        p_new = em_m_step(p, _sum_trials(stats), prior, learn, diagonal_emission, tied_dynamics_cov)
+        objective = real_trial_sum(elbo, time_mask) + em_log_prior(p, prior, diagonal_emission, tied_dynamics_cov)
+        p_new = em_m_step(p, sum_trials(stats, time_mask), prior, learn, diagonal_emission, tied_dynamics_cov)
         p_new = residual_covariances(p_new, q, q.state_probs, y, mask, time_mask, inputs, prior, learn, diagonal_emission,
                                      tied_dynamics_cov)
         return (p_new, q.state_probs), (objective, all_finite((objective, q)), all_finite(p_new))
 
     (p_final, gamma), (trace, e_ok, m_ok) = lax.scan(body, (p, gamma), None, length=num_iters)
     elbo, _, q = e_step(p_final, gamma, y, mask, time_mask, inputs)
-    final = jnp.sum(elbo) + em_log_prior(p_final, prior, diagonal_emission, tied_dynamics_cov)
+    final = real_trial_sum(elbo, time_mask) + em_log_prior(p_final, prior, diagonal_emission, tied_dynamics_cov)
     out = (p_final, jnp.concatenate([trace, final[None]]), q)
     if return_checks:
         out = out + ({"e_step": jnp.concatenate([e_ok, all_finite((final, q))[None]]), "m_step": m_ok},)
