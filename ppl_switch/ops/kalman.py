@@ -49,16 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.scipy.linalg import cho_solve, solve_triangular
+from jax.scipy.linalg import solve_triangular
 
 from ppl_switch.ops.scan import seeded_prefix_scan
-from ppl_switch.ops.small_linalg import (
-    UNROLL_MAX,
-    cholesky_unrolled,
-    solve_lower_transpose_unrolled,
-    solve_lower_unrolled,
-    solve_unrolled,
-)
+from ppl_switch.ops.small_linalg import small_cho_solve, small_cholesky, small_solve, small_solve_lower
 
 Array = jax.Array
 
@@ -247,26 +241,8 @@ def _mv(M: Array, v: Array) -> Array:
     return (M @ v[..., None])[..., 0]
 
 
-def _cholesky(S: Array) -> Array:
-    """Lower Cholesky factor; written out for small matrices so XLA fuses it into the scan step."""
-    return cholesky_unrolled(S) if S.shape[-1] <= UNROLL_MAX else jnp.linalg.cholesky(S)
-
-
-def _solve_lower(L: Array, B: Array) -> Array:
-    """L^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
-    return solve_lower_unrolled(L, B) if L.shape[-1] <= UNROLL_MAX else solve_triangular(L, B, lower=True)
-
-
-def _cho_solve(L: Array, B: Array) -> Array:
-    """(L L')^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
-    if L.shape[-1] <= UNROLL_MAX:
-        return solve_lower_transpose_unrolled(L, solve_lower_unrolled(L, B))
-    return cho_solve((L, True), B)
-
-
-def _solve(A: Array, B: Array) -> Array:
-    """A^-1 B for general A (..., n, n) and B (..., n, m) (partial pivoting either way)."""
-    return solve_unrolled(A, B) if A.shape[-1] <= UNROLL_MAX else jnp.linalg.solve(A, B)
+# small factorisations written out (fused into the scan step) up to UNROLL_MAX, LAPACK above
+_cholesky, _solve_lower, _cho_solve, _solve = small_cholesky, small_solve_lower, small_cho_solve, small_solve
 
 
 def _sym(x: Array) -> Array:

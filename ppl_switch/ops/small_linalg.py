@@ -6,14 +6,16 @@ step. Unrolled over the (static) matrix size, the same algorithms become a handf
 operations that XLA fuses into the step. Use only for small sizes (see :data:`UNROLL_MAX`): the traced
 program grows as n^3.
 
-Both functions broadcast over leading batch axes and are differentiable (plain jnp arithmetic).
-A matrix that is not positive definite gives NaN entries, as the LAPACK path does.
+All functions broadcast over leading batch axes and are differentiable (plain jnp arithmetic).
+A matrix that is not positive definite gives NaN entries, as the LAPACK path does. The ``small_*``
+functions choose: unrolled up to :data:`UNROLL_MAX`, LAPACK above.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.linalg import cho_solve, solve_triangular
 
 Array = jax.Array
 
@@ -79,3 +81,32 @@ def solve_unrolled(A: Array, B: Array) -> Array:
         Ab = Ab - factors[..., :, None] * pivot_row[..., None, :]
         Ab = jnp.where(rows == k, pivot_row[..., None, :], Ab)
     return Ab[..., n:]
+
+
+def small_cholesky(S: Array) -> Array:
+    """Lower Cholesky factor (..., n, n); written out for n <= UNROLL_MAX so XLA fuses it with its neighbours."""
+    return cholesky_unrolled(S) if S.shape[-1] <= UNROLL_MAX else jnp.linalg.cholesky(S)
+
+
+def small_solve_lower(L: Array, B: Array) -> Array:
+    """L^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
+    return solve_lower_unrolled(L, B) if L.shape[-1] <= UNROLL_MAX else solve_triangular(L, B, lower=True)
+
+
+def small_solve_lower_transpose(L: Array, B: Array) -> Array:
+    """L'^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
+    if L.shape[-1] <= UNROLL_MAX:
+        return solve_lower_transpose_unrolled(L, B)
+    return solve_triangular(jnp.swapaxes(L, -1, -2), B, lower=False)
+
+
+def small_cho_solve(L: Array, B: Array) -> Array:
+    """(L L')^-1 B for lower-triangular L (..., n, n) and B (..., n, m)."""
+    if L.shape[-1] <= UNROLL_MAX:
+        return solve_lower_transpose_unrolled(L, solve_lower_unrolled(L, B))
+    return cho_solve((L, True), B)
+
+
+def small_solve(A: Array, B: Array) -> Array:
+    """A^-1 B for general A (..., n, n) and B (..., n, m) (partial pivoting either way)."""
+    return solve_unrolled(A, B) if A.shape[-1] <= UNROLL_MAX else jnp.linalg.solve(A, B)

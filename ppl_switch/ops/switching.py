@@ -36,6 +36,7 @@ from jax import lax
 from jax.scipy.linalg import cho_solve, solve_triangular
 
 from ppl_switch.ops.hmm import hmm_posterior_stats
+from ppl_switch.ops.small_linalg import small_cho_solve, small_cholesky, small_solve_lower_transpose
 
 Array = jax.Array
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -301,21 +302,28 @@ class ChainPosterior(NamedTuple):
     logdet_precision: Array
 
 
+def _cho(L, b):
+    """(L L')^-1 b for lower-triangular L (..., D, D) and b (..., D) or (..., D, m) (written out for small D)."""
+    if b.ndim == L.ndim - 1:
+        return small_cho_solve(L, b[..., None])[..., 0]
+    return small_cho_solve(L, b)
+
+
 def chain_forward(J_diag, J_lower, h):
     """Block LDL' elimination from t = 0: Schur complements P_t and eliminated linear terms.
 
     P_0 = J_00, P_t = J_tt - J_{t,t-1} P_{t-1}^{-1} J_{t-1,t}; hh_t = h_t - J_{t,t-1} P_{t-1}^{-1} hh_{t-1}.
     Returns Cholesky factors of P (T, D, D) and hh (T, D).
     """
-    L0 = jnp.linalg.cholesky(J_diag[0])
+    L0 = small_cholesky(J_diag[0])
 
     def step(carry, inp):
         L_prev, hh_prev = carry
         Jtt, Jlow, ht = inp  # Jlow = J_{t,t-1}
-        Pinv_Jup = cho_solve((L_prev, True), Jlow.T)  # P^-1 J_{t-1,t}
+        Pinv_Jup = _cho(L_prev, Jlow.T)  # P^-1 J_{t-1,t}
         P = _sym(Jtt - Jlow @ Pinv_Jup)
-        hh = ht - Jlow @ cho_solve((L_prev, True), hh_prev)
-        L = jnp.linalg.cholesky(P)
+        hh = ht - Jlow @ _cho(L_prev, hh_prev)
+        L = small_cholesky(P)
         return (L, hh), (L, hh)
 
     _, (Ls, hhs) = lax.scan(step, (L0, h[0]), (J_diag[1:], J_lower, h[1:]))
@@ -326,11 +334,11 @@ def chain_solve(J_diag, J_lower, b):
     """J^-1 b by block elimination (forward Schur complements, backward substitution), O(T D^3).
     J_diag (T, D, D), J_lower (T-1, D, D) (row t is J_{t+1,t}); b (T, D) or (T, D, m)."""
     Ls, hhs = chain_forward(J_diag, J_lower, b)
-    x_last = cho_solve((Ls[-1], True), hhs[-1])
+    x_last = _cho(Ls[-1], hhs[-1])
 
     def back(x_next, inp):
         L, hh, Jlow = inp
-        x = cho_solve((L, True), hh - Jlow.T @ x_next)
+        x = _cho(L, hh - Jlow.T @ x_next)
         return x, x
 
     _, xs = lax.scan(back, x_last, (Ls[:-1], hhs[:-1], J_lower), reverse=True)
@@ -343,19 +351,19 @@ def gaussian_chain_posterior(J_diag: Array, J_lower: Array, h: Array) -> ChainPo
     T, D = h.shape
     Ls, hhs = chain_forward(J_diag, J_lower, h)
     logdets = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Ls, axis1=-2, axis2=-1)), -1)
-    quad = jax.vmap(lambda L, v: v @ cho_solve((L, True), v))(Ls, hhs)
+    quad = jnp.sum(hhs * _cho(Ls, hhs), -1)
     log_norm = 0.5 * jnp.sum(quad) - 0.5 * jnp.sum(logdets) + 0.5 * T * D * _LOG_2PI
     eye = jnp.eye(D, dtype=h.dtype)
-    mean_last = cho_solve((Ls[-1], True), hhs[-1])
-    cov_last = cho_solve((Ls[-1], True), eye)
+    mean_last = _cho(Ls[-1], hhs[-1])
+    cov_last = _cho(Ls[-1], eye)
 
     def back(carry, inp):
         m_next, S_next = carry
         L, hh, Jlow = inp  # Jlow = J_{t+1,t}
-        G = -cho_solve((L, True), Jlow.T)  # x_t = G x_{t+1} + P^-1 hh + noise
-        m = cho_solve((L, True), hh) + G @ m_next
+        G = -_cho(L, Jlow.T)  # x_t = G x_{t+1} + P^-1 hh + noise
+        m = _cho(L, hh) + G @ m_next
         cross = G @ S_next  # Cov[x_t, x_{t+1}]
-        S = _sym(cho_solve((L, True), eye) + cross @ G.T)
+        S = _sym(_cho(L, eye) + cross @ G.T)
         return (m, S), (m, S, cross.T)
 
     _, (ms, Ss, crosses) = lax.scan(back, (mean_last, cov_last), (Ls[:-1], hhs[:-1], J_lower), reverse=True)
@@ -371,7 +379,7 @@ def gaussian_chain_sample(key: Array, J_diag: Array, J_lower: Array, h: Array) -
     eps = jax.random.normal(key, (T, D), h.dtype)
 
     def draw(L, hh, e, coupling):  # x = P^-1 (hh - coupling) + L'^-1 e, with P = L L'
-        return cho_solve((L, True), hh - coupling) + solve_triangular(L.T, e, lower=False)
+        return _cho(L, hh - coupling) + small_solve_lower_transpose(L, e[:, None])[:, 0]
 
     x_last = draw(Ls[-1], hhs[-1], eps[-1], 0.0)
 
@@ -399,12 +407,12 @@ def gaussian_chain_sample(key: Array, J_diag: Array, J_lower: Array, h: Array) -
 
 
 def _inv_spd(M):
-    L = jnp.linalg.cholesky(M)
-    return cho_solve((L, True), jnp.broadcast_to(jnp.eye(M.shape[-1], dtype=M.dtype), M.shape))
+    L = small_cholesky(M)
+    return small_cho_solve(L, jnp.broadcast_to(jnp.eye(M.shape[-1], dtype=M.dtype), M.shape))
 
 
 def _logdet_spd(M):
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(M), axis1=-2, axis2=-1)), -1)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(small_cholesky(M), axis1=-2, axis2=-1)), -1)
 
 
 def _expected_gaussian_log_prob(mu, Sigma, mean, cov_inv, logdet_cov):
