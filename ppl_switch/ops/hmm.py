@@ -466,11 +466,18 @@ def hmm_smoother(
         pairwise_probs (T-1, K, K)).
     """
     inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
+    lik, filtered, log_normalizer, betas, sums = _forward_backward(inputs, parallel)
+    smoothed, pairwise = _smoothed_and_pairwise(inputs, lik, filtered, betas, sums)
+    return HMMSmootherResult(log_normalizer, filtered, smoothed, pairwise)
+
+
+def _forward_backward(inputs: _Inputs, parallel: bool):
+    """Both passes: scaled likelihoods (T, K), filtered (T, K), log normaliser (), normalised backward
+    messages (T, K) and their (T-1,) sums."""
     lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
     filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
     betas, sums = _backward_parallel(inputs, lik, shift) if parallel else _backward_sequential(inputs, lik)
-    smoothed, pairwise = _smoothed_and_pairwise(inputs, lik, filtered, betas, sums)
-    return HMMSmootherResult(log_normalizer, filtered, smoothed, pairwise)
+    return lik, filtered, log_normalizer, betas, sums
 
 
 @partial(jax.jit, static_argnames=("parallel",))
@@ -499,9 +506,7 @@ def hmm_posterior_stats(
         :class:`HMMPosteriorStats` (log_normalizer (), smoothed_probs (T, K), transition_counts (K, K)).
     """
     inputs = _check_inputs(initial_probs, transition_matrix, log_likelihoods, mask)
-    lik, shift = _shifted_likelihoods(inputs.log_likelihoods)
-    filtered, log_normalizer = _forward(inputs, lik, shift, parallel)
-    betas, sums = _backward_parallel(inputs, lik, shift) if parallel else _backward_sequential(inputs, lik)
+    lik, filtered, log_normalizer, betas, sums = _forward_backward(inputs, parallel)
     smoothed, row = _smoothed_and_pair_factors(filtered, betas, sums)
     if pair_weights is not None:
         row = row * jnp.asarray(pair_weights, row.dtype)[:, None]
