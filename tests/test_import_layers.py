@@ -77,6 +77,28 @@ def private_imports(graph) -> list[str]:
     return found
 
 
+def private_attribute_uses(planted: dict[str, str] | None = None) -> list[str]:
+    """``alias._name`` where ``alias`` is another ppl_switch module bound by an import in the same file
+    (``from ppl_switch.ops import switching as sw`` then ``sw._helper``): the same breach as importing
+    ``_helper``, which :func:`private_imports` cannot see."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    planted = planted or {}
+    found = []
+    for name, path in sorted(paths.items()):
+        tree = ast.parse(path.read_text() + planted.get(name, ""))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in paths})
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ppl_switch"):
+                aliases.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in paths})
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__") and aliases[node.value.id] != name):
+                found.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
 def upward_imports(graph) -> set[tuple[str, str]]:
     return {(importer, target) for importer, imports in graph.items() for target, _, _ in imports
             if target != importer and _layer(target) > _layer(importer)}
@@ -112,6 +134,12 @@ def test_every_module_has_a_layer():
 
 def test_no_module_imports_another_modules_private_names():
     assert private_imports(GRAPH) == []
+
+
+def test_no_module_uses_another_modules_private_names_through_the_module():
+    assert private_attribute_uses() == []
+    planted = private_attribute_uses({"ppl_switch.models.rslds": "\ndef f():\n    return sw._helper\n"})
+    assert planted == ["ppl_switch.models.rslds uses ppl_switch.ops.switching._helper"]
 
 
 def test_imports_point_down_the_layers():

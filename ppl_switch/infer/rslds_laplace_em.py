@@ -92,7 +92,7 @@ def _step_transition_term(kind, tp, x_t, pair_t, w_t, u_next):
 
 def gaussian_potentials(p, gamma, y, mask, time_mask, inputs, emission, jj_xi):
     """(J_diag, J_lower, h) of the quadratic part of the objective in x, and the SwitchingParams."""
-    sp = sw._switching_params(p, inputs)
+    sp = sw.switching_params(p, inputs)
     gmask = mask if emission == "gaussian" else jnp.zeros_like(mask)
     J_diag, J_lower, h = sw.smf_x_potentials(sp, gamma, y, gmask, time_mask)
     if emission == "bernoulli":

@@ -133,16 +133,16 @@ def recurrent_gaussian_sum_filter(kind, transitions, params: sw.SwitchingParams,
     T, N = y.shape
     K = params.initial_probs.shape[0]
     C, d, R = params.emission_matrix, params.emission_bias, params.emission_cov
-    em = jax.vmap(sw._masked_emission, in_axes=(None, None, None, 0, 0))(C, d, R, jnp.where(mask, y, 0.0), mask)
-    m0, S0, ll0 = sw._kalman_update(params.initial_mean, params.initial_cov, *jax.tree.map(lambda a: a[0], em))
+    em = jax.vmap(sw.masked_emission, in_axes=(None, None, None, 0, 0))(C, d, R, jnp.where(mask, y, 0.0), mask)
+    m0, S0, ll0 = sw.kalman_update(params.initial_mean, params.initial_cov, *jax.tree.map(lambda a: a[0], em))
     if T == 1:
         return jnp.where(jnp.any(mask, -1), ll0[None], 0.0)
     A, Q = params.dynamics_matrices, params.dynamics_covs
-    b_steps = sw._biases_per_step(params.dynamics_biases, T)
+    b_steps = sw.biases_per_step(params.dynamics_biases, T)
     u_next = jnp.zeros((T - 1, 0), y.dtype) if inputs is None else inputs[1:]
 
     def pair_update(mean, cov, A_k, b_k, Q_k, emission):
-        return sw._kalman_update(A_k @ mean + b_k, sw._sym(A_k @ cov @ A_k.T) + Q_k, *emission)
+        return sw.kalman_update(A_k @ mean + b_k, sw.symmetrize(A_k @ cov @ A_k.T) + Q_k, *emission)
 
     def step(carry, inp):
         log_q, means, covs = carry
@@ -154,7 +154,7 @@ def recurrent_gaussian_sum_filter(kind, transitions, params: sw.SwitchingParams,
         log_w = log_q[:, None] + log_P + ll
         step_ll = jax.nn.logsumexp(log_w)
         log_q_new = jax.nn.logsumexp(log_w, axis=0) - step_ll
-        merged = jax.vmap(sw._moment_match, in_axes=(1, 1, 1))(log_w, new_means, new_covs)
+        merged = jax.vmap(sw.moment_match, in_axes=(1, 1, 1))(log_w, new_means, new_covs)
         return (log_q_new, *merged), step_ll
 
     init = (jnp.log(params.initial_probs), jnp.broadcast_to(m0, (K,) + m0.shape), jnp.broadcast_to(S0, (K,) + S0.shape))

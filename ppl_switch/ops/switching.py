@@ -74,11 +74,12 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _sym(x):
+def symmetrize(x):
+    """(x + x') / 2 over the last two axes."""
     return 0.5 * (x + _mT(x))
 
 
-def _biases_per_step(biases: Array, num_steps: int) -> Array:
+def biases_per_step(biases: Array, num_steps: int) -> Array:
     """(T-1, K, D) dynamics biases from (K, D) or (T-1, K, D)."""
     if biases.ndim == 2:
         return jnp.broadcast_to(biases, (num_steps - 1,) + biases.shape)
@@ -92,7 +93,7 @@ def _biases_per_step(biases: Array, num_steps: int) -> Array:
 def transition_residuals(x: Array, dynamics_matrices: Array, dynamics_biases: Array) -> Array:
     """(T-1, K, D) residuals x_{t+1} - A_k x_t - b_k of a path x (T, D) under every regime; biases (K, D)
     or (T-1, K, D)."""
-    pred = jnp.einsum("kij,tj->tki", dynamics_matrices, x[:-1]) + _biases_per_step(dynamics_biases, x.shape[0])
+    pred = jnp.einsum("kij,tj->tki", dynamics_matrices, x[:-1]) + biases_per_step(dynamics_biases, x.shape[0])
     return x[1:, None, :] - pred
 
 
@@ -119,7 +120,7 @@ def transition_log_likelihoods(x: Array, dynamics_matrices: Array, dynamics_bias
 # A masked Kalman update (shared by the collapsed filter)
 
 
-def _masked_emission(C, d, R, y, mask):
+def masked_emission(C, d, R, y, mask):
     """Zero the rows of unobserved coordinates and give them unit noise, so shapes stay static.
 
     Each unobserved coordinate then contributes exactly log N(0 | 0, 1); ``correction`` removes it.
@@ -132,17 +133,17 @@ def _masked_emission(C, d, R, y, mask):
     return C_m, R_m, r0, correction
 
 
-def _kalman_update(mean, cov, C_m, R_m, r0, correction):
+def kalman_update(mean, cov, C_m, R_m, r0, correction):
     """Condition N(mean, cov) on the masked observation. Returns (mean, cov, log p(y_obs))."""
     resid = r0 - C_m @ mean
-    S = _sym(C_m @ cov @ C_m.T + R_m)
+    S = symmetrize(C_m @ cov @ C_m.T + R_m)
     L = jnp.linalg.cholesky(S)
     white = solve_triangular(L, resid, lower=True)
     ll = -0.5 * white @ white - jnp.sum(jnp.log(jnp.diag(L))) - 0.5 * resid.shape[0] * _LOG_2PI + correction
     gain = cho_solve((L, True), C_m @ cov).T  # cov C' S^-1
     new_mean = mean + gain @ resid
     I_KC = jnp.eye(mean.shape[0], dtype=cov.dtype) - gain @ C_m
-    new_cov = _sym(I_KC @ cov @ I_KC.T + gain @ R_m @ gain.T)  # Joseph form
+    new_cov = symmetrize(I_KC @ cov @ I_KC.T + gain @ R_m @ gain.T)  # Joseph form
     return new_mean, new_cov, ll
 
 
@@ -171,13 +172,13 @@ class GaussianSumFilterResult(NamedTuple):
     mixture_covs: Array
 
 
-def _moment_match(log_w, means, covs):
+def moment_match(log_w, means, covs):
     """Collapse a mixture (weights over the leading axis) to one Gaussian by moment matching."""
     p = jax.nn.softmax(log_w)
     mean = jnp.einsum("j,jd->d", p, means)
     dev = means - mean
     cov = jnp.einsum("j,jde->de", p, covs + dev[:, :, None] * dev[:, None, :])
-    return mean, _sym(cov)
+    return mean, symmetrize(cov)
 
 
 def gaussian_sum_filter(params: SwitchingParams, y: Array, mask: Optional[Array] = None) -> GaussianSumFilterResult:
@@ -199,20 +200,20 @@ def gaussian_sum_filter(params: SwitchingParams, y: Array, mask: Optional[Array]
         mask = jnp.ones((T, N), bool)
     K = params.initial_probs.shape[0]
     C, d, R = params.emission_matrix, params.emission_bias, params.emission_cov
-    em = jax.vmap(_masked_emission, in_axes=(None, None, None, 0, 0))(C, d, R, jnp.where(mask, y, 0.0), mask)
-    b_steps = _biases_per_step(params.dynamics_biases, T) if T > 1 else jnp.zeros((0, K, C.shape[1]), y.dtype)
+    em = jax.vmap(masked_emission, in_axes=(None, None, None, 0, 0))(C, d, R, jnp.where(mask, y, 0.0), mask)
+    b_steps = biases_per_step(params.dynamics_biases, T) if T > 1 else jnp.zeros((0, K, C.shape[1]), y.dtype)
     A, Q = params.dynamics_matrices, params.dynamics_covs
     log_P = jnp.log(params.transition_matrix)
 
-    m0, S0, ll0 = _kalman_update(params.initial_mean, params.initial_cov, *jax.tree.map(lambda a: a[0], em))
+    m0, S0, ll0 = kalman_update(params.initial_mean, params.initial_cov, *jax.tree.map(lambda a: a[0], em))
     log_q0 = jnp.log(params.initial_probs)
     means0 = jnp.broadcast_to(m0, (K,) + m0.shape)
     covs0 = jnp.broadcast_to(S0, (K,) + S0.shape)
 
     def pair_update(mean, cov, A_k, b_k, Q_k, emission):
         pm = A_k @ mean + b_k
-        pc = _sym(A_k @ cov @ A_k.T) + Q_k
-        return _kalman_update(pm, pc, *emission)
+        pc = symmetrize(A_k @ cov @ A_k.T) + Q_k
+        return kalman_update(pm, pc, *emission)
 
     def step(carry, inputs):
         log_q, means, covs = carry
@@ -223,7 +224,7 @@ def gaussian_sum_filter(params: SwitchingParams, y: Array, mask: Optional[Array]
         log_w = log_q[:, None] + log_P + ll
         step_ll = jax.nn.logsumexp(log_w)
         log_q_new = jax.nn.logsumexp(log_w, axis=0) - step_ll
-        merged = jax.vmap(_moment_match, in_axes=(1, 1, 1))(log_w, new_means, new_covs)
+        merged = jax.vmap(moment_match, in_axes=(1, 1, 1))(log_w, new_means, new_covs)
         return (log_q_new, *merged), (step_ll, log_q_new, *merged)
 
     if T > 1:
@@ -236,7 +237,7 @@ def gaussian_sum_filter(params: SwitchingParams, y: Array, mask: Optional[Array]
     else:
         step_lls, log_qs, means, covs = ll0[None], log_q0[None], means0[None], covs0[None]
     step_lls = jnp.where(jnp.any(mask, -1), step_lls, 0.0)  # nothing observed: exactly 0
-    mix_means, mix_covs = jax.vmap(_moment_match)(log_qs, means, covs)
+    mix_means, mix_covs = jax.vmap(moment_match)(log_qs, means, covs)
     return GaussianSumFilterResult(jnp.sum(step_lls), step_lls, jnp.exp(log_qs), means, covs, mix_means, mix_covs)
 
 
@@ -264,7 +265,7 @@ def exact_log_likelihood_by_enumeration(params: SwitchingParams, y: Array, mask:
     T = y.shape[0]
     K = params.initial_probs.shape[0]
     paths = jnp.asarray(regime_paths(K, T))
-    b_steps = _biases_per_step(params.dynamics_biases, T) if T > 1 else None
+    b_steps = biases_per_step(params.dynamics_biases, T) if T > 1 else None
 
     def path_ll(path):
         nxt = path[1:]
@@ -321,7 +322,7 @@ def chain_forward(J_diag, J_lower, h):
         L_prev, hh_prev = carry
         Jtt, Jlow, ht = inp  # Jlow = J_{t,t-1}
         Pinv_Jup = _cho(L_prev, Jlow.T)  # P^-1 J_{t-1,t}
-        P = _sym(Jtt - Jlow @ Pinv_Jup)
+        P = symmetrize(Jtt - Jlow @ Pinv_Jup)
         hh = ht - Jlow @ _cho(L_prev, hh_prev)
         L = small_cholesky(P)
         return (L, hh), (L, hh)
@@ -363,7 +364,7 @@ def gaussian_chain_posterior(J_diag: Array, J_lower: Array, h: Array) -> ChainPo
         G = -_cho(L, Jlow.T)  # x_t = G x_{t+1} + P^-1 hh + noise
         m = _cho(L, hh) + G @ m_next
         cross = G @ S_next  # Cov[x_t, x_{t+1}]
-        S = _sym(_cho(L, eye) + cross @ G.T)
+        S = symmetrize(_cho(L, eye) + cross @ G.T)
         return (m, S), (m, S, cross.T)
 
     _, (ms, Ss, crosses) = lax.scan(back, (mean_last, cov_last), (Ls[:-1], hhs[:-1], J_lower), reverse=True)
@@ -450,7 +451,7 @@ def smf_x_potentials(params: SwitchingParams, state_probs: Array, y: Array, mask
     J_diag = J_diag.at[0].add(S0inv)
     h = h.at[0].add(S0inv @ params.initial_mean)
     # emissions, with unobserved coordinates removed (masked rows of C are zero)
-    C_m, R_m, r0, _ = jax.vmap(_masked_emission, in_axes=(None, None, None, 0, 0))(
+    C_m, R_m, r0, _ = jax.vmap(masked_emission, in_axes=(None, None, None, 0, 0))(
         params.emission_matrix, params.emission_bias, params.emission_cov, jnp.where(mask, y, 0.0), mask
     )
     CtRinv = _mT(C_m) @ _inv_spd(R_m)  # (T, D, N)
@@ -490,7 +491,7 @@ def smf_expected_x_terms(params: SwitchingParams, post: ChainPosterior, y: Array
     T, D = mu.shape
     S0 = params.initial_cov
     init = _expected_gaussian_log_prob(mu[0], S[0], params.initial_mean, _inv_spd(S0), _logdet_spd(S0))
-    C_m, R_m, r0, _ = jax.vmap(_masked_emission, in_axes=(None, None, None, 0, 0))(
+    C_m, R_m, r0, _ = jax.vmap(masked_emission, in_axes=(None, None, None, 0, 0))(
         params.emission_matrix, params.emission_bias, params.emission_cov, jnp.where(mask, y, 0.0), mask
     )
     r = r0 - jnp.einsum("tnd,td->tn", C_m, mu)
@@ -529,7 +530,7 @@ class EMPrior(NamedTuple):
     emission_cov_dof: Array  # () nu_R
 
 
-def _switching_params(p, inputs_t):
+def switching_params(p, inputs_t):
     """SwitchingParams for one trial: biases b_k + B_k u_{t+1}, (T-1, K, D)."""
     b = p["dynamics_biases"][None] + jnp.einsum("kdu,tu->tkd", p["input_matrices"], inputs_t[1:])
     return SwitchingParams(
@@ -621,7 +622,7 @@ def em_m_step(p, stats, prior: EMPrior, learn: frozenset, diagonal_emission: boo
         m0 = stats["init_mean"] / B
         scatter = stats["init_second"] - B * jnp.outer(m0, m0)
         p["initial_mean"] = m0
-        p["initial_cov"] = _sym(scatter + prior.initial_cov_scale) / (B + prior.initial_cov_dof + D + 1)
+        p["initial_cov"] = symmetrize(scatter + prior.initial_cov_scale) / (B + prior.initial_cov_dof + D + 1)
     if "transitions" in learn:
         counts = stats["trans"] + prior.transition_pseudocounts
         p["transition_matrix"] = counts / counts.sum(-1, keepdims=True)
@@ -640,11 +641,11 @@ def em_m_step(p, stats, prior: EMPrior, learn: frozenset, diagonal_emission: boo
         if tied_dynamics_cov:  # one Q shared by all regimes (one IW prior, K matrix-normal priors)
             K = W.shape[0]
             dof = jnp.sum(dyn["n"]) + K * F + prior.dynamics_cov_dof + D + 1
-            Q = _sym(jnp.sum(resid, 0) + prior.dynamics_cov_scale) / dof
+            Q = symmetrize(jnp.sum(resid, 0) + prior.dynamics_cov_scale) / dof
             p["dynamics_covs"] = jnp.broadcast_to(Q, resid.shape)
         else:
             dof = dyn["n"] + F + prior.dynamics_cov_dof + D + 1
-            p["dynamics_covs"] = _sym(resid + prior.dynamics_cov_scale) / dof[:, None, None]
+            p["dynamics_covs"] = symmetrize(resid + prior.dynamics_cov_scale) / dof[:, None, None]
     if {"emission_matrix", "emission_bias", "emission_cov"} & learn:
         e = stats["emis"]
         C, d = p["emission_matrix"], p["emission_bias"]
@@ -676,7 +677,7 @@ def em_m_step(p, stats, prior: EMPrior, learn: frozenset, diagonal_emission: boo
             if "emission_cov" in learn:
                 resid = e["YY"] - W @ V.T - V @ W.T + W @ M @ W.T
                 N = V.shape[0]
-                p["emission_cov"] = _sym(resid + prior.emission_cov_scale) / (n + prior.emission_cov_dof + N + 1)
+                p["emission_cov"] = symmetrize(resid + prior.emission_cov_scale) / (n + prior.emission_cov_dof + N + 1)
     return p
 
 
@@ -718,10 +719,10 @@ def residual_covariances(p, posts, gamma, y, mask, time_mask, inputs, prior: EMP
         F = W.shape[-1]
         n = w.sum((0, 1))
         if tied:
-            Q = _sym(jnp.sum(scatter, 0) + prior.dynamics_cov_scale) / (jnp.sum(n) + W.shape[0] * F + prior.dynamics_cov_dof + D + 1)
+            Q = symmetrize(jnp.sum(scatter, 0) + prior.dynamics_cov_scale) / (jnp.sum(n) + W.shape[0] * F + prior.dynamics_cov_dof + D + 1)
             p["dynamics_covs"] = jnp.broadcast_to(Q, scatter.shape)
         else:
-            p["dynamics_covs"] = _sym(scatter + prior.dynamics_cov_scale) / (n + F + prior.dynamics_cov_dof + D + 1)[:, None, None]
+            p["dynamics_covs"] = symmetrize(scatter + prior.dynamics_cov_scale) / (n + F + prior.dynamics_cov_dof + D + 1)[:, None, None]
     if "emission_cov" in learn:
         C, d = p["emission_matrix"], p["emission_bias"]
         resid = jnp.where(mask, y - jnp.einsum("nd,btd->btn", C, mu) - d, 0.0)  # (B, T, N)
@@ -734,7 +735,7 @@ def residual_covariances(p, posts, gamma, y, mask, time_mask, inputs, prior: EMP
             step = jnp.any(mask, -1).astype(mu.dtype)  # (B, T): full R needs all-or-nothing steps
             E = resid[..., :, None] * resid[..., None, :] + jnp.einsum("nd,btde,me->btnm", C, S, C)
             N = C.shape[0]
-            p["emission_cov"] = _sym(jnp.einsum("bt,btnm->nm", step, E) + prior.emission_cov_scale) / (step.sum() + prior.emission_cov_dof + N + 1)
+            p["emission_cov"] = symmetrize(jnp.einsum("bt,btnm->nm", step, E) + prior.emission_cov_scale) / (step.sum() + prior.emission_cov_dof + N + 1)
     return p
 
 
@@ -752,7 +753,7 @@ class EMTrialPosterior(NamedTuple):
 
 def _e_step_trial(p, gamma, y, mask, time_mask, inputs_t):
     """One CAVI sweep for one trial: q(x) given q(z), then q(z) given q(x). Returns (elbo, stats, q)."""
-    sp = _switching_params(p, inputs_t)
+    sp = switching_params(p, inputs_t)
     J_diag, J_lower, h = smf_x_potentials(sp, gamma, y, mask, time_mask)
     post = gaussian_chain_posterior(J_diag, J_lower, h)
     ell = smf_transition_log_likelihoods(sp, post, time_mask)
@@ -789,7 +790,7 @@ def em_init_step(p, gamma, y, mask, time_mask, inputs, prior, learn, diagonal_em
     uses those paths (pairwise q(z_t, z_{t+1}) = outer product of the one-hot marginals)."""
 
     def trial(gamma_b, y_b, m_b, tm_b, u_b):
-        sp = _switching_params(p, u_b)
+        sp = switching_params(p, u_b)
         post = gaussian_chain_posterior(*smf_x_potentials(sp, gamma_b, y_b, m_b, tm_b))
         counts = jnp.einsum("t,ti,tj->ij", tm_b[1:].astype(gamma_b.dtype), gamma_b[:-1], gamma_b[1:])
         return sufficient_stats(post, gamma_b, counts, y_b, m_b, tm_b, u_b), post
