@@ -99,6 +99,46 @@ def private_attribute_uses(planted: dict[str, str] | None = None) -> list[str]:
     return found
 
 
+#: the underscore names of a NamedTuple's public API
+NAMEDTUPLE_API = {"_replace", "_fields", "_asdict", "_make", "_field_defaults"}
+
+
+def _own_attributes(cls: ast.ClassDef) -> set[str]:
+    """Attributes a class defines for itself: ``self.<name> = ...`` in its methods and its ``__slots__``."""
+    own = set()
+    for node in ast.walk(cls):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
+                own.add(t.attr)
+            if isinstance(t, ast.Name) and t.id == "__slots__" and isinstance(node.value, (ast.Tuple, ast.List)):
+                own.update(e.value for e in node.value.elts if isinstance(e, ast.Constant))
+    return own
+
+
+def private_member_uses(planted: dict[str, str] | None = None) -> list[str]:
+    """``obj._name`` on an object other than ``self``/``cls`` (``model._helper()``, numpyro's
+    ``guide._unpack_latent``): a reach into another object's internals. Allowed: a NamedTuple's
+    ``_replace``/``_fields``, and a class reading its own attribute on another instance (``other._key`` in
+    ``__eq__``)."""
+    planted = planted or {}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        tree = ast.parse(path.read_text() + planted.get(name, ""))
+        allowed_in = {}  # id(attribute node) -> the attributes its enclosing class defines
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            own = _own_attributes(cls)
+            for node in ast.walk(cls):
+                allowed_in[id(node)] = allowed_in.get(id(node), set()) | own
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id not in ("self", "cls")
+                    and node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in NAMEDTUPLE_API
+                    and node.attr not in allowed_in.get(id(node), ())):
+                found.append(f"{name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    return found
+
+
 def upward_imports(graph) -> set[tuple[str, str]]:
     return {(importer, target) for importer, imports in graph.items() for target, _, _ in imports
             if target != importer and _layer(target) > _layer(importer)}
@@ -140,6 +180,12 @@ def test_no_module_uses_another_modules_private_names_through_the_module():
     assert private_attribute_uses() == []
     planted = private_attribute_uses({"ppl_switch.models.rslds": "\ndef f():\n    return sw._helper\n"})
     assert planted == ["ppl_switch.models.rslds uses ppl_switch.ops.switching._helper"]
+
+
+def test_no_module_reaches_into_another_objects_private_members():
+    assert private_member_uses() == []
+    planted = private_member_uses({"ppl_switch.infer.path_gibbs": "\ndef f(model):\n    return model._drift()\n"})
+    assert len(planted) == 1 and planted[0].startswith("ppl_switch.infer.path_gibbs:") and planted[0].endswith("uses model._drift")
 
 
 def test_imports_point_down_the_layers():

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numpyro import handlers
 from numpyro.infer.util import potential_energy
 
 from ppl_switch.infer import fit_svi
@@ -14,6 +15,7 @@ from ppl_switch.infer.joint_laplace import (
     block_tridiagonal_whiten,
     laplace_parameter_posterior,
     schur_precision,
+    unpack_parameter_vector,
 )
 from ppl_switch.models.gpslds import GPSLDS
 
@@ -115,8 +117,14 @@ def test_laplace_posterior_equals_the_dense_joint_hessian(tiny_fit):
     lap = laplace_parameter_posterior(model, data, guide, fit.params, hold=HOLD)
     assert set(lap.held) == set(HOLD) and set(lap.sites) == {"regime_matrix", "regime_offset"}
     pg = guide.parameter_guide
-    unpacked = pg._unpack_latent(fit.params["auto_loc"])
+    unpacked = pg._unpack_latent(fit.params["auto_loc"])  # numpyro's own layout, the oracle
     x_hat = np.asarray(fit.params["x_mean"])
+    values = {k: jnp.asarray(v[0, 0]) for k, v in fit.samples.items()}
+    model_trace = handlers.trace(handlers.substitute(handlers.seed(model.program, 0), data=values)).get_trace(data)
+    ours = unpack_parameter_vector(pg, fit.params, data, fit.params["auto_loc"], model_trace)
+    assert list(ours) == list(unpacked)
+    for name in unpacked:
+        np.testing.assert_array_equal(ours[name], unpacked[name], err_msg=name)
     held_u = {k: unpacked[k] for k in lap.held}
     n = x_hat.size
 

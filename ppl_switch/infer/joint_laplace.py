@@ -194,6 +194,23 @@ class LaplaceParameterPosterior:
         return out
 
 
+def unpack_parameter_vector(parameter_guide, params, data, flat, model_trace) -> dict:
+    """A joint-normal parameter guide's flat unconstrained vector ``flat`` (n,) as {site: unconstrained value}.
+
+    numpyro's continuous autoguides lay their sites out in the order the guide samples them, each raveled
+    in its unconstrained shape (a Cholesky factor of a correlation matrix is a vector there); the order is
+    read off a trace of the guide and the shapes off the supports in ``model_trace``."""
+    substituted = numpyro.handlers.substitute(numpyro.handlers.seed(parameter_guide, 0), data=params)
+    guide_trace = numpyro.handlers.trace(substituted).get_trace(data)
+    own = f"_{parameter_guide.prefix}_latent"  # the guide's flat site itself
+    shapes = {name: jnp.shape(biject_to(model_trace[name]["fn"].support).inv(site["value"]))
+              for name, site in guide_trace.items() if site["type"] == "sample" and name != own}
+    size = sum(int(np.prod(shape)) for shape in shapes.values())
+    if size != np.shape(flat)[-1]:
+        raise ValueError(f"the parameter guide's vector has {np.shape(flat)[-1]} entries, its sites {size} ({shapes})")
+    return split_flat(flat, shapes)
+
+
 def unconstrained_fit(model, guide, params, data):
     """(x_hat (B, T, K), {site: unconstrained mean}, {site: the prior's support}, mean-field covariance (n, n))."""
     substituted = numpyro.handlers.substitute(guide, data=params)
@@ -203,7 +220,7 @@ def unconstrained_fit(model, guide, params, data):
     pg = guide.parameter_guide
     loc = jnp.asarray(params[f"{pg.prefix}_loc"])
     scale_tril = jnp.asarray(pg.get_posterior(params).scale_tril)
-    unpacked = pg._unpack_latent(loc)
+    unpacked = unpack_parameter_vector(pg, params, data, loc, trace)
     x_hat = numpyro.handlers.substitute(guide.path, data=params)(data).mean
     supports = {name: trace[name]["fn"].support for name in unpacked}
     return x_hat, unpacked, supports, scale_tril @ scale_tril.T

@@ -306,7 +306,7 @@ def _sample_path_gibbs(model, data, params, path, num_draws, burn_in, thin, part
     if missing:
         raise ValueError(f"params: missing parameter sites {missing}; expected a value for each of {sites}")
     theta = {k: jnp.asarray(params[k], dtype) for k in sites}
-    drift_prior_sites = [k for k in model._drift_site_dims() if k not in WEIGHT_SITES]
+    drift_prior_sites = [k for k in model.drift_site_dims() if k not in WEIGHT_SITES]
     hold = () if hold is None else tuple(hold)
     unknown = [s for s in hold if s not in sites]
     if unknown:

@@ -21,7 +21,7 @@ import ppl_switch.infer.rslds_laplace_em as lem
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.infer.prepare import check_float
-from ppl_switch.infer.sharding import resolve_mesh, shard_per_trial, shard_trials, unpad_trials
+from ppl_switch.infer.sharding import em_trial_arrays, resolve_mesh, shard_per_trial, unpad_trials
 from ppl_switch.infer.slds_em import em_groups
 from ppl_switch.models.rslds import EMISSION_BIAS_PRIOR_SCALE, EMISSION_MATRIX_PRIOR_SCALE, bernoulli_bias, gaussian_view
 from ppl_switch.models.slds import SLDS, em_initial_params, least_squares_latents, local_dynamics_paths, random_sticky_paths
@@ -94,12 +94,7 @@ def rslds_em(model, data: SequenceData, *, key=None, params=None, learn=None, nu
     key = jax.random.PRNGKey(0) if key is None else key
     dtype = jnp.result_type(float)
     B, T, N = data.y.shape
-    placed = data if mesh is None else shard_trials(data, mesh, dtype)  # padded to B_pad trials, sharded
-    y = jnp.asarray(placed.y, dtype)
-    arrays = dict(
-        y=y, mask=jnp.asarray(placed.mask), time_mask=jnp.arange(T) < jnp.asarray(placed.lengths)[:, None],
-        inputs=jnp.asarray(placed.inputs, dtype) if model.input_dim else jnp.zeros(y.shape[:2] + (0,), dtype),
-    )
+    arrays = em_trial_arrays(data, mesh, dtype, model.input_dim)  # B_pad trials, sharded; padding all masked
     if params is not None:
         starts = [_state_from_params(model, params, data, dtype)]
     else:

@@ -135,6 +135,18 @@ def shard_trials(data: SequenceData, mesh: Mesh, float_dtype=None) -> SequenceDa
     )
 
 
+def em_trial_arrays(data: SequenceData, mesh: Optional[Mesh], dtype, input_dim: int) -> dict[str, jax.Array]:
+    """The arrays a switching EM iterates on, trials padded to a multiple of the devices and sharded over
+    ``mesh`` (as they are without one): ``y`` (B, T, N) and ``inputs`` (B, T, U; (B, T, 0) without inputs) in
+    ``dtype``, ``mask`` (B, T, N) and ``time_mask`` (B, T), all False on a padding trial."""
+    placed = data if mesh is None else shard_trials(data, mesh, dtype)
+    y = jnp.asarray(placed.y, dtype)
+    return dict(
+        y=y, mask=jnp.asarray(placed.mask), time_mask=jnp.arange(y.shape[1]) < jnp.asarray(placed.lengths)[:, None],
+        inputs=jnp.asarray(placed.inputs, dtype) if input_dim else jnp.zeros(y.shape[:2] + (0,), dtype),
+    )
+
+
 def shard_per_trial(tree: Any, mesh: Mesh) -> Any:
     """Every array leaf of ``tree`` (per-trial state: leading axis the N real trials, e.g. an EM's q(z)
     marginals or q(x) means) padded like :func:`shard_trials` and placed trial-sharded.

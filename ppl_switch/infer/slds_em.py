@@ -21,7 +21,7 @@ import numpy as np
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
-from ppl_switch.infer.sharding import resolve_mesh, shard_per_trial, shard_trials, unpad_trials
+from ppl_switch.infer.sharding import em_trial_arrays, resolve_mesh, shard_per_trial, unpad_trials
 from ppl_switch.models.slds import em_initial_params, local_dynamics_paths, random_sticky_paths
 from ppl_switch.ops import switching as sw
 
@@ -89,11 +89,8 @@ def slds_em(model, data: SequenceData, *, key=None, params=None, learn=None, num
     dtype = jnp.result_type(float)
     B, T, N = data.y.shape
     K = model.num_states
-    placed = data if mesh is None else shard_trials(data, mesh, dtype)  # padded to B_pad trials, sharded
-    y = jnp.asarray(placed.y, dtype)
-    m = jnp.asarray(placed.mask)
-    tm = jnp.arange(T) < jnp.asarray(placed.lengths)[:, None]  # (B_pad, T); all False on a padding trial
-    u = jnp.asarray(placed.inputs, dtype) if model.input_dim else jnp.zeros(y.shape[:2] + (0,), dtype)
+    arrays = em_trial_arrays(data, mesh, dtype, model.input_dim)  # B_pad trials, sharded; padding all masked
+    y, m, tm, u = arrays["y"], arrays["mask"], arrays["time_mask"], arrays["inputs"]
     per_trial = (lambda a: a) if mesh is None else (lambda a: shard_per_trial(a, mesh))
     prior = model.em_prior(N, dtype)
     diagonal = model.emission_cov == "diagonal"

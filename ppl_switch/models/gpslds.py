@@ -166,7 +166,9 @@ class _LatentSDEModel(Model):
         """Autonomous drift f(x), x (..., K) -> (..., K) (inputs not included)."""
         raise NotImplementedError
 
-    def _drift_site_dims(self) -> dict:
+    def drift_site_dims(self) -> dict[str, tuple[str, ...]]:
+        """Named dims of the drift's parameter sites (a subset of :meth:`site_dims`), e.g. the gpSLDS's
+        ``{"fixed_points": ("state", "latent"), ...}``; the path samplers read which sites the drift has here."""
         raise NotImplementedError
 
     # ----- parameters
@@ -188,7 +190,7 @@ class _LatentSDEModel(Model):
         return p
 
     def site_dims(self) -> dict[str, tuple[str, ...]]:
-        dims = dict(self._drift_site_dims())
+        dims = dict(self.drift_site_dims())
         dims["x"] = ("trial", "time", "latent")
         if self.input_dim:
             dims["input_matrix"] = ("latent", "input")
@@ -461,7 +463,7 @@ class GPSLDS(_LatentSDEModel):
         return {"num_states": self.num_states, **self._common_config(), "features": self.features,
                 "kernel": self.kernel, "fixed_point_scale": self.fixed_point_scale}
 
-    def _drift_site_dims(self):
+    def drift_site_dims(self):
         dims = {"fixed_points": ("state", "latent"), "regime_matrix": ("state", "latent", "latent_in"),
                 "regime_offset": ("state", "latent")}
         if self.num_states > 1:
@@ -645,7 +647,7 @@ class GPSDE(_LatentSDEModel):
         return {**self._common_config(), "num_basis": self.num_basis, "box": self.box,
                 "lengthscale_prior": self.lengthscale_prior, "amplitude_prior": self.amplitude_prior}
 
-    def _drift_site_dims(self):
+    def drift_site_dims(self):
         return {"rbf_lengthscale": (), "rbf_amplitude": (), "rbf_weights": ("basis", "latent")}
 
     def _sample_drift_params(self):
