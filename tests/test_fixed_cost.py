@@ -104,6 +104,7 @@ def test_cached_result_equals_a_cold_fit(first_svi, y, monkeypatch):
     draws_module = importlib.import_module("ppl_switch.infer.draws")
     monkeypatch.setattr(svi_module, "_RUNNERS", {})
     monkeypatch.setattr(draws_module, "_DRAW_FNS", {})
+    monkeypatch.setattr(importlib.import_module("ppl_switch.guides.mean_field"), "_SET_UPS", {})  # the guide's set-up too
     monkeypatch.setattr(svi_module, "model_key", lambda model: None)  # runner and draws: compiled afresh
     cold = _svi(HMM(2, obs_dim=1), y)
     _same_fit(first_svi, cold)

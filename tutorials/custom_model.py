@@ -24,8 +24,8 @@ record_log_lik=False)``     ``NotImplementedError`` naming the class and ``progr
                             lets a second fit of the same model reuse compiled code. Missing: fits run
                             (nothing is cached); ``fit.save`` raises ``NotImplementedError`` naming
                             ``config()`` before it writes anything.
-``default_guide()``         SVI's guide. Missing: ``AutoNormal(program, init_loc_fn=init_to_median(
-                            num_samples=15))``; on section 2's data it reached the same loss and state
+``default_guide()``         SVI's guide. Missing: ``MeanFieldNormal(program, init_loc_fn=init_to_median(
+                            num_samples=15))`` (AutoNormal's family, compiled set-up); on section 2's data it reached the same loss and state
                             accuracy as the ``init_to_sample`` guide the HMM uses.
 ``log_likelihood(params,    the ``log_likelihood`` group (trial, time), for LOO. Missing: group absent,
 data)``                     and a ``fit.warnings`` entry (FitWarning) names the method.

@@ -94,7 +94,7 @@ plot_fit(reloaded.idata, os.path.join(OUT, "hmm_fit.png"), true_states=np.asarra
 # %% [markdown]
 # ## 4. A linear dynamical system, fitted with SVI
 #
-# The LDS program integrates the latent path out with the Kalman filter; SVI (an AutoNormal guide over the
+# The LDS program integrates the latent path out with the Kalman filter; SVI (a mean-field normal guide over the
 # parameters) fits the dynamics and emissions, and the smoothed latents are compared with the truth after
 # an affine alignment (latents are identified only up to an invertible linear map).
 

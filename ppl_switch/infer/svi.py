@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import optax
+from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_median
 from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
@@ -25,6 +25,7 @@ from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
 from ppl_switch.infer.draws import draws_from_guide, model_key
 from ppl_switch.errors import FitError
+from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import (
     check_float,
@@ -44,11 +45,18 @@ NUM_PROGRESS_UPDATES = 50
 
 def default_guide_for(model) -> Callable:
     """``model.default_guide()``; for a model that does not define one, a mean-field
-    ``AutoNormal(model.program, init_loc_fn=init_to_median)`` over all latent sites."""
+    :class:`~ppl_switch.guides.mean_field.MeanFieldNormal` (AutoNormal's family, compiled set-up) with
+    ``init_to_median`` over all latent sites."""
     try:
         return model.default_guide()
     except NotImplementedError:
-        return AutoNormal(model.program, init_loc_fn=init_to_median(num_samples=15))
+        return MeanFieldNormal(model.program, init_loc_fn=init_to_median(num_samples=15), cache_key=_fallback_guide_key(model))
+
+
+def _fallback_guide_key(model):
+    """The default guide's set-up cache key for a model without its own guide: its class and config."""
+    key = model_key(model)
+    return None if key is None else ("init_to_median(15)", key)
 
 
 def default_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -136,6 +144,35 @@ def _cached_runner(key, make, keep_alive):
     return _RUNNERS[key][0]
 
 
+def _compiled_init(svi: SVI, guide: MeanFieldNormal, key, data, cache_key):
+    """``svi.init(key, data)`` as one compiled program instead of op by op (each eager operation is one XLA
+    compilation; the init's were most of a first fit's time, benchmarks/results.md, session of 2026-12-07).
+
+    The guide is set up first, eagerly, with the key ``svi.init`` would give it (numpyro's ``SVI.init`` splits
+    ``key`` in three, the last for the guide), so the start is the one an eager init finds. Its start
+    (``guide.init_locs``) is an argument of the compiled init, so that a later fit with equal ``cache_key``
+    reuses the program with its own start; that fit's ``svi`` gets the first one's ``constrain_fn`` (the same
+    transforms: the key implies the same guide structure)."""
+    if guide.sites is None:
+        handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)
+
+    def make():
+        def init(key, data, start):
+            own = guide.init_locs
+            guide.init_locs = start  # traced only here: restored before the trace ends
+            try:
+                return svi.init(key, data)
+            finally:
+                guide.init_locs = own
+
+        return jax.jit(init), svi
+
+    init, owner = _cached_runner(cache_key, make, (guide,))
+    state = init(key, data, guide.init_locs)
+    svi.constrain_fn = owner.constrain_fn
+    return state
+
+
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -205,7 +242,7 @@ def fit_svi(
         data: a SequenceData or raw ``y`` ((trials, time, obs), (time, obs) or a list of trials), then
             validated with ``model.prepare(data, mask=, lengths=, inputs=)`` before anything compiles.
         guide: any callable with the program's signature (an autoguide or a hand-written guide);
-            default ``model.default_guide()``, or ``AutoNormal(model.program)`` if the model has none.
+            default ``model.default_guide()``, or a mean-field normal (``MeanFieldNormal``) if the model has none.
         num_steps, learning_rate, num_particles: optimisation length, Adam step size, ELBO particles.
         optimizer: any optax GradientTransformation (overrides ``learning_rate``); default Adam with
             global-norm gradient clipping at 10.
@@ -260,20 +297,24 @@ def fit_svi(
     # sharded: padding trials masked out of the log density (exactly 0, sharding.mask_padded_trials)
     svi = SVI(model.program if mesh is None else mask_padded_trials(model.program), guide, optim,
               Trace_ELBO(num_particles=num_particles))
+    chunk = max(1, math.ceil(num_steps / NUM_PROGRESS_UPDATES))
+    # Compiled once per model config, guide, optimiser and data shapes: a later fit with equal key reuses
+    # the runner (and the init and draw functions) traced with the first fit's svi/guide objects, which
+    # have the same structure; this fit's own guide is initialised below from its own seed and data.
+    cache_key = _runner_key(model, user_guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev)
+    draws_key = None if cache_key is None else cache_key[:2] + cache_key[6:]
     # numpyro validates distribution arguments eagerly during init; an invalid one would raise without
     # naming its site, so validation is off here and a non-finite step-0 loss is diagnosed instead.
-    with numpyro.validation_enabled(False):
-        state = svi.init(key_init, dev)  # on the unpadded data: the same start as on one device
+    with numpyro.validation_enabled(False):  # on the unpadded data: the same start as on one device
+        if isinstance(guide, MeanFieldNormal):
+            init_key = None if cache_key is None else cache_key[:3] + cache_key[6:] + ("init",)
+            state = _compiled_init(svi, guide, key_init, dev, init_key)
+        else:
+            state = svi.init(key_init, dev)
     run_dev = dev
     if mesh is not None:  # the steps run on padded, trial-sharded data with a replicated state
         run_dev, state = shard_trials(data, mesh), replicate(state, mesh)
 
-    chunk = max(1, math.ceil(num_steps / NUM_PROGRESS_UPDATES))
-    # Compiled once per model config, guide, optimiser and data shapes: a later fit with equal key reuses
-    # the runner (and the draw function below) traced with the first fit's svi/guide objects, which
-    # have the same structure; this fit's own guide was initialised above from its own seed and data.
-    cache_key = _runner_key(model, user_guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev)
-    draws_key = None if cache_key is None else cache_key[:2] + cache_key[6:]
     if cache_key is not None and mesh is not None:  # another program (masked) and padded shapes
         cache_key = cache_key + ("sharded", tuple(np.shape(x) for x in jax.tree.leaves(run_dev)))
     run_chunk = _cached_runner(cache_key, lambda: _make_chunk_runner(svi, chunk, num_steps), (user_guide, optimizer))

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_sample
 
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
+from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.models._common import (
     check_nonneg_float,
     check_optional_dim,
@@ -181,10 +181,12 @@ class StateChainModel(Model):
         return permute_by_dims(params, perm, self.site_dims())
 
     def default_guide(self):
-        """AutoNormal (mean-field Gaussian in the unconstrained space) over all parameters, started
-        from a prior draw: starting all states at the prior median would make them identical, and
-        a symmetric start never separates under gradient steps."""
-        return AutoNormal(self.program, init_loc_fn=init_to_sample, init_scale=0.1)
+        """A mean-field normal in the unconstrained space over all parameters (AutoNormal's family, set up
+        by one compiled program: :class:`~ppl_switch.guides.mean_field.MeanFieldNormal`), started from a
+        prior draw: starting all states at the prior median would make them identical, and a symmetric
+        start never separates under gradient steps."""
+        return MeanFieldNormal(self.program, init_loc_fn=init_to_sample, init_scale=0.1,
+                               cache_key=("init_to_sample", type(self).__name__, repr(self.config())))
 
 
 class HMM(StateChainModel):

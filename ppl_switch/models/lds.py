@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.init import init_to_sample_then_median
+from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.models._common import check_nonneg_int, check_optional_dim, require_obs_dim
 from ppl_switch.models._emissions import masked_mvn_log_prob_cov
 from ppl_switch.models.base import Model
@@ -205,10 +205,12 @@ class LDS(Model):
             numpyro.deterministic("log_lik", self.log_likelihood(params, data))
 
     def default_guide(self):
-        """AutoNormal over all parameters, started at the prior median (A = 0.9 I, stable dynamics)
+        """A mean-field normal over all parameters (AutoNormal's family, compiled set-up:
+        :class:`~ppl_switch.guides.mean_field.MeanFieldNormal`), started at the prior median (A = 0.9 I, stable dynamics)
         except the emission matrix, started from a prior draw: C = 0 is a stationary point of the
         marginal likelihood (it is quadratic in C there), so starting exactly at it stalls."""
-        return AutoNormal(self.program, init_loc_fn=init_to_sample_then_median(["emission_matrix"]), init_scale=0.1)
+        return MeanFieldNormal(self.program, init_loc_fn=init_to_sample_then_median(["emission_matrix"]), init_scale=0.1,
+                               cache_key=("init_to_sample_then_median(emission_matrix)", type(self).__name__, repr(self.config())))
 
     # ----- the state space model of one parameter draw -----------------------------------------
     def lgssm_params(self, params, data: SequenceData, *, simulate: bool = False) -> LGSSMParams:

@@ -1,0 +1,184 @@
+"""A mean-field normal guide whose set-up is one compiled program.
+
+q(theta) = prod over the program's latent sites of biject_to(support)(Normal(loc, scale)), the loc and scale in
+the unconstrained space: the family of numpyro's ``AutoNormal``, with the same parameter names
+(``{site}_{prefix}_loc``, ``{site}_{prefix}_scale``), plates, start and draws, so that a fit with either gives
+the same numbers up to rounding.
+
+What differs is the set-up. ``AutoNormal`` finds its start (numpyro's ``initialize_model``: the init strategy's
+prior draws, then the potential energy and its gradient to check them) by running the program op by op, and
+each operation is one XLA compilation per shape (33-36 ms each on jax 0.9.2): 21-27 s of a first SVI fit of
+an HMM or SLDS (benchmarks/results.md, session of 2026-12-07). Here the same computation is one jitted
+program. The structure the guide needs later (sites, event dims, supports, plates) is read off that trace as
+static Python values, so nothing traced is kept on the guide.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.distributions import biject_to, constraints
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.util import constrain_fn, initialize_model
+
+__all__ = ["MeanFieldNormal"]
+
+#: compiled set-ups and medians by (cache_key, ["median",] argument shapes), oldest first (at most ``_MAX_CACHED``)
+_SET_UPS: dict = {}
+_MAX_CACHED = 32
+
+
+def _remember(key, compiled) -> None:
+    _SET_UPS[key] = compiled
+    while len(_SET_UPS) > _MAX_CACHED:  # oldest first out
+        _SET_UPS.pop(next(iter(_SET_UPS)))
+
+
+def _shapes_key(tree) -> tuple:
+    """The pytree structure, shapes and dtypes of ``tree`` and the precision: what a trace depends on."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return (str(treedef), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves), bool(jax.config.jax_enable_x64))
+
+
+def _holds_tracer(obj: Any) -> bool:
+    """Whether a constraint object holds a traced array (e.g. an interval with data-dependent bounds)."""
+    if isinstance(obj, jax.core.Tracer):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_holds_tracer(o) for o in obj)
+    return isinstance(obj, constraints.Constraint) and any(_holds_tracer(v) for v in vars(obj).values())
+
+
+def _is_real(support) -> bool:
+    return support is constraints.real or (
+        isinstance(support, constraints.independent) and support.base_constraint is constraints.real
+    )
+
+
+class MeanFieldNormal:
+    """Mean-field normal guide over every latent site of ``program``, set up by one compiled program.
+
+    Args:
+        program: the NumPyro model (called with the guide's arguments).
+        init_loc_fn: a numpyro init strategy for the start (constrained values), as for ``AutoNormal``.
+        init_scale: the start scale of every factor (> 0).
+        prefix: the parameter names' infix, ``{site}_{prefix}_loc``.
+        cache_key: a hashable key that says ``program`` and ``init_loc_fn`` trace to the same set-up as for
+            an earlier guide with this key (e.g. the model's class and config with a fixed strategy); that
+            guide's compiled set-up is then reused for arguments of the same shapes. None: compile afresh.
+
+    Call it with the program's arguments inside a numpyro handler stack (SVI does); ``median(params)`` gives
+    the constrained locs and the deterministic sites the program computes from them.
+    """
+
+    #: the scale parameters' constraint (AutoNormal's)
+    scale_constraint = AutoNormal.scale_constraint
+
+    def __init__(self, program: Callable, *, init_loc_fn=init_to_uniform, init_scale: float = 0.1, prefix: str = "auto",
+                 cache_key=None):
+        if not init_scale > 0:
+            raise ValueError(f"init_scale: expected a positive number, got {init_scale!r}")
+        self.model = program
+        self.init_loc_fn = init_loc_fn
+        self.init_scale = float(init_scale)
+        self.prefix = prefix
+        self.cache_key = cache_key
+        self.sites: list | None = None  # [(name, event_dim, support, frames)] in the program's order
+        self.plate_sizes: dict[str, int] = {}
+        self.init_locs: dict | None = None  # {site: unconstrained start}
+        self.model_args: tuple | None = None  # (args, kwargs) of the set-up, for median
+
+    # ----- set-up
+    def set_up(self, *args, **kwargs) -> None:
+        """Find the start and the structure from one compiled trace of the program with these arguments."""
+        rng_key = numpyro.prng_key()
+        if rng_key is None:
+            rng_key = jax.random.PRNGKey(0)
+        key = None if self.cache_key is None else (self.cache_key, _shapes_key((args, kwargs)))
+        compiled = _SET_UPS.get(key) if key is not None else None
+        if compiled is None:
+            compiled = self._compile_set_up()
+            if key is not None:
+                _remember(key, compiled)
+        start, structure = compiled
+        locs, valid = start(rng_key, args, kwargs)
+        if not bool(valid):
+            raise RuntimeError("Cannot find valid initial parameters. Please check your model again.")
+        traced = [name for name, _, support, _ in structure["sites"] if _holds_tracer(support)]
+        if traced:
+            raise ValueError(f"MeanFieldNormal: the support of {traced} depends on traced values; use "
+                             "numpyro.infer.autoguide.AutoNormal for this program")
+        self.sites, self.plate_sizes, self.init_locs = structure["sites"], structure["sizes"], locs
+        leaves = jax.tree.leaves((args, kwargs))
+        self.model_args = None if any(isinstance(x, jax.core.Tracer) for x in leaves) else (args, kwargs)
+
+    def _compile_set_up(self):
+        """(jitted ``(key, args, kwargs) -> (unconstrained start, valid)``, the structure dict its trace fills)."""
+        structure = {}
+
+        def start(key, args, kwargs):
+            with handlers.block():
+                info = initialize_model(key, self.model, init_strategy=self.init_loc_fn, dynamic_args=True,
+                                        model_args=args, model_kwargs=kwargs)
+            locs = info.param_info.z
+            sites, sizes = [], {}
+            for name, site in info.model_trace.items():
+                if site["type"] == "sample" and not site["is_observed"]:
+                    event_dim = site["fn"].event_dim + jnp.ndim(locs[name]) - jnp.ndim(site["value"])
+                    sites.append((name, int(event_dim), site["fn"].support, tuple(site["cond_indep_stack"])))
+                elif site["type"] == "plate":
+                    sizes[name] = site["args"][0]
+            structure.update(sites=sites, sizes=sizes)
+            z_grad = ravel_pytree(info.param_info.z_grad)[0]
+            valid = jnp.isfinite(info.param_info.potential_energy) & jnp.all(jnp.isfinite(z_grad))
+            return locs, valid
+
+        return jax.jit(start), structure
+
+    # ----- the guide
+    def __call__(self, *args, **kwargs) -> dict:
+        if self.sites is None:
+            self.set_up(*args, **kwargs)
+        plates = {}
+        result = {}
+        for name, event_dim, support, frames in self.sites:
+            init_loc = self.init_locs[name]
+            with ExitStack() as stack:
+                for frame in frames:
+                    if frame.name not in plates:
+                        full = self.plate_sizes.get(frame.name, frame.size)
+                        plates[frame.name] = numpyro.plate(frame.name, full, dim=frame.dim, subsample_size=frame.size)
+                    stack.enter_context(plates[frame.name])
+                loc = numpyro.param(f"{name}_{self.prefix}_loc", init_loc, event_dim=event_dim)
+                scale = numpyro.param(f"{name}_{self.prefix}_scale", jnp.full(jnp.shape(init_loc), self.init_scale),
+                                      constraint=self.scale_constraint, event_dim=event_dim)
+                normal = dist.Normal(loc, scale).to_event(event_dim)
+                if _is_real(support):
+                    result[name] = numpyro.sample(name, normal)
+                else:
+                    result[name] = numpyro.sample(name, dist.TransformedDistribution(normal, biject_to(support)))
+        return result
+
+    def median(self, params: dict) -> dict:
+        """{site: constrained loc} for every latent site, and the program's deterministic sites at those values."""
+        if self.sites is None or self.model_args is None:
+            raise RuntimeError("MeanFieldNormal.median: call the guide once with concrete data first (SVI's init does)")
+        args, kwargs = self.model_args
+        locs = {name: params[f"{name}_{self.prefix}_loc"] for name, *_ in self.sites}
+        key = None if self.cache_key is None else (self.cache_key, "median", _shapes_key((locs, args, kwargs)))
+        compiled = _SET_UPS.get(key) if key is not None else None
+        if compiled is None:  # one program: run op by op, the program's deterministic sites cost a compilation each
+            model = self.model
+            compiled = jax.jit(lambda locs, args, kwargs: handlers.seed(constrain_fn, rng_seed=0)(
+                model, args, kwargs, locs, return_deterministic=True))
+            if key is not None:
+                _remember(key, compiled)
+        return compiled(locs, args, kwargs)

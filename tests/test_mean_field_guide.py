@@ -1,0 +1,116 @@
+"""MeanFieldNormal against numpyro's AutoNormal: the same family, parameters, start, draws and median, with the
+set-up compiled (ppl_switch/guides/mean_field.py); and fit_svi's compiled init gives the eager init's start."""
+
+import jax
+import jax.monitoring
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro import handlers
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.initialization import init_to_median, init_to_sample
+
+from ppl_switch.guides.mean_field import MeanFieldNormal
+from ppl_switch.infer import fit_svi
+from ppl_switch.models import HMM
+
+# oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
+pytestmark = pytest.mark.float64
+
+
+def program(y):
+    """Every kind of support the models use, a plate, and a deterministic site."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0).expand([2]).to_event(1))
+    sd = numpyro.sample("sd", dist.HalfNormal(1.0))
+    probs = numpyro.sample("probs", dist.Dirichlet(jnp.ones(3)))
+    corr = numpyro.sample("corr", dist.LKJCholesky(2, 2.0))
+    numpyro.deterministic("cov", sd**2 * corr @ corr.T)
+    with numpyro.plate("group", 4):
+        offset = numpyro.sample("offset", dist.Normal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(mu[0] + offset[:, None] + probs[0] + corr[1, 0], sd), obs=y)
+
+
+Y = np.linspace(-1.0, 2.0, 20).reshape(4, 5)
+
+
+def _init(guide, strategy_seed=0):
+    svi = SVI(program, guide, optax.adam(0.01), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(strategy_seed), Y)
+    return svi, state
+
+
+@pytest.mark.parametrize("strategy", [init_to_sample, init_to_median(num_samples=15)], ids=["sample", "median"])
+def test_same_start_parameters_draws_and_median_as_autonormal(strategy):
+    ours, theirs = MeanFieldNormal(program, init_loc_fn=strategy), AutoNormal(program, init_loc_fn=strategy)
+    svi_a, state_a = _init(ours)
+    svi_b, state_b = _init(theirs)
+    params_a, params_b = svi_a.get_params(state_a), svi_b.get_params(state_b)
+    assert params_a.keys() == params_b.keys() and len(params_a) == 10
+    for name in params_a:
+        np.testing.assert_allclose(params_a[name], params_b[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    # at other parameters too: draws of every site under the same key, and the median with the deterministic site
+    moved = {k: v + 0.1 * (i + 1) for i, (k, v) in enumerate(params_b.items())}
+    draw = lambda g: handlers.trace(handlers.substitute(handlers.seed(g, 3), data=moved)).get_trace(Y)  # noqa: E731
+    tr_a, tr_b = draw(ours), draw(theirs)
+    assert [k for k, s in tr_a.items() if s["type"] == "sample"] == [k for k, s in tr_b.items() if s["type"] == "sample"]
+    for name in ("mu", "sd", "probs", "corr", "offset"):
+        np.testing.assert_allclose(tr_a[name]["value"], tr_b[name]["value"], rtol=1e-12, err_msg=name)
+    med_a, med_b = ours.median(moved), theirs.median(moved)
+    assert med_a.keys() == med_b.keys() and "cov" in med_a
+    for name in med_a:
+        np.testing.assert_allclose(med_a[name], med_b[name], rtol=1e-12, err_msg=name)
+
+
+def test_a_start_with_no_finite_density_raises():
+    def impossible(y):
+        scale = numpyro.sample("scale", dist.HalfNormal(1.0))
+        numpyro.sample("y", dist.Uniform(0.0, scale), obs=y)
+
+    svi = SVI(impossible, MeanFieldNormal(impossible), optax.adam(0.01), Trace_ELBO())
+    with pytest.raises(RuntimeError, match="Cannot find valid initial parameters"):
+        svi.init(jax.random.PRNGKey(0), jnp.array([-1.0]))
+
+
+def _count_traces(fn):
+    seen = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return len(seen)
+
+
+def test_set_up_is_compiled_once_per_cache_key_and_shapes():
+    make = lambda: MeanFieldNormal(program, init_loc_fn=init_to_sample, cache_key=("test", "program"))  # noqa: E731
+    first = make()
+    handlers.seed(first.set_up, 0)(Y)
+    second = make()
+    assert _count_traces(lambda: handlers.seed(second.set_up, 1)(Y)) == 0
+    assert [s[0] for s in second.sites] == ["mu", "sd", "probs", "corr", "offset"]
+    assert not np.allclose(second.init_locs["mu"], first.init_locs["mu"])  # its own key: its own prior draw
+    third = make()
+    assert _count_traces(lambda: handlers.seed(third.set_up, 1)(Y[:, :3])) > 0  # other shapes: a new program
+
+
+def test_fit_svi_compiled_init_starts_where_the_eager_init_does():
+    """fit_svi sets the default guide up with the key svi.init would give it: the same losses as a fit with
+    numpyro's AutoNormal (same family and strategy) and its eager init."""
+    model = HMM(2, obs_dim=2)
+    data, _ = model.simulate(jax.random.PRNGKey(0), 2, 15)
+    kw = dict(num_steps=10, num_draws=4, seed=5, progress_bar=False)
+    ours = fit_svi(model, data.y, **kw)
+    assert isinstance(model.default_guide(), MeanFieldNormal)
+    theirs = fit_svi(model, data.y, guide=AutoNormal(model.program, init_loc_fn=init_to_sample, init_scale=0.1), **kw)
+    np.testing.assert_allclose(ours.losses, theirs.losses, rtol=1e-10)
+    for name in ours.estimate:
+        np.testing.assert_allclose(ours.estimate[name], theirs.estimate[name], rtol=1e-8, atol=1e-10, err_msg=name)
