@@ -285,6 +285,31 @@ MUTANTS = [
         ("tests/test_ops_hmm.py", "-k", "posterior_stats"),
         "pairs past a trial's end counted in the HMM and SLDS EMs' transition counts",
     ),
+    # ----- the compiled guide set-up (2026-12-07) -----
+    Mutant(
+        "compiled init sets the guide up with the model's key",
+        "ppl_switch/infer/svi.py",
+        "handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)",
+        "handlers.seed(guide.set_up, jax.random.split(key, 3)[1])(data)",
+        ("tests/test_mean_field_guide.py", "-k", "fit_svi"),
+        "fit_svi's start is no longer the one svi.init's eager set-up finds (another prior draw)",
+    ),
+    Mutant(
+        "guide median without the deterministic sites",
+        "ppl_switch/guides/mean_field.py",
+        "model, args, kwargs, locs, return_deterministic=True))",
+        "model, args, kwargs, locs, return_deterministic=False))",
+        ("tests/test_mean_field_guide.py", "-k", "autonormal"),
+        "fit.estimate of a deterministic site (the HMM's scale_tril) from the draws' mean, not the median's",
+    ),
+    Mutant(
+        "guide event dims from the prior alone",
+        "ppl_switch/guides/mean_field.py",
+        'event_dim = site["fn"].event_dim + jnp.ndim(locs[name]) - jnp.ndim(site["value"])',
+        'event_dim = site["fn"].event_dim',
+        ("tests/test_mean_field_guide.py", "-k", "autonormal"),
+        "a site whose unconstrained value has another rank (LKJ's Cholesky factor) sums the wrong axes",
+    ),
 ]
 
 
