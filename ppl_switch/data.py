@@ -224,6 +224,43 @@ def partly_observed_steps(mask) -> bool:
     return bool((mask.any(-1) & ~mask.all(-1)).any())
 
 
+def interpolate_missing(data: SequenceData) -> tuple[SequenceData, float]:
+    """A fully observed copy of ``data`` (its mask True inside the trials), and the share of entries inside
+    the trials that it filled: each dimension of each trial linearly interpolated in time between its
+    observed entries (held constant before the first and after the last); a dimension a trial never
+    observes takes that dimension's mean over all trials. For what needs every entry of a regressor (the
+    GDM's F y_{t-1}, its data-driven start): the likelihood leaves missing entries out, not this.
+
+    Raises:
+        DataError: a dimension is observed at no step (nothing to fill it from).
+    """
+    inside = np.asarray(data.time_mask)
+    observed = np.asarray(data.mask) & inside[..., None]
+    y = np.array(data.y, float)
+    never = ~observed.any((0, 1))
+    if never.any():
+        raise DataError(f"data: dimensions {np.flatnonzero(never).tolist()} are observed at no step; drop them")
+    dim_means = np.nansum(np.where(observed, y, 0.0), (0, 1)) / observed.sum((0, 1))
+    for trial, length in enumerate(np.asarray(data.lengths)):
+        steps = np.arange(length)
+        for n in range(data.obs_dim):
+            seen = observed[trial, :length, n]
+            if seen.all():
+                continue
+            y[trial, :length, n] = (np.interp(steps, steps[seen], y[trial, :length, n][seen]) if seen.any()
+                                    else dim_means[n])
+    filled = SequenceData(y=np.where(inside[..., None], y, 0.0), mask=np.broadcast_to(inside[..., None], y.shape).copy(),
+                          lengths=np.asarray(data.lengths), inputs=data.inputs)
+    return filled, missing_share(data)
+
+
+def missing_share(data: SequenceData) -> float:
+    """The share of entries inside the trials that are missing (mask False)."""
+    inside = np.asarray(data.time_mask)
+    missing = inside[..., None] & ~np.asarray(data.mask)
+    return float(missing.sum() / max(inside.sum() * data.obs_dim, 1))
+
+
 def check_positive_int(value, name: str, minimum: int = 1) -> int:
     """Return ``value`` as int, or raise naming ``name`` if it is not an integer >= minimum."""
     if isinstance(value, bool) or not float(value).is_integer() or int(value) < minimum:

@@ -355,11 +355,12 @@ def _gathered_conditionals(y, mask, means, covs):
 
 
 @pytest.mark.float64
-def test_conditional_fill_equals_the_gathered_conditional_gaussian():
-    from ppl_switch.infer.hmm_em import conditional_fill
+@pytest.mark.parametrize("D", [3, 5])  # 14 steps: 2^3 = 8 patterns deduplicated; 2^5 > 14, one per step
+def test_conditional_fill_equals_the_gathered_conditional_gaussian(D):
+    from ppl_switch.infer.hmm_em import conditional_fill, mask_patterns
 
     rng = np.random.default_rng(0)
-    N, T, K, D = 2, 7, 2, 3
+    N, T, K = 2, 7, 2
     y = rng.normal(size=(N, T, D))
     mask = rng.random((N, T, D)) > 0.4
     mask[0, 0], mask[0, 1] = True, False  # a fully observed and a fully missing step
@@ -371,6 +372,9 @@ def test_conditional_fill_equals_the_gathered_conditional_gaussian():
     want_fill, want_cond = _gathered_conditionals(y, mask, means, covs)
     np.testing.assert_allclose(fill, want_fill, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(cov_sum, np.einsum("ntk,ntkde->kde", w, want_cond), rtol=1e-10, atol=1e-10)
+    patterns, index = mask_patterns(jnp.asarray(mask))
+    assert patterns.shape == ((8, 3) if D == 3 else (14, 5))
+    np.testing.assert_array_equal(np.asarray(patterns)[np.asarray(index)], mask.reshape(N * T, D))
 
 
 @pytest.fixture(scope="module")

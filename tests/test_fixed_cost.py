@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from ppl_switch.infer import fit_em, fit_svi
-from ppl_switch.infer.draws import Static, model_key
+from ppl_switch import compile_cache
+from ppl_switch.compile_cache import model_key
+from ppl_switch.infer.draws import Static
 from ppl_switch.models import HMM
 
 _TRACE = "/jax/core/compile/jaxpr_trace_duration"
@@ -97,17 +99,26 @@ def test_other_shape_compiles_anew(first_svi):
 
 
 def test_cached_result_equals_a_cold_fit(first_svi, y, monkeypatch):
-    """Nothing cached: the same numbers (the caches only skip work)."""
+    """Nothing cached (every CompiledCache empty, and no key for the model's runner and draws): the same
+    numbers (the caches only skip work)."""
     import importlib
 
     svi_module = importlib.import_module("ppl_switch.infer.svi")
-    draws_module = importlib.import_module("ppl_switch.infer.draws")
-    monkeypatch.setattr(svi_module, "_RUNNERS", {})
-    monkeypatch.setattr(draws_module, "_DRAW_FNS", {})
-    monkeypatch.setattr(importlib.import_module("ppl_switch.guides.mean_field"), "_SET_UPS", {})  # the guide's set-up too
     monkeypatch.setattr(svi_module, "model_key", lambda model: None)  # runner and draws: compiled afresh
-    cold = _svi(HMM(2, obs_dim=1), y)
+    with compile_cache.cold():
+        cold = _svi(HMM(2, obs_dim=1), y)
     _same_fit(first_svi, cold)
+
+
+def test_cold_empties_every_cache_for_the_block_and_restores_them():
+    cache = compile_cache.CompiledCache("test", max_size=2)
+    cache["a"] = 1
+    with compile_cache.cold():
+        assert len(cache) == 0 and cache.get("a") is None
+        assert cache.get_or_make("b", lambda: 2) == 2
+    assert len(cache) == 1 and cache["a"] == 1 and "b" not in cache
+    cache["b"], cache["c"] = 2, 3  # bounded: the oldest goes
+    assert list(cache) == ["b", "c"] and cache.get_or_make(None, lambda: 4) == 4 and len(cache) == 2
 
 
 @pytest.mark.filterwarnings("ignore::ppl_switch.errors.FitWarning")

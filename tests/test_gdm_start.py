@@ -18,6 +18,7 @@ from ppl_switch.data import DataError
 from ppl_switch.datasets.nascar import nascar
 from ppl_switch.guides.gdm_guides import LinearGuide
 from ppl_switch.errors import FitError
+from ppl_switch.data import interpolate_missing, missing_share
 from ppl_switch.infer.gdm_start import hard_state_em, pca_projection, segmentation_start
 from ppl_switch.infer.gdm_svi import fit_gdm_svi, resolve_start
 from ppl_switch.models.gdm import GDM
@@ -46,12 +47,14 @@ def test_pca_projection_whitens_the_leading_principal_subspace():
         pca_projection(GDM().prepare(y), 6)
 
 
-def _brute_force(y, F, fit):
-    """log p(y_1: | y_0) and p(s_t | y) by enumerating every state path (uniform initial state)."""
+def _brute_force(y, F, fit, observed=None):
+    """log p(y_1: | y_0) and p(s_t | y) by enumerating every state path (uniform initial state); with a
+    (T, N) ``observed`` mask only the observed entries of y_t are scored (y_{t-1} is taken as given)."""
     K = fit.transition_matrix.shape[0]
     x = y[:-1] @ F.T
     means = np.einsum("knd,td->tkn", fit.dynamics, x) + fit.offsets
-    emit = norm.logpdf(y[1:, None, :], means, np.sqrt(fit.obs_var)).sum(-1)  # (T-1, K)
+    scored = np.ones_like(y[1:]) if observed is None else observed[1:]
+    emit = (norm.logpdf(y[1:, None, :], means, np.sqrt(fit.obs_var)) * scored[:, None, :]).sum(-1)  # (T-1, K)
     paths = np.array(list(itertools.product(range(K), repeat=len(emit))))
     logp = -np.log(K) + emit[np.arange(len(emit)), paths].sum(1)
     logp += np.log(fit.transition_matrix[paths[:, :-1], paths[:, 1:]]).sum(1)
@@ -72,6 +75,16 @@ def test_hard_state_em_likelihood_and_states_match_path_enumeration():
     np.testing.assert_allclose(fit.log_likelihood, total, rtol=1e-10)
     np.testing.assert_allclose(fit.state_probs[0, 1:], marginals, atol=1e-10)
     np.testing.assert_allclose(fit.state_probs[0, 0], fit.state_probs[0, 1])  # step 0 copies step 1
+    # missing entries: the regressors read y interpolated in time, the missing targets are not scored
+    mask = np.ones(y.shape, bool)
+    mask[0, 3, 1] = mask[0, 5, :] = mask[0, 6, 0] = False
+    data = GDM(latent_dim=1).prepare(np.where(mask, y, np.nan))
+    fit = hard_state_em(data, F, 2, num_restarts=2, num_iters=5, seed=0)
+    filled = interpolate_missing(data)[0].y[0]
+    total, marginals = _brute_force(filled, F, fit, mask[0])
+    np.testing.assert_allclose(fit.log_likelihood, total, rtol=1e-10)
+    np.testing.assert_allclose(fit.state_probs[0, 1:], marginals, atol=1e-10)
+    np.testing.assert_allclose(filled[5], (y[0, 4] + filled[6]) / 2)  # step 5 interpolated (dim 0 from steps 4, 7)
 
 
 @pytest.mark.float64
@@ -100,10 +113,6 @@ def test_hard_state_em_rejects_bad_input(nascar_train):
         hard_state_em(data, np.ones((2, 3)), 4)
     with pytest.raises(DataError, match="too few"):
         hard_state_em(nascar_train.y[:3], np.ones((2, 10)), 4)
-    mask = np.ones((50, 10), bool)
-    mask[10, 3] = False
-    with pytest.raises(DataError, match="every dimension observed"):
-        hard_state_em(GDM().prepare(nascar_train.y[:50], mask=mask), np.ones((2, 10)), 4)
 
 
 @pytest.mark.float64
@@ -220,12 +229,18 @@ def test_auto_falls_back_to_the_released_start_where_the_segmentation_does_not_a
             resolve_start(model, None, data, "segmentation", "model", 2, 0)
         with pytest.raises(ValueError, match="projection='pca' needs"):
             resolve_start(model, None, data, "released", "pca", 2, 0)
+    # a missing entry: the start and projection come from the data interpolated in time (interpolate_missing)
     mask = np.ones(y.shape, bool)
     mask[5, 2] = False
-    data = GDM().prepare(y, mask=mask)
-    assert resolve_start(GDM(obs_dim=10), None, data, "auto", "auto", 2, 0)[2:] == ("released", "model")
-    with pytest.raises(DataError, match="start='segmentation' needs every dimension"):
-        resolve_start(GDM(obs_dim=10), None, data, "segmentation", "model", 2, 0)
+    data = GDM().prepare(np.where(mask, y, np.nan), mask=mask)
+    fitted_model, guide, start, projection = resolve_start(GDM(obs_dim=10), None, data, "auto", "auto", 2, 0)
+    assert (start, projection) == ("segmentation", "pca")
+    # GDM.prepare already holds the interpolated value (the regressor y_{t-1} at step 6 needs one)
+    np.testing.assert_allclose(np.asarray(data.y)[0, 5, 2], (y[4, 2] + y[6, 2]) / 2, rtol=1e-6)
+    assert not np.asarray(data.mask)[0, 5, 2]
+    filled = interpolate_missing(data)[0]
+    np.testing.assert_allclose(fitted_model.projection_matrix, pca_projection(filled, 2))
+    assert guide.start is not None and all(np.isfinite(v).all() for v in guide.start.values())
     with pytest.raises(ValueError, match="start: expected one of"):
         fit_gdm_svi(GDM(obs_dim=10), y, start="hard")
     # the paper's protocol is a named option: the model's random F, the released code's random start
@@ -233,6 +248,32 @@ def test_auto_falls_back_to_the_released_start_where_the_segmentation_does_not_a
     model = GDM(obs_dim=10)
     kept, guide, start, projection = resolve_start(model, None, data, "released", "model", 2, 0)
     assert kept is model and (start, projection) == ("released", "model") and guide.start is None
+
+
+def test_interpolate_missing_fills_each_dimension_linearly_in_time_within_its_trial():
+    """Two ragged trials (6 and 4 steps), 2 dims: interior gaps are linear in time, edges hold the nearest
+    observed value, a dim a trial never observes takes its mean over all observed entries, observed
+    entries and the padding are unchanged; a dim observed nowhere is an error naming it."""
+    y = np.array([[[0.0, 1.0], [1.0, 2.0], [9.0, 3.0], [9.0, 4.0], [4.0, 5.0], [5.0, 6.0]],
+                  [[7.0, 1.0], [8.0, 2.0], [9.0, 3.0], [9.0, 4.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = np.ones((2, 6, 2), bool)
+    mask[0, 2:4, 0] = False  # interior gap of dim 0: between 1.0 (t=1) and 4.0 (t=4)
+    mask[0, 0, 1] = False  # leading gap of dim 1: held at 2.0
+    mask[1, :, 1] = False  # trial 1 never observes dim 1
+    mask[1, 4:] = False  # trial 1 has 4 steps
+    data = GDM().prepare([np.where(mask[0], y[0], np.nan), np.where(mask[1, :4], y[1, :4], np.nan)])
+    filled, share = interpolate_missing(data)
+    assert np.asarray(filled.mask).tolist() == (np.arange(6)[None, :, None] < np.array([6, 4])[:, None, None]).repeat(2, -1).tolist()
+    expected = y.copy()
+    expected[0, 2:4, 0] = [2.0, 3.0]
+    expected[0, 0, 1] = 2.0
+    expected[1, :4, 1] = np.mean([2.0, 3.0, 4.0, 5.0, 6.0])  # dim 1 over the observed entries of trial 0
+    np.testing.assert_allclose(filled.y, expected)
+    assert share == missing_share(data) == 7 / 20  # 2 + 1 + 4 of the 10 steps x 2 dims inside the trials
+    never = mask.copy()
+    never[0, :, 1] = False
+    with pytest.raises(DataError, match=r"dimensions \[1\] are observed at no step"):
+        interpolate_missing(GDM().prepare(np.where(never, y, np.nan), mask=never))
 
 
 def test_nonfinite_start_values_raise_a_fit_error_naming_the_stage_and_value(nascar_train):

@@ -15,7 +15,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ppl_switch"
 
 #: layer of each top-level module or subpackage (ppl_switch.<first part>); higher may import lower
 LAYERS = {
-    "version": 0, "errors": 0, "data": 0, "ops": 0,
+    "version": 0, "errors": 0, "data": 0, "ops": 0, "compile_cache": 0,
     "distributions": 1,  # incl. distributions.switching_chain (the SLDS path), below the models that build it
     "guides": 2,
     "models": 3,

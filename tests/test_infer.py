@@ -356,6 +356,29 @@ def test_svi_custom_guide_and_optax_optimizer():
     assert fit.config["guide"] == "AutoDelta"
 
 
+def test_guide_median_keeps_posterior_sites_and_raises_a_broken_median():
+    """``guide_median``: the guide's median of the named sites; None where the guide has no median
+    (numpyro's NotImplementedError, or no attribute); any other error in a median propagates."""
+    from ppl_switch.infer.svi import guide_median
+
+    class Guide:
+        def __init__(self, median):
+            self.median = median
+
+    def broken(params):
+        raise TypeError("a bug in the median")
+
+    assert guide_median(Guide(lambda p: {"mu": p["loc"], "aux": 1.0}), {"loc": 2.0}, ["mu", "sigma"]) == {"mu": 2.0}
+    assert guide_median(Guide(lambda p: {"other": 1.0}), {}, ["mu"]) is None
+    with pytest.raises(TypeError, match="a bug in the median"):
+        guide_median(Guide(broken), {}, ["mu"])
+
+    def none(params):
+        raise NotImplementedError
+
+    assert guide_median(Guide(none), {}, ["mu"]) is None and guide_median(object(), {}, ["mu"]) is None
+
+
 def test_svi_nan_loss_raises_fit_error_naming_site():
     y, mask, lengths = gaussian_data()
     with pytest.raises(FitError) as info:

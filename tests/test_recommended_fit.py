@@ -14,6 +14,7 @@ import pytest
 import ppl_switch
 from ppl_switch.infer import recommended
 from ppl_switch.infer.fit import Fit
+from ppl_switch.results import get_group
 from ppl_switch.models import MODELS, get_model
 
 #: a small configuration of every registered model
@@ -151,16 +152,25 @@ def test_real_hmm_fit_through_fit():
     np.testing.assert_allclose(est["means"][order, 0], np.sort(true_means), atol=0.3)
 
 
-def test_em_refusing_partly_observed_steps_falls_back_to_svi_and_says_so():
+def test_em_refusing_partly_observed_steps_falls_back_to_svi_and_says_so(monkeypatch):
     """ARHMM(2) in 2-D, a fifth of the entries missing at random: its closed-form EM refuses partly observed
     steps (a missing entry is also a regressor) before compiling; fit() then runs SVI on the same model, warns,
-    and records why."""
+    and records why. (The SVI fallback runs 30 steps and 4 draws here instead of its defaults, 2000 and 200.)"""
+    real_svi = recommended._run_svi
+    ran = []
+
+    def short_svi(model, data, **kw):
+        ran.append(dict(kw))
+        return real_svi(model, data, **kw, num_steps=30, num_draws=4)
+
+    monkeypatch.setattr(recommended, "_run_svi", short_svi)
     model = get_model("arhmm", num_states=2, obs_dim=2)
     data, truth = model.simulate(jax.random.PRNGKey(1), 1, 60)
     mask = np.random.default_rng(0).random(np.shape(data.y)) > 0.2
     with pytest.warns(ppl_switch.infer.FitWarning, match="EM does not cover this data"):
         fit = ppl_switch.fit(model, np.asarray(data.y), mask=mask, progress_bar=False, seed=0)
-    assert fit.method == "svi" and fit.config["runner"] == "svi"
+    assert fit.method == "svi" and fit.config["runner"] == "svi" and fit.losses.shape == (30,)
+    assert ran == [{"seed": 0, "x64": False, "progress_bar": False}]  # the fallback: no options of EM's
     assert "mask" in fit.config["fallback_reason"] and fit.warnings[0] == fit.config["fallback_reason"]
 
 
@@ -196,9 +206,11 @@ def test_real_gdm_fit_through_fit_is_one_fit_type(tmp_path):
     assert "posterior" in list(fit.idata.groups())
 
 
-def test_gdm_with_missing_entries_falls_back_to_the_released_start_and_says_so():
-    """The data-driven start needs fully observed data; with one missing entry fit() takes the released
-    code's start, and fit.warnings (and the FitWarning) name the fallback and its cost."""
+def test_gdm_with_missing_entries_keeps_the_data_driven_start_and_a_gru_gdm_says_it_has_none():
+    """The data-driven start covers missing entries (regressors interpolated in time, missing targets left
+    out): with one missing entry fit() still starts from the segmentation and the PCA projection, with no
+    warning. A GRU-transition GDM, which the start does not cover, takes the released start, and
+    fit.warnings (and the FitWarning) say so and what it costs."""
     model = get_model("gdm", num_states=2, latent_dim=1, obs_dim=2)
     data, _ = model.simulate(jax.random.PRNGKey(0), 1, 40)
     y = np.array(data.y)
@@ -206,7 +218,14 @@ def test_gdm_with_missing_entries_falls_back_to_the_released_start_and_says_so()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ppl_switch.infer.FitWarning)
         fit = ppl_switch.fit(model, y, num_steps=20, num_restarts=1, num_draws=2, progress_bar=False)
-    assert fit.diagnostics["start"] != "segmentation"
-    fallback = [w for w in fit.warnings if w.startswith("GDM: the data-driven start needs fully observed")]
+    assert (fit.diagnostics["start"], fit.diagnostics["projection"]) == ("segmentation", "pca")
+    assert not any("data-driven start" in w for w in fit.warnings + [str(w.message) for w in caught])
+    assert np.isnan(np.asarray(get_group(fit.idata, "observed_data")["y"])[0, 5, 1])  # still missing in the output
+    gru = get_model("gdm", num_states=2, latent_dim=1, obs_dim=2, transition="gru")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ppl_switch.infer.FitWarning)
+        fit = ppl_switch.fit(gru, y, num_steps=20, num_restarts=1, num_draws=2, progress_bar=False)
+    assert fit.diagnostics["start"] == "released"
+    fallback = [w for w in fit.warnings if w.startswith("GDM: the data-driven start needs Gaussian data and a linear transition")]
     assert len(fallback) == 1 and repr(fit.diagnostics["start"]) in fallback[0]
     assert fallback[0] in [str(w.message) for w in caught if issubclass(w.category, ppl_switch.infer.FitWarning)]

@@ -29,23 +29,12 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import constrain_fn, initialize_model
 
+from ppl_switch.compile_cache import CompiledCache, shapes_key
+
 __all__ = ["MeanFieldNormal"]
 
-#: compiled set-ups and medians by (cache_key, ["median",] argument shapes), oldest first (at most ``_MAX_CACHED``)
-_SET_UPS: dict = {}
-_MAX_CACHED = 32
-
-
-def _remember(key, compiled) -> None:
-    _SET_UPS[key] = compiled
-    while len(_SET_UPS) > _MAX_CACHED:  # oldest first out
-        _SET_UPS.pop(next(iter(_SET_UPS)))
-
-
-def _shapes_key(tree) -> tuple:
-    """The pytree structure, shapes and dtypes of ``tree`` and the precision: what a trace depends on."""
-    leaves, treedef = jax.tree.flatten(tree)
-    return (str(treedef), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves), bool(jax.config.jax_enable_x64))
+#: compiled set-ups and medians by (cache_key, ["median",] argument shapes)
+_SET_UPS = CompiledCache("mean-field guide set-ups and medians")
 
 
 def _holds_tracer(obj: Any) -> bool:
@@ -102,13 +91,8 @@ class MeanFieldNormal:
         rng_key = numpyro.prng_key()
         if rng_key is None:
             rng_key = jax.random.PRNGKey(0)
-        key = None if self.cache_key is None else (self.cache_key, _shapes_key((args, kwargs)))
-        compiled = _SET_UPS.get(key) if key is not None else None
-        if compiled is None:
-            compiled = self._compile_set_up()
-            if key is not None:
-                _remember(key, compiled)
-        start, structure = compiled
+        key = None if self.cache_key is None else (self.cache_key, shapes_key((args, kwargs)))
+        start, structure = _SET_UPS.get_or_make(key, self._compile_set_up)
         locs, valid = start(rng_key, args, kwargs)
         if not bool(valid):
             raise RuntimeError("Cannot find valid initial parameters. Please check your model again.")
@@ -173,12 +157,9 @@ class MeanFieldNormal:
             raise RuntimeError("MeanFieldNormal.median: call the guide once with concrete data first (SVI's init does)")
         args, kwargs = self.model_args
         locs = {name: params[f"{name}_{self.prefix}_loc"] for name, *_ in self.sites}
-        key = None if self.cache_key is None else (self.cache_key, "median", _shapes_key((locs, args, kwargs)))
-        compiled = _SET_UPS.get(key) if key is not None else None
-        if compiled is None:  # one program: run op by op, the program's deterministic sites cost a compilation each
-            model = self.model
-            compiled = jax.jit(lambda locs, args, kwargs: handlers.seed(constrain_fn, rng_seed=0)(
-                model, args, kwargs, locs, return_deterministic=True))
-            if key is not None:
-                _remember(key, compiled)
+        key = None if self.cache_key is None else (self.cache_key, "median", shapes_key((locs, args, kwargs)))
+        model = self.model
+        # one program: run op by op, the program's deterministic sites cost a compilation each
+        compiled = _SET_UPS.get_or_make(key, lambda: jax.jit(lambda locs, args, kwargs: handlers.seed(constrain_fn, rng_seed=0)(
+            model, args, kwargs, locs, return_deterministic=True)))
         return compiled(locs, args, kwargs)

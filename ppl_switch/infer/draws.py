@@ -18,36 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.handlers import seed, substitute, trace
 
+from ppl_switch.compile_cache import CompiledCache, model_key
+
 DEFAULT_CHUNK_SIZE = 64
-
-
-def _freeze(value):
-    """A hashable, value-equal stand-in for a config value (dicts, lists, arrays, scalars)."""
-    if isinstance(value, dict):
-        return ("dict",) + tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__,) + tuple(_freeze(v) for v in value)
-    if isinstance(value, (np.ndarray, jax.Array, np.generic)):
-        array = np.asarray(value)
-        return ("array", array.dtype.str, array.shape, array.tobytes())
-    try:
-        hash(value)
-    except TypeError:
-        return ("repr", repr(value))
-    return value
-
-
-def model_key(model):
-    """``(type, frozen model.config())``: models of the same class and config trace to the same program,
-    so compiled functions are shared between them (a new ``HMM(3, obs_dim=2)`` per fit reuses the first
-    one's compilations). None for an object without a usable ``config()`` (then identity is the key)."""
-    config = getattr(model, "config", None)
-    if not callable(config):
-        return None
-    try:
-        return (type(model), _freeze(config()))
-    except Exception:  # no config (NotImplementedError) or an unusual one: fall back to identity
-        return None
 
 
 class Static:
@@ -140,19 +113,15 @@ def map_draws(fn: Callable, samples: Mapping[str, Any], data, *, key=None, chunk
 class _KeyedFn(Static):
     """``(key, params) -> fn(key, params, data)`` as a cached static callable."""
 
-    _cache: dict = {}
+    _cache = CompiledCache("keyed per-draw functions", max_size=64)
 
     @classmethod
     def of(cls, fn):
-        key = Static(fn)
-        wrapped = cls._cache.get(key)
-        if wrapped is None:
-            wrapped = cls._cache[key] = cls(lambda kp, data: fn(kp[0], kp[1], data))
-        return wrapped
+        return cls._cache.get_or_make(Static(fn), lambda: cls(lambda kp, data: fn(kp[0], kp[1], data)))
 
 
 #: compiled draw functions of :func:`draws_from_guide`, by the caller's ``cache_key``
-_DRAW_FNS: dict = {}
+_DRAW_FNS = CompiledCache("posterior draw functions")
 
 
 def draws_from_guide(program, guide, params, data, names, key, num_draws: int, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -183,9 +152,7 @@ def draws_from_guide(program, guide, params, data, names, key, num_draws: int, *
 
         fn = Static(one)
         if cache_key is not None:
-            _DRAW_FNS[cache_key, names] = fn
-            while len(_DRAW_FNS) > 32:  # oldest first out
-                _DRAW_FNS.pop(next(iter(_DRAW_FNS)))
+            _DRAW_FNS.put((cache_key, names), fn)
     chunk = max(1, min(int(chunk_size), num_draws))
     out = _map_chunked(fn, chunk, jax.random.split(key, num_draws), (data, params))
     return {name: np.asarray(value)[None] for name, value in out.items()}

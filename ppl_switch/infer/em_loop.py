@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_switch.compile_cache import CompiledCache, model_key
 from ppl_switch.infer.sharding import replicate, resolve_mesh, shard_trials
 
 #: consecutive small changes of the objective that count as convergence
@@ -86,13 +87,12 @@ def run_em(init: Callable, e_step: Callable, m_step: Callable, keys, num_iters: 
     return jax.vmap(one)(keys)
 
 
-def compiled_program(cache: dict, model_key: str, build: Callable, model, *options):
-    """``build(model, *options)``, built once per process for a model configuration (``model_key``, its JSON
-    config) and options: models with equal configurations share it, so a new instance does not recompile."""
-    key = (model_key,) + options
-    if key not in cache:
-        cache[key] = build(model, *options)
-    return cache[key]
+def compiled_program(cache: CompiledCache, build: Callable, model, *options):
+    """``build(model, *options)``, built once per process for a model configuration (:func:`model_key`) and
+    options: models with equal configurations share it, so a new instance does not recompile (a model
+    without a ``config()`` is built afresh)."""
+    mkey = model_key(model)
+    return cache.get_or_make(None if mkey is None else (mkey,) + options, lambda: build(model, *options))
 
 
 def run_on_devices(run: Callable, keys, data, dtype, start, devices) -> EMRun:

@@ -196,6 +196,12 @@ def _jsonable(value):
     return repr(value)
 
 
+def _prepared(model, data: SequenceData) -> SequenceData:
+    """``data`` rebuilt from a file, through ``model.prepare`` again (what the fit saw: e.g. the GDM fills
+    its missing regressor entries there)."""
+    return model.prepare(data.y, mask=data.mask, lengths=data.lengths, inputs=data.inputs)
+
+
 def load(path, *, model=None, backend: str = "auto") -> Fit:
     """Restore a :class:`Fit` written by :meth:`Fit.save`.
 
@@ -231,7 +237,7 @@ def load(path, *, model=None, backend: str = "auto") -> Fit:
     samples = {name: np.asarray(v.values) for name, v in posterior.data_vars.items()}
     return Fit(
         model=model,
-        data=sequence_data_from_inference_data(idata),
+        data=_prepared(model, sequence_data_from_inference_data(idata)),
         method=meta["method"],
         idata=idata,
         params=params,

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
+from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int, interpolate_missing, missing_share
 from ppl_switch.guides.gdm_guides import MAP_SUFFIX, LinearGuide, MixtureGuide
 from ppl_switch.models.gdm import GDM
 from ppl_switch.ops.hmm import hmm_posterior_stats
@@ -62,15 +62,9 @@ class HardStateFit:
     restart_log_likelihoods: np.ndarray
 
 
-def _fully_observed_steps(data: SequenceData) -> np.ndarray:
-    """(trials, time) True where a step lies inside its trial and every dimension is observed; a step
-    with some dimensions missing inside a trial is an error (the EM has no imputation)."""
-    inside = np.asarray(data.time_mask)
-    observed = np.asarray(data.mask).all(-1)
-    if np.any(inside & ~observed):
-        raise DataError("data: hard_state_em needs every dimension observed at every step inside a trial "
-                        "(found partially observed steps); drop or impute them first")
-    return inside & observed
+def _filled_y(data: SequenceData) -> np.ndarray:
+    """(trials, time, N) y with its missing entries inside the trials interpolated (:func:`interpolate_missing`)."""
+    return np.asarray(interpolate_missing(data)[0].y if missing_share(data) > 0 else data.y, float)
 
 
 def _as_data(data) -> SequenceData:
@@ -79,15 +73,14 @@ def _as_data(data) -> SequenceData:
 
 def pca_projection(data, latent_dim: int) -> np.ndarray:
     """(latent_dim, N) projection onto the leading principal directions of y (steps pooled over trials,
-    masked steps dropped), scaled so that F y has unit variance along each direction; ``data``: y
-    (trials, time, N) or a SequenceData.
+    missing entries interpolated in time by :func:`interpolate_missing`), scaled so that F y has unit
+    variance along each direction; ``data``: y (trials, time, N) or a SequenceData.
 
     Pass it as ``GDM(..., projection_matrix=F)``. Unlike a random projection it cannot nearly lose a
     direction the data vary in."""
     latent_dim = check_positive_int(latent_dim, "latent_dim")
     data = _as_data(data)
-    steps = _fully_observed_steps(data)
-    y = np.asarray(data.y, float)[steps]
+    y = _filled_y(data)[np.asarray(data.time_mask)]
     if latent_dim > min(y.shape):
         raise ValueError(f"latent_dim: expected at most min(steps, obs_dim) = {min(y.shape)}, got {latent_dim}")
     _, sv, vt = np.linalg.svd(y - y.mean(0), full_matrices=False)
@@ -124,11 +117,13 @@ def _start_labels(kind: str, projected: np.ndarray, num_states: int, rng) -> np.
     return _kmeans(features, num_states, rng)
 
 
-def _weighted_regressions(regressors, targets, weights, ridge: float = 1e-6):
-    """Per state k: argmin_W sum_t w_tk |y_t - W' x_t|^2 + ridge |W|^2; (K, P, N)."""
-    gram = np.einsum("tk,tp,tq->kpq", weights, regressors, regressors) + ridge * np.eye(regressors.shape[1])
-    cross = np.einsum("tk,tp,tn->kpn", weights, regressors, targets)
-    return np.linalg.solve(gram, cross)
+def _weighted_regressions(regressors, targets, weights, observed, ridge: float = 1e-6):
+    """Per state k and target dim n: argmin_w sum_t w_tk o_tn (y_tn - w' x_t)^2 + ridge |w|^2, where
+    ``observed`` o (n, N) is 1 where y_tn is observed; (K, P, N)."""
+    gram = np.einsum("tk,tn,tp,tq->knpq", weights, observed, regressors, regressors, optimize=True)
+    cross = np.einsum("tk,tn,tp->knp", weights, observed * targets, regressors, optimize=True)
+    coef = np.linalg.solve(gram + ridge * np.eye(regressors.shape[1]), cross[..., None])[..., 0]  # (K, N, P)
+    return np.swapaxes(coef, 1, 2)
 
 
 @jax.jit
@@ -140,8 +135,9 @@ def _smooth_trials(transition, log_likelihoods, mask):
     return out.smoothed_probs, out.transition_counts, out.log_normalizer
 
 
-def _em_from(labels, K, regressors, targets, pair_mask, num_iters, transition_pseudocount):
-    """EM from hard start ``labels`` (n,) of the n valid pairs (``pair_mask`` (trials, pairs) marks them).
+def _em_from(labels, K, regressors, targets, observed, pair_mask, num_iters, transition_pseudocount):
+    """EM from hard start ``labels`` (n,) of the n valid pairs (``pair_mask`` (trials, pairs) marks them);
+    only the observed entries of the targets (``observed`` (n, N), 1 or 0) enter the likelihood.
 
     Each iteration is an M-step (weighted least squares, shared variance, expected transition counts),
     then an E-step under those parameters; so the returned parameters are the ones whose smoothed
@@ -155,11 +151,11 @@ def _em_from(labels, K, regressors, targets, pair_mask, num_iters, transition_ps
     np.add.at(counts, (hard[:, :-1][both], hard[:, 1:][both]), 1.0)
     history = []
     for _ in range(num_iters):
-        coef = _weighted_regressions(regressors, targets, resp)
+        coef = _weighted_regressions(regressors, targets, resp, observed)
         residual = targets[:, None, :] - np.einsum("tp,kpn->tkn", regressors, coef)
-        obs_var = np.maximum(np.einsum("tk,tkn->n", resp, residual**2) / len(targets), 1e-10)
+        obs_var = np.maximum(np.einsum("tk,tn,tkn->n", resp, observed, residual**2) / np.maximum(observed.sum(0), 1), 1e-10)
         transition = (counts + transition_pseudocount) / (counts + transition_pseudocount).sum(1, keepdims=True)
-        log_lik = -0.5 * (residual**2 / obs_var).sum(-1) - 0.5 * np.log(2 * np.pi * obs_var).sum()
+        log_lik = -0.5 * np.einsum("tn,tkn->tk", observed, residual**2 / obs_var + np.log(2 * np.pi * obs_var))
         padded = np.zeros((trials, pairs, K))
         padded[pair_mask] = log_lik
         probs, pairwise, log_z = _smooth_trials(jnp.asarray(transition), jnp.asarray(padded), jnp.asarray(pair_mask))
@@ -182,7 +178,8 @@ def hard_state_em(
     """EM for the GDM's hard-state limit (module docstring), best of ``num_restarts`` starts.
 
     Args:
-        data: y (trials, time, N) or a SequenceData; every dimension observed inside each trial.
+        data: y (trials, time, N) or a SequenceData. Missing entries: the regressors F y_{t-1} read y
+            interpolated in time (:func:`interpolate_missing`); the missing targets are left out.
         projection: (D, N) the GDM's F (``model.fixed_projection(N)``).
         num_states: K.
         num_restarts: starts, cycling through k-means on the projected velocity, on velocity and
@@ -198,12 +195,16 @@ def hard_state_em(
     projection = np.asarray(projection, float)
     if projection.ndim != 2 or projection.shape[1] != data.obs_dim:
         raise ValueError(f"projection: expected shape (latent_dim, obs_dim = {data.obs_dim}), got {projection.shape}")
-    steps = _fully_observed_steps(data)
+    steps = np.asarray(data.time_mask)
     pair_mask = steps[:, 1:] & steps[:, :-1]  # regression pairs (y_{t-1}, y_t)
     if pair_mask.sum() < num_states * (projection.shape[0] + 1):
-        raise DataError(f"data: {int(pair_mask.sum())} fully observed consecutive steps are too few for "
+        raise DataError(f"data: {int(pair_mask.sum())} consecutive steps are too few for "
                         f"{num_states} state regressions on {projection.shape[0] + 1} regressors")
-    y = np.asarray(data.y, float)
+    # missing entries: the regressor F y_{t-1} reads the data interpolated in time; the targets' missing
+    # entries are left out of the likelihood (interpolating them too measured 0.84 vs 1.0 hard-state
+    # accuracy on NASCAR at noise sd 0.01 with 20% missing: interpolation error is larger than the noise)
+    y = _filled_y(data)
+    observed = np.asarray(data.mask)[:, 1:][pair_mask].astype(float)
     previous, current = y[:, :-1][pair_mask], y[:, 1:][pair_mask]
     projected = np.stack([previous @ projection.T, current @ projection.T], 1)  # F y_{t-1}, F y_t
     regressors = np.concatenate([projected[:, 0], np.ones((len(previous), 1))], 1)
@@ -214,7 +215,7 @@ def hard_state_em(
         if np.unique(labels).size < num_states:  # k-means lost a state: skip this start
             finals.append(-np.inf)
             continue
-        result = _em_from(labels, num_states, regressors, current, pair_mask, num_iters, transition_pseudocount)
+        result = _em_from(labels, num_states, regressors, current, observed, pair_mask, num_iters, transition_pseudocount)
         final = result[-1][-1] if np.isfinite(result[-1][-1]) else -np.inf  # a start that broke down loses
         finals.append(final)
         if final > -np.inf and (best is None or final > best[-1][-1]):
@@ -295,8 +296,8 @@ def segmentation_start(model, data, *, guide=None, num_restarts: int = 20, num_i
     F = model.fixed_projection(N)
     fit = hard_state_em(data, F, K, num_restarts=num_restarts, num_iters=num_iters, seed=seed) if hard_fit is None else hard_fit
     values = dict(guide.init_values(N))
-    steps = _fully_observed_steps(data)
-    y, probs = np.asarray(data.y, float), fit.state_probs
+    steps = np.asarray(data.time_mask)
+    y, probs = _filled_y(data), fit.state_probs
     pairs = steps[:, 1:] & steps[:, :-1]
     gamma = float(model.gamma({"stickiness": jnp.asarray(values["stickiness" + MAP_SUFFIX])})) if model.sticky else 0.0
     trans_W, trans_b = _multinomial_logistic(y[:, :-1][pairs] @ F.T, probs[:, 1:][pairs])

@@ -21,7 +21,7 @@ import optax
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import SequenceData, check_positive_int
 from ppl_switch.guides.gdm_guides import LinearGuide, MixtureGuide
 from ppl_switch.errors import FitError
 from ppl_switch.infer.gdm_start import pca_projection, segmentation_start
@@ -177,18 +177,14 @@ def resolve_start(model, guide, data: SequenceData, start: str, projection: str,
     if projection not in PROJECTIONS:
         raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
     supported = _supports_segmentation(model)
-    fully_observed = bool(np.all(np.asarray(data.mask).all(-1) | ~np.asarray(data.time_mask)))
     own_guide = guide is not None
     for name, value, needed in (("start", start, "segmentation"), ("projection", projection, "pca")):
         if value == needed and not supported:
             raise ValueError(f"{name}={needed!r} needs a 2-level GDM with emission='gaussian', transition='linear' "
                              f"and no inputs; use {name}='auto' (falls back to the released code's) for this model")
-        if value == needed and not fully_observed:
-            raise DataError(f"{name}={needed!r} needs every dimension observed at every step inside a trial; "
-                            f"pass {name}='auto' or impute the missing entries")
     # auto: the measured best path where it applies (model card, "Default path"), else the released code's
     if projection == "auto":
-        projection = "pca" if supported and fully_observed and not own_guide and model.projection_matrix is None else "model"
+        projection = "pca" if supported and not own_guide and model.projection_matrix is None else "model"
     if projection == "pca":
         model = GDM(**{**model.config(), "obs_dim": data.obs_dim,
                        "projection_matrix": pca_projection(data, model.latent_dim)})
@@ -202,7 +198,7 @@ def resolve_start(model, guide, data: SequenceData, start: str, projection: str,
     if start == "segmentation" and not linear:
         raise ValueError(f"start='segmentation' fits a LinearGuide's encoder; got {type(guide).__name__} (use start='released')")
     if start == "auto":
-        start = "segmentation" if supported and fully_observed and linear else "released"
+        start = "segmentation" if supported and linear else "released"
     if start == "segmentation":
         guide.start = segmentation_start(model, data, guide=guide, num_restarts=num_restarts, seed=seed)
     return model, guide, start, projection
@@ -289,10 +285,12 @@ def fit_gdm_svi(
       (:func:`~ppl_switch.infer.gdm_start.pca_projection`); the fit's ``model`` is then a copy of ``model`` with that
       ``projection_matrix``. "model" keeps the model's F. "auto" (default): "pca" when the model
       supports the segmentation start (2-level, Gaussian, linear transition, no inputs), has no
-      ``projection_matrix`` of its own, no ``guide`` is passed and every step is fully observed.
+      ``projection_matrix`` of its own and no ``guide`` is passed.
     * ``start``: "segmentation" starts SVI from the hard-state EM fit
       (:func:`~ppl_switch.infer.gdm_start.segmentation_start`, best of ``num_restarts`` EM starts); "released" from the
       released code's random start; "auto" (default): "segmentation" where supported, else "released".
+      With missing entries, both read the data interpolated in time where they need every entry
+      (:func:`~ppl_switch.infer.gdm_start.interpolate_missing`); the fit itself leaves them out.
       A ``guide`` that carries its own ``start`` values is used as given. ``fit.start`` says which ran.
 
     Optimiser (the released code's): reparameterised Trace_ELBO with ``num_particles`` vectorised samples;

@@ -29,7 +29,6 @@ once per (model configuration, data shape, options).
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.special import gammaln, xlogy
 
+from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.infer.sharding import real_trials
@@ -197,6 +197,24 @@ def _weighted_cov(w, resid, ridge):
     return cov + jnp.diag(ridge)
 
 
+#: largest observed dimension whose missing-data patterns are coded as integers and deduplicated
+MAX_PATTERN_DIM = 20
+
+
+def mask_patterns(mask):
+    """The distinct observation patterns of a (N, T, D) mask: ``(patterns (U, D) 0/1, index (N*T,))`` with
+    ``patterns[index[i]]`` the pattern of flattened step i. U = min(N T, 2^D) is static, so shapes do not
+    depend on the data; unused rows repeat a pattern. For D > MAX_PATTERN_DIM each step is its own pattern."""
+    N, T, D = mask.shape
+    flat = mask.reshape(N * T, D)
+    if D > MAX_PATTERN_DIM or N * T <= 2**D:
+        return flat.astype(jnp.result_type(float)), jnp.arange(N * T)
+    codes = jnp.sum(flat.astype(jnp.int32) << jnp.arange(D, dtype=jnp.int32), -1)
+    unique, index = jnp.unique(codes, size=2**D, fill_value=2**D - 1, return_inverse=True)
+    patterns = (unique[:, None] >> jnp.arange(D, dtype=jnp.int32)) & 1
+    return patterns.astype(jnp.result_type(float)), index.reshape(-1)
+
+
 def conditional_fill(w, y0, mask, means, covs):
     """The E-step of a full-covariance Gaussian emission with missing entries, per step and state.
 
@@ -206,6 +224,10 @@ def conditional_fill(w, y0, mask, means, covs):
     identity elsewhere), E[y_t | y_o, k] = mu + S M S~^-1 M (y - mu) and Cov[y_t | y_o, k] = S - S M S~^-1 M S
     (zero on observed rows and columns). A fully observed step gives (y, 0).
 
+    Both depend on the step only through its pattern M, so the D x D solves run once per distinct pattern
+    and state (:func:`mask_patterns`: at most 2^D of them, 1024 for D = 10, however long the series) and
+    each step only applies its pattern's gain; the conditional covariances are summed per pattern.
+
     Args:
         w: (N, T, K) weights p(z_t = k | y) (zero on steps without an observation).
         y0: (N, T, D) observations, 0 where missing; mask: (N, T, D).
@@ -213,36 +235,37 @@ def conditional_fill(w, y0, mask, means, covs):
 
     Returns:
         ``(fill, cov_sum)``: (N, T, K, D) conditional means E[y_t | y_o, z_t = k], and (K, D, D)
-        sum_t w_tk Cov[y_t | y_o, z_t = k]. Steps are processed in chunks, so memory is
-        O(chunk K D^2), not O(N T K D^2).
+        sum_t w_tk Cov[y_t | y_o, z_t = k]. The per-step part runs in chunks, so memory is
+        O(chunk K D^2 + U K D^2), not O(N T K D^2).
     """
     N, T, D = y0.shape
     K = means.shape[0]
     dtype = y0.dtype
     n = N * T
+    patterns, index = mask_patterns(mask)  # (U, D), (n,)
+    num_patterns = patterns.shape[0]
+    # per pattern and state: S~ = M S M + (I - M); gain' = S~^-1 M S (so the gain is S M S~^-1, S~ symmetric)
+    m = patterns[:, None, :].astype(dtype)  # (U, 1, D)
+    MS = m[..., :, None] * covs  # M S (U, K, D, D)
+    S_tilde = MS * m[..., None, :] + jnp.eye(D, dtype=dtype) * (1 - m)[..., None, :]
+    gain_t = jnp.linalg.solve(S_tilde, MS)  # S~^-1 M S (U, K, D, D)
+    cond = covs - jnp.einsum("ukde,ukdf->ukef", MS, gain_t)  # S - S M S~^-1 M S
+    pattern_weights = jax.ops.segment_sum(w.reshape(n, K), index, num_segments=num_patterns)  # (U, K)
+    cov_sum = jnp.einsum("uk,ukde->kde", pattern_weights, cond)
+
     chunk = int(max(1, min(n, 2**22 // (K * D * D))))
     pad = (-n) % chunk
 
-    def flat(a):
-        a = a.reshape((n,) + a.shape[2:])
+    def chunks(a):  # (n, ...) -> (n_chunks, chunk, ...)
         return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
 
-    eye = jnp.eye(D, dtype=dtype)
+    def one_chunk(_, xs):
+        yc, mc, ic = xs  # (c, D), (c, D), (c,)
+        r = mc[:, None, :] * (yc[:, None, :] - means)  # M (y - mu) (c, K, D)
+        return None, means + jnp.einsum("ckef,cke->ckf", gain_t[ic], r)
 
-    def one_chunk(cov_sum, xs):
-        wc, yc, mc = xs  # (c, K), (c, D), (c, D)
-        m = mc[:, None, :]  # (c, 1, D)
-        MS = m[..., :, None] * covs  # M S (c, K, D, D)
-        S_tilde = MS * m[..., None, :] + eye * (1 - m)[..., None, :]
-        r = m * (yc[:, None, :] - means)  # M (y - mu) (c, K, D)
-        sol = jnp.linalg.solve(S_tilde, jnp.concatenate([r[..., None], MS], -1))  # S~^-1 [r, M S]
-        fill = means + jnp.einsum("kde,cke->ckd", covs, m * sol[..., 0])
-        cond = covs - jnp.einsum("ckde,ckdf->ckef", MS, sol[..., 1:])
-        return cov_sum + jnp.einsum("ck,ckde->kde", wc, cond), fill
-
-    cov_sum, fill = jax.lax.scan(
-        one_chunk, jnp.zeros((K, D, D), dtype), (flat(w), flat(y0), flat(mask.astype(dtype)))
-    )
+    steps = (y0.reshape(n, D), mask.reshape(n, D).astype(dtype), index)
+    _, fill = jax.lax.scan(one_chunk, None, tuple(chunks(a) for a in steps))
     cov_sum = 0.5 * (cov_sum + jnp.swapaxes(cov_sum, -1, -2))
     return fill.reshape(-1, K, D)[:n].reshape(N, T, K, D), cov_sum
 
@@ -269,7 +292,7 @@ def _features(model, y, mask, step):
     return jnp.where(fm, (f - mu) / sd, 0.0)
 
 
-_PROGRAMS: dict = {}
+_PROGRAMS = CompiledCache("HMM/ARHMM EM programs")
 
 
 
@@ -502,9 +525,8 @@ def chain_em(model, data: SequenceData, *, key=None, params=None, num_iters: int
     if params is not None:
         start, num_restarts = _from_sites(model, params, dtype), 1
     keys = jax.random.split(key, num_restarts)
-    model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
     partial = model.name == "hmm" and model.emission == "gaussian" and partly_observed_steps(data.mask)
-    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), bool(map),
+    run = compiled_program(_PROGRAMS, _build_program, model, num_iters, float(tol), bool(map),
                            float(min_covar), start is not None, partial)
     out = run_on_devices(run, keys, data, dtype, start, devices)
     best, history = best_restart(out)

@@ -21,12 +21,12 @@ per (model configuration, data shape, options).
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.infer.sharding import real_trials
@@ -54,7 +54,7 @@ def _residual_var(G, c, yy, n, w):
     return (yy - 2 * jnp.sum(w * c, -1) + jnp.einsum("rf,rfg,rg->r", w, G, w)) / jnp.maximum(n, 1e-30)
 
 
-_PROGRAMS: dict = {}
+_PROGRAMS = CompiledCache("LDS EM programs")
 
 
 
@@ -236,8 +236,7 @@ def lds_em(model, data: SequenceData, *, key=None, params=None, num_iters: int =
             raise ValueError(f"params: a start needs every free site; missing {missing}")
         start, num_restarts = {k: jnp.asarray(params[k], dtype) for k in free}, 1
     keys = jax.random.split(key, num_restarts)
-    model_key = json.dumps({"type": type(model).__name__, **model.config()}, sort_keys=True, default=str)
-    run = compiled_program(_PROGRAMS, model_key, _build_program, model, num_iters, float(tol), float(min_var), start is not None)
+    run = compiled_program(_PROGRAMS, _build_program, model, num_iters, float(tol), float(min_var), start is not None)
     out = run_on_devices(run, keys, data, dtype, start, devices)
     best, history = best_restart(out)
     return {k: np.asarray(v[best]) for k, v in out.params.items()}, history

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from numpyro.handlers import seed, trace
 
 from ppl_switch.data import DataError, SequenceData, check_positive_int
-from ppl_switch.infer.draws import model_key
+from ppl_switch.compile_cache import CompiledCache, model_key, shapes_key
 
 
 def set_x64(x64: bool) -> None:
@@ -82,7 +82,7 @@ def model_sites(program, data: SequenceData, **kwargs) -> dict[str, dict[str, An
 
 
 #: posterior site names by (model class and config, data structure, shapes and dtypes)
-_SITE_NAMES: dict = {}
+_SITE_NAMES = CompiledCache("posterior site names", max_size=256)
 
 
 def posterior_site_names(model, data: SequenceData) -> list[str]:
@@ -91,10 +91,9 @@ def posterior_site_names(model, data: SequenceData) -> list[str]:
 
     Found by an abstract trace of the program, once per model config and data shapes (cached)."""
     mkey = model_key(model)
-    leaves, tree = jax.tree.flatten(data)
-    key = None if mkey is None else (mkey, str(tree), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in leaves))
+    key = None if mkey is None else (mkey,) + shapes_key(data)
     if key is not None and key in _SITE_NAMES:
-        return list(_SITE_NAMES[key])
+        return list(_SITE_NAMES.get(key))
     try:
         listed = set(model.site_dims())
     except NotImplementedError:
@@ -105,7 +104,7 @@ def posterior_site_names(model, data: SequenceData) -> list[str]:
         if latent or (info["type"] == "deterministic" and name in listed):
             names.append(name)
     if key is not None:
-        _SITE_NAMES[key] = tuple(names)
+        _SITE_NAMES.put(key, tuple(names))
     return names
 
 

@@ -105,10 +105,10 @@ def _run_gdm_svi(model, data, *, seed, x64, progress_bar, num_draws: int = 20, *
     fallback = []
     if options.get("start", "auto") == "auto" and gfit.start != "segmentation":
         # measured (benchmarks/results.md, robustness suite): 0.56-0.65 state accuracy from the released start
-        # on NASCAR with 20% missing entries, 0.97 from the data-driven start on the same data fully observed
-        fallback = [f"GDM: the data-driven start needs fully observed Gaussian data and a linear transition "
+        # on NASCAR with 20% missing entries, 0.96-0.97 from the data-driven start on the same data
+        fallback = [f"GDM: the data-driven start needs Gaussian data and a linear transition "
                     f"without inputs; this fit used the released code's random start ({gfit.start!r}), which "
-                    "reaches far lower state accuracy: compare several seeds, or fill the missing entries"]
+                    "reaches far lower state accuracy: compare several seeds"]
         emit(fallback)
     fit.warnings = found + fit.warnings + moving + fallback  # in the order they were emitted
     return fit
@@ -238,7 +238,7 @@ def fit(model, y, *, mask=None, lengths=None, inputs=None, seed: int = 0, x64: b
         reason = f"EM does not cover this data ({err}); fitted with SVI on the same model instead"
         emit([reason])
         result = _run_svi(model, data, seed=seed, x64=x64, progress_bar=bool(progress_bar), **placement)
-        result.warnings.append(reason)
+        result.warnings.insert(0, reason)  # emitted before the SVI fit's own warnings
         name, options, notes = "svi", {}, {**notes, "fallback_reason": reason}
     result.config.update(runner=name, runner_options={k: v for k, v in options.items() if k != "guide"}, **notes)
     if "guide" in options:

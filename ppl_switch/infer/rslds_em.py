@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ppl_switch.infer.rslds_laplace_em as lem
+from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.infer.prepare import check_float
@@ -272,7 +273,7 @@ def _compiled_readout_fit(num_steps: int = 20):
     return _CACHE[key]
 
 
-_CACHE: dict = {}
+_CACHE = CompiledCache("rSLDS Laplace EM programs")
 
 
 #: where each EM quantity sits in the iteration (E-step: x-step mean, q(z); M-step: the parameters)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitError
 from ppl_switch.infer.sharding import em_trial_arrays, resolve_mesh, shard_per_trial, unpad_trials
@@ -169,7 +170,7 @@ def _compiled_em(learn: frozenset, num_iters: int, diagonal: bool, init_step: bo
     return _EM_CACHE[key]
 
 
-_EM_CACHE: dict = {}
+_EM_CACHE = CompiledCache("SLDS EM programs")
 
 
 def _first_nonfinite_stage(checks) -> Optional[tuple]:

@@ -23,7 +23,8 @@ from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
 from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
-from ppl_switch.infer.draws import draws_from_guide, model_key
+from ppl_switch.compile_cache import CompiledCache, model_key, shapes_key
+from ppl_switch.infer.draws import draws_from_guide
 from ppl_switch.errors import FitError
 from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.infer.fit import Fit, assemble_fit
@@ -111,9 +112,8 @@ def _make_chunk_runner(svi: SVI, chunk: int, num_steps: int):
     return run
 
 
-#: compiled chunk runners by :func:`_runner_key`, oldest first (at most ``_MAX_CACHED`` kept)
-_RUNNERS: dict = {}
-_MAX_CACHED = 32
+#: compiled chunk runners (by :func:`_runner_key`) and inits (that key's init part)
+_RUNNERS = CompiledCache("SVI runners and inits")
 
 
 def _runner_key(model, guide, optimizer, learning_rate, num_particles, chunk, num_steps, dev):
@@ -127,21 +127,7 @@ def _runner_key(model, guide, optimizer, learning_rate, num_particles, chunk, nu
         return None
     guide_key = "default" if guide is None else ("id", id(guide))
     optim_key = ("default", float(learning_rate)) if optimizer is None else ("id", id(optimizer))
-    leaves, tree = jax.tree.flatten(dev)
-    shapes = tuple((np.shape(x), str(jnp.result_type(x))) for x in leaves)
-    return (mkey, guide_key, optim_key, num_particles, chunk, num_steps, str(tree), shapes, bool(jax.config.jax_enable_x64))
-
-
-def _cached_runner(key, make, keep_alive):
-    """The runner cached under ``key`` or ``make()`` (cached; ``keep_alive`` holds the objects whose ids
-    the key uses, so that an id cannot be reused while its entry exists)."""
-    if key is None:
-        return make()
-    if key not in _RUNNERS:
-        _RUNNERS[key] = (make(), keep_alive)
-        while len(_RUNNERS) > _MAX_CACHED:
-            _RUNNERS.pop(next(iter(_RUNNERS)))
-    return _RUNNERS[key][0]
+    return (mkey, guide_key, optim_key, num_particles, chunk, num_steps) + shapes_key(dev)
 
 
 def _compiled_init(svi: SVI, guide: MeanFieldNormal, key, data, cache_key):
@@ -167,7 +153,7 @@ def _compiled_init(svi: SVI, guide: MeanFieldNormal, key, data, cache_key):
 
         return jax.jit(init), svi
 
-    init, owner = _cached_runner(cache_key, make, (guide,))
+    init, owner = _RUNNERS.get_or_make(cache_key, make, keep_alive=(guide,))
     state = init(key, data, guide.init_locs)
     svi.constrain_fn = owner.constrain_fn
     return state
@@ -307,7 +293,8 @@ def fit_svi(
     # naming its site, so validation is off here and a non-finite step-0 loss is diagnosed instead.
     with numpyro.validation_enabled(False):  # on the unpadded data: the same start as on one device
         if isinstance(guide, MeanFieldNormal):
-            init_key = None if cache_key is None else cache_key[:3] + cache_key[6:] + ("init",)
+            # the sharded fit's svi runs the masked program: another init program, another key
+            init_key = None if cache_key is None else cache_key[:3] + cache_key[6:] + ("init", mesh is not None)
             state = _compiled_init(svi, guide, key_init, dev, init_key)
         else:
             state = svi.init(key_init, dev)
@@ -317,7 +304,7 @@ def fit_svi(
 
     if cache_key is not None and mesh is not None:  # another program (masked) and padded shapes
         cache_key = cache_key + ("sharded", tuple(np.shape(x) for x in jax.tree.leaves(run_dev)))
-    run_chunk = _cached_runner(cache_key, lambda: _make_chunk_runner(svi, chunk, num_steps), (user_guide, optimizer))
+    run_chunk = _RUNNERS.get_or_make(cache_key, lambda: _make_chunk_runner(svi, chunk, num_steps), keep_alive=(user_guide, optimizer))
     fail_step = jnp.array(-1, dtype=jnp.int32)
     chunks = []
     with _progress(num_steps, progress_bar) as bar:
@@ -385,7 +372,7 @@ def guide_median(guide, params, names) -> "dict[str, np.ndarray] | None":
         return None
     try:
         values = median(params)
-    except Exception:  # a guide's median is optional: without one the draws' mean stands in
+    except NotImplementedError:  # numpyro's AutoGuide.median when a guide has none: the draws' mean stands in
         return None
     out = {name: np.asarray(values[name]) for name in names if name in values}
     if not out:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
-from ppl_switch.data import DataError, SequenceData, check_positive_int
+from ppl_switch.data import DataError, SequenceData, check_positive_int, interpolate_missing, missing_share
 from ppl_switch.distributions.relaxed import RelaxedOneHotCategorical
 from ppl_switch.guides.gru import gru_cell, gru_init, gru_scan
 from ppl_switch.models._common import require_obs_dim
@@ -159,9 +159,15 @@ class GDM(GDMBase):
 
     # ----- data ---------------------------------------------------------------------------------
     def prepare(self, y, *, mask=None, lengths=None, inputs=None) -> SequenceData:
+        """Validated data; missing entries inside the trials hold values interpolated in time
+        (:func:`~ppl_switch.data.interpolate_missing`), the mask still False there. y_{t-1} drives the
+        transition and the emission mean (F y_{t-1}), so a missing entry there needs a value: zero, the
+        padding value, would bias both; the likelihood still leaves the missing entries out."""
         data = super().prepare(y, mask=mask, lengths=lengths, inputs=inputs)
         if self.input_dim and data.inputs is None:
             raise DataError(f"inputs: the model was built with input_dim={self.input_dim}; pass inputs (trials, time, {self.input_dim})")
+        if missing_share(data) > 0:
+            data = data._replace(y=interpolate_missing(data)[0].y.astype(np.asarray(data.y).dtype))
         return data
 
     # ----- deterministic pieces (jit/vmap-able) -------------------------------------------------
