@@ -320,11 +320,19 @@ MUTANTS = [
     ),
     Mutant(
         "mask patterns indexed wrongly",
-        "ppl_switch/infer/hmm_em.py",
-        "    return patterns.astype(jnp.result_type(float)), index.reshape(-1)",
-        "    return patterns.astype(jnp.result_type(float)), jnp.roll(index.reshape(-1), 1)",
+        "ppl_switch/ops/mask_patterns.py",
+        "    return patterns.astype(jnp.result_type(float)), index.reshape(lead)",
+        "    return patterns.astype(jnp.result_type(float)), jnp.roll(index, 1).reshape(lead)",
         ("tests/test_baseline_em.py", "-k", "conditional_fill"),
         "each step given its neighbour's pattern",
+    ),
+    Mutant(
+        "per-pattern Gaussian density without the log-determinant",
+        "ppl_switch/models/_emissions.py",
+        "    return -0.5 * jnp.sum(white**2, -1) - log_det[index] - 0.5 * jnp.sum(mask, -1) * _LOG_2PI",
+        "    return -0.5 * jnp.sum(white**2, -1) - 0.5 * jnp.sum(mask, -1) * _LOG_2PI",
+        ("tests/test_emissions.py",),
+        "the observed block's normaliser dropped on the per-pattern path (D > 4)",
     ),
     # ----- the compiled guide set-up (2026-12-07) -----
     Mutant(

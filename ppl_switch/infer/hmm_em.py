@@ -40,6 +40,7 @@ from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.infer.sharding import real_trials
+from ppl_switch.ops.mask_patterns import mask_patterns
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_posterior_stats, stationary_distribution
@@ -197,24 +198,6 @@ def _weighted_cov(w, resid, ridge):
     return cov + jnp.diag(ridge)
 
 
-#: largest observed dimension whose missing-data patterns are coded as integers and deduplicated
-MAX_PATTERN_DIM = 20
-
-
-def mask_patterns(mask):
-    """The distinct observation patterns of a (N, T, D) mask: ``(patterns (U, D) 0/1, index (N*T,))`` with
-    ``patterns[index[i]]`` the pattern of flattened step i. U = min(N T, 2^D) is static, so shapes do not
-    depend on the data; unused rows repeat a pattern. For D > MAX_PATTERN_DIM each step is its own pattern."""
-    N, T, D = mask.shape
-    flat = mask.reshape(N * T, D)
-    if D > MAX_PATTERN_DIM or N * T <= 2**D:
-        return flat.astype(jnp.result_type(float)), jnp.arange(N * T)
-    codes = jnp.sum(flat.astype(jnp.int32) << jnp.arange(D, dtype=jnp.int32), -1)
-    unique, index = jnp.unique(codes, size=2**D, fill_value=2**D - 1, return_inverse=True)
-    patterns = (unique[:, None] >> jnp.arange(D, dtype=jnp.int32)) & 1
-    return patterns.astype(jnp.result_type(float)), index.reshape(-1)
-
-
 def conditional_fill(w, y0, mask, means, covs):
     """The E-step of a full-covariance Gaussian emission with missing entries, per step and state.
 
@@ -242,7 +225,8 @@ def conditional_fill(w, y0, mask, means, covs):
     K = means.shape[0]
     dtype = y0.dtype
     n = N * T
-    patterns, index = mask_patterns(mask)  # (U, D), (n,)
+    patterns, index = mask_patterns(mask)  # (U, D), (N, T)
+    index = index.reshape(n)
     num_patterns = patterns.shape[0]
     # per pattern and state: S~ = M S M + (I - M); gain' = S~^-1 M S (so the gain is S M S~^-1, S~ symmetric)
     m = patterns[:, None, :].astype(dtype)  # (U, 1, D)

@@ -187,7 +187,7 @@ class ARHMM(StateChainModel):
         y = jnp.where(mask, jnp.asarray(data.y), 0.0)
         inputs = None if data.inputs is None else jnp.asarray(data.inputs)
         means = self._regression_means(params, y, inputs)
-        ll_ar = masked_mvn_log_prob(y[..., None, :], mask[..., None, :], means, self._scale_tril(params))
+        ll_ar = masked_mvn_log_prob(y[..., None, :], mask[..., None, :], means, self._scale_tril(params), shared_over_steps=True)
         ll_init = masked_diag_normal_log_prob(y, mask, jnp.asarray(params["initial_mean"]), jnp.asarray(params["initial_scales"]))
         first = jnp.arange(y.shape[-2]) < self.lags
         ll = jnp.where(first[:, None], ll_init[..., None], ll_ar)

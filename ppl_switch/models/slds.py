@@ -307,7 +307,7 @@ class SLDS(Model):
         if self.emission == "poisson":
             return masked_poisson_log_prob(y, mask, self.bin_size * _link(self.link)(mean))
         if self.emission_cov == "full":
-            return masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params))
+            return masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params), shared_over_steps=True)
         return masked_diag_normal_log_prob(y, mask, mean, jnp.asarray(params["emission_scales"]))
 
     # ----- program ------------------------------------------------------------------------------
@@ -428,7 +428,7 @@ class SLDS(Model):
         elif self.emission_cov == "diagonal" or data.obs_dim == 1:
             numpyro.sample("y", dist.Normal(mean, params["emission_scales"]).mask(mask).to_event(3), obs=y)
         else:  # full R: the observed block of each step (see masked_mvn_log_prob)
-            numpyro.factor("y", jnp.sum(masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params))))
+            numpyro.factor("y", jnp.sum(masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params), shared_over_steps=True)))
         if record_log_lik:
             numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
 
