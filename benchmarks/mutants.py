@@ -334,6 +334,14 @@ MUTANTS = [
         ("tests/test_emissions.py",),
         "the observed block's normaliser dropped on the per-pattern path (D > 4)",
     ),
+    Mutant(
+        "EM stall rule never fires",
+        "ppl_switch/infer/em_loop.py",
+        "            stalled = (i >= STALL_WINDOW) & (best_recent - best_before < threshold)",
+        "            stalled = (i >= STALL_WINDOW) & (best_recent - best_before < -jnp.inf)",
+        ("tests/test_em_loop.py",),
+        "a restart whose float32 objective jitters at its fixed point runs to num_iters and holds every restart",
+    ),
     # ----- the compiled guide set-up (2026-12-07) -----
     Mutant(
         "compiled init sets the guide up with the model's key",
