@@ -290,7 +290,7 @@ def fit_gdm_svi(
       (:func:`~ppl_switch.infer.gdm_start.segmentation_start`, best of ``num_restarts`` EM starts); "released" from the
       released code's random start; "auto" (default): "segmentation" where supported, else "released".
       With missing entries, both read the data interpolated in time where they need every entry
-      (:func:`~ppl_switch.infer.gdm_start.interpolate_missing`); the fit itself leaves them out.
+      (:func:`~ppl_switch.data.interpolate_missing`); the fit itself leaves them out.
       A ``guide`` that carries its own ``start`` values is used as given. ``fit.start`` says which ran.
 
     Optimiser (the released code's): reparameterised Trace_ELBO with ``num_particles`` vectorised samples;
