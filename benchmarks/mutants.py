@@ -367,6 +367,23 @@ MUTANTS = [
         ("tests/test_mean_field_guide.py", "-k", "autonormal"),
         "a site whose unconstrained value has another rank (LKJ's Cholesky factor) sums the wrong axes",
     ),
+    # ----- the mean-field guide's compiled set-up with Python flags (2026-12-07, third) -----
+    Mutant(
+        "mean-field set-up traces a Python flag",
+        "ppl_switch/guides/mean_field.py",
+        "    static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}",
+        "    static = {}",
+        ("tests/test_mean_field_guide.py", "-k", "flags"),
+        "record_log_lik passed as a traced array: the program's `if record_log_lik:` cannot run under jit",
+    ),
+    Mutant(
+        "mean-field set-up cache ignores Python flags",
+        "ppl_switch/guides/mean_field.py",
+        "        key = None if self.cache_key is None else (self.cache_key, static, shapes_key((args, arrays)))",
+        "        key = None if self.cache_key is None else (self.cache_key, shapes_key((args, arrays)))",
+        ("tests/test_mean_field_guide.py", "-k", "flags"),
+        "a set-up compiled with one flag value reused for the other (the wrong sites)",
+    ),
 ]
 
 

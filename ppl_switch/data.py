@@ -224,9 +224,9 @@ def partly_observed_steps(mask) -> bool:
     return bool((mask.any(-1) & ~mask.all(-1)).any())
 
 
-def interpolate_missing(data: SequenceData) -> tuple[SequenceData, float]:
-    """A fully observed copy of ``data`` (its mask True inside the trials), and the share of entries inside
-    the trials that it filled: each dimension of each trial linearly interpolated in time between its
+def interpolate_missing(data: SequenceData) -> SequenceData:
+    """A fully observed copy of ``data`` (its mask True inside the trials; :func:`missing_share` says how
+    much it filled): each dimension of each trial linearly interpolated in time between its
     observed entries (held constant before the first and after the last); a dimension a trial never
     observes takes that dimension's mean over all trials. For what needs every entry of a regressor (the
     GDM's F y_{t-1}, its data-driven start): the likelihood leaves missing entries out, not this.
@@ -251,7 +251,7 @@ def interpolate_missing(data: SequenceData) -> tuple[SequenceData, float]:
                                     else dim_means[n])
     filled = SequenceData(y=np.where(inside[..., None], y, 0.0), mask=np.broadcast_to(inside[..., None], y.shape).copy(),
                           lengths=np.asarray(data.lengths), inputs=data.inputs)
-    return filled, missing_share(data)
+    return filled
 
 
 def missing_share(data: SequenceData) -> float:

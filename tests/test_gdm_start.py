@@ -80,7 +80,7 @@ def test_hard_state_em_likelihood_and_states_match_path_enumeration():
     mask[0, 3, 1] = mask[0, 5, :] = mask[0, 6, 0] = False
     data = GDM(latent_dim=1).prepare(np.where(mask, y, np.nan))
     fit = hard_state_em(data, F, 2, num_restarts=2, num_iters=5, seed=0)
-    filled = interpolate_missing(data)[0].y[0]
+    filled = interpolate_missing(data).y[0]
     total, marginals = _brute_force(filled, F, fit, mask[0])
     np.testing.assert_allclose(fit.log_likelihood, total, rtol=1e-10)
     np.testing.assert_allclose(fit.state_probs[0, 1:], marginals, atol=1e-10)
@@ -238,7 +238,7 @@ def test_auto_falls_back_to_the_released_start_where_the_segmentation_does_not_a
     # GDM.prepare already holds the interpolated value (the regressor y_{t-1} at step 6 needs one)
     np.testing.assert_allclose(np.asarray(data.y)[0, 5, 2], (y[4, 2] + y[6, 2]) / 2, rtol=1e-6)
     assert not np.asarray(data.mask)[0, 5, 2]
-    filled = interpolate_missing(data)[0]
+    filled = interpolate_missing(data)
     np.testing.assert_allclose(fitted_model.projection_matrix, pca_projection(filled, 2))
     assert guide.start is not None and all(np.isfinite(v).all() for v in guide.start.values())
     with pytest.raises(ValueError, match="start: expected one of"):
@@ -262,14 +262,14 @@ def test_interpolate_missing_fills_each_dimension_linearly_in_time_within_its_tr
     mask[1, :, 1] = False  # trial 1 never observes dim 1
     mask[1, 4:] = False  # trial 1 has 4 steps
     data = GDM().prepare([np.where(mask[0], y[0], np.nan), np.where(mask[1, :4], y[1, :4], np.nan)])
-    filled, share = interpolate_missing(data)
+    filled = interpolate_missing(data)
     assert np.asarray(filled.mask).tolist() == (np.arange(6)[None, :, None] < np.array([6, 4])[:, None, None]).repeat(2, -1).tolist()
     expected = y.copy()
     expected[0, 2:4, 0] = [2.0, 3.0]
     expected[0, 0, 1] = 2.0
     expected[1, :4, 1] = np.mean([2.0, 3.0, 4.0, 5.0, 6.0])  # dim 1 over the observed entries of trial 0
     np.testing.assert_allclose(filled.y, expected)
-    assert share == missing_share(data) == 7 / 20  # 2 + 1 + 4 of the 10 steps x 2 dims inside the trials
+    assert missing_share(data) == 7 / 20  # 2 + 1 + 4 of the 10 steps x 2 dims inside the trials
     never = mask.copy()
     never[0, :, 1] = False
     with pytest.raises(DataError, match=r"dimensions \[1\] are observed at no step"):

@@ -114,3 +114,29 @@ def test_fit_svi_compiled_init_starts_where_the_eager_init_does():
     np.testing.assert_allclose(ours.losses, theirs.losses, rtol=1e-10)
     for name in ours.estimate:
         np.testing.assert_allclose(ours.estimate[name], theirs.estimate[name], rtol=1e-8, atol=1e-10, err_msg=name)
+
+
+def flagged(y, *, extra=False):
+    """A Python flag that changes which sites exist (as ``record_log_lik`` adds a site to the models)."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+    if extra:
+        numpyro.sample("spread", dist.HalfNormal(1.0))
+    numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+
+def test_python_flags_are_part_of_the_compiled_set_up_and_median():
+    """A bool keyword is not traced (the program branches on it) and is part of the cache key: the same key
+    and shapes with the other flag value set up the other program; start and median match AutoNormal's."""
+    key = ("test", "flagged")
+    on = MeanFieldNormal(flagged, init_loc_fn=init_to_sample, cache_key=key)
+    handlers.seed(on.set_up, 0)(Y, extra=True)
+    off = MeanFieldNormal(flagged, init_loc_fn=init_to_sample, cache_key=key)
+    handlers.seed(off.set_up, 0)(Y, extra=False)
+    assert [s[0] for s in on.sites] == ["mu", "spread"] and [s[0] for s in off.sites] == ["mu"]
+    medians = []
+    for guide in (MeanFieldNormal(flagged, init_loc_fn=init_to_sample, cache_key=key), AutoNormal(flagged, init_loc_fn=init_to_sample)):
+        svi = SVI(flagged, guide, optax.adam(0.01), Trace_ELBO())
+        medians.append(guide.median(svi.get_params(svi.init(jax.random.PRNGKey(0), Y, extra=True))))
+    assert medians[0].keys() == medians[1].keys() == {"mu", "spread"}
+    for name in medians[1]:
+        np.testing.assert_allclose(medians[0][name], medians[1][name], rtol=1e-12, err_msg=name)

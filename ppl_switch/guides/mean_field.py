@@ -46,6 +46,13 @@ def _holds_tracer(obj: Any) -> bool:
     return isinstance(obj, constraints.Constraint) and any(_holds_tracer(v) for v in vars(obj).values())
 
 
+def _split_static(kwargs: dict) -> tuple[dict, tuple]:
+    """(array keyword arguments, the others as sorted (name, value) pairs): a Python flag such as
+    ``record_log_lik`` steers the program's control flow, so it is part of the compiled program, not an input."""
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return {k: v for k, v in kwargs.items() if k not in static}, tuple(sorted(static.items()))
+
+
 def _is_real(support) -> bool:
     return support is constraints.real or (
         isinstance(support, constraints.independent) and support.base_constraint is constraints.real
@@ -91,9 +98,10 @@ class MeanFieldNormal:
         rng_key = numpyro.prng_key()
         if rng_key is None:
             rng_key = jax.random.PRNGKey(0)
-        key = None if self.cache_key is None else (self.cache_key, shapes_key((args, kwargs)))
-        start, structure = _SET_UPS.get_or_make(key, self._compile_set_up)
-        locs, valid = start(rng_key, args, kwargs)
+        arrays, static = _split_static(kwargs)
+        key = None if self.cache_key is None else (self.cache_key, static, shapes_key((args, arrays)))
+        start, structure = _SET_UPS.get_or_make(key, lambda: self._compile_set_up(static))
+        locs, valid = start(rng_key, args, arrays)
         if not bool(valid):
             raise RuntimeError("Cannot find valid initial parameters. Please check your model again.")
         traced = [name for name, _, support, _ in structure["sites"] if _holds_tracer(support)]
@@ -104,11 +112,13 @@ class MeanFieldNormal:
         leaves = jax.tree.leaves((args, kwargs))
         self.model_args = None if any(isinstance(x, jax.core.Tracer) for x in leaves) else (args, kwargs)
 
-    def _compile_set_up(self):
-        """(jitted ``(key, args, kwargs) -> (unconstrained start, valid)``, the structure dict its trace fills)."""
+    def _compile_set_up(self, static: tuple):
+        """(jitted ``(key, args, array kwargs) -> (unconstrained start, valid)``, the structure dict its trace
+        fills); ``static``: the other keyword arguments (:func:`_split_static`)."""
         structure = {}
 
         def start(key, args, kwargs):
+            kwargs = {**kwargs, **dict(static)}
             with handlers.block():
                 info = initialize_model(key, self.model, init_strategy=self.init_loc_fn, dynamic_args=True,
                                         model_args=args, model_kwargs=kwargs)
@@ -156,10 +166,11 @@ class MeanFieldNormal:
         if self.sites is None or self.model_args is None:
             raise RuntimeError("MeanFieldNormal.median: call the guide once with concrete data first (SVI's init does)")
         args, kwargs = self.model_args
+        arrays, static = _split_static(kwargs)
         locs = {name: params[f"{name}_{self.prefix}_loc"] for name, *_ in self.sites}
-        key = None if self.cache_key is None else (self.cache_key, "median", shapes_key((locs, args, kwargs)))
+        key = None if self.cache_key is None else (self.cache_key, "median", static, shapes_key((locs, args, arrays)))
         model = self.model
         # one program: run op by op, the program's deterministic sites cost a compilation each
         compiled = _SET_UPS.get_or_make(key, lambda: jax.jit(lambda locs, args, kwargs: handlers.seed(constrain_fn, rng_seed=0)(
-            model, args, kwargs, locs, return_deterministic=True)))
-        return compiled(locs, args, kwargs)
+            model, args, {**kwargs, **dict(static)}, locs, return_deterministic=True)))
+        return compiled(locs, args, arrays)

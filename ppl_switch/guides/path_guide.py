@@ -1,4 +1,5 @@
-"""Path guides: a mean-field normal (AutoNormal) over a model's parameters, with its path sites hidden from
+"""Path guides: a mean-field normal (AutoNormal's family, set up by one compiled program:
+:class:`~ppl_switch.guides.mean_field.MeanFieldNormal`) over a model's parameters, with its path sites hidden from
 it, and a Gauss–Markov chain over one path site (trials, time, latent), padded steps decoupled
 (:func:`ppl_switch.guides.gauss_markov.gauss_markov_chain`). The default SVI guide of the SLDS family
 (:class:`SLDSGuide`) and of the Poisson CLDS (:class:`CLDSPathGuide`).
@@ -14,17 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from numpyro.infer.autoguide import AutoNormal
 
 from ppl_switch.data import SequenceData
 from ppl_switch.guides.gauss_markov import GaussMarkovChain, gauss_markov_chain
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
+from ppl_switch.guides.mean_field import MeanFieldNormal
 
 __all__ = ["PathGuide", "SLDSGuide", "CLDSPathGuide"]
 
 
 class PathGuide:
-    """AutoNormal over the parameters and a Gauss–Markov chain over ``path_site``; called with the program's
+    """A mean-field normal over the parameters and a Gauss–Markov chain over ``path_site``; called with the program's
     signature.
 
     Args:
@@ -56,7 +57,9 @@ class PathGuide:
         self.init_values = None if init_values is None else {k: np.asarray(v) for k, v in init_values.items()}
         skip = set(hidden_sites) | set(ignored_values)
         values = {} if path_only else {k: v for k, v in self.init_values.items() if k not in skip}
-        self.parameter_guide = AutoNormal(
+        # its start (prior medians, the start path's density and gradient) is one compiled program; op by op
+        # it was hundreds of eager compilations, about half of a first SLDS fit (benchmarks/results.md)
+        self.parameter_guide = MeanFieldNormal(
             parameter_program(model.program, tuple(hidden_sites), self.init_values),
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale,
         )

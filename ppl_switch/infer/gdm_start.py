@@ -64,7 +64,7 @@ class HardStateFit:
 
 def _filled_y(data: SequenceData) -> np.ndarray:
     """(trials, time, N) y with its missing entries inside the trials interpolated (:func:`interpolate_missing`)."""
-    return np.asarray(interpolate_missing(data)[0].y if missing_share(data) > 0 else data.y, float)
+    return np.asarray(interpolate_missing(data).y if missing_share(data) > 0 else data.y, float)
 
 
 def _as_data(data) -> SequenceData:

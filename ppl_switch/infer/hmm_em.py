@@ -40,7 +40,7 @@ from ppl_switch.compile_cache import CompiledCache
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.infer.em_loop import best_restart, compiled_program, run_em, run_on_devices
 from ppl_switch.infer.sharding import real_trials
-from ppl_switch.ops.mask_patterns import mask_patterns
+from ppl_switch.ops.mask_patterns import mask_patterns, observed_block
 from ppl_switch.models import arhmm as arhmm_mod
 from ppl_switch.models import hmm as hmm_mod
 from ppl_switch.ops.hmm import hmm_posterior_stats, stationary_distribution
@@ -231,8 +231,7 @@ def conditional_fill(w, y0, mask, means, covs):
     # per pattern and state: S~ = M S M + (I - M); gain' = S~^-1 M S (so the gain is S M S~^-1, S~ symmetric)
     m = patterns[:, None, :].astype(dtype)  # (U, 1, D)
     MS = m[..., :, None] * covs  # M S (U, K, D, D)
-    S_tilde = MS * m[..., None, :] + jnp.eye(D, dtype=dtype) * (1 - m)[..., None, :]
-    gain_t = jnp.linalg.solve(S_tilde, MS)  # S~^-1 M S (U, K, D, D)
+    gain_t = jnp.linalg.solve(observed_block(m, covs), MS)  # S~^-1 M S (U, K, D, D)
     cond = covs - jnp.einsum("ukde,ukdf->ukef", MS, gain_t)  # S - S M S~^-1 M S
     pattern_weights = jax.ops.segment_sum(w.reshape(n, K), index, num_segments=num_patterns)  # (U, K)
     cov_sum = jnp.einsum("uk,ukde->kde", pattern_weights, cond)

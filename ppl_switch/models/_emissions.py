@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import gammaln
 
-from ppl_switch.ops.mask_patterns import mask_patterns, worth_deduplicating
+from ppl_switch.ops.mask_patterns import mask_patterns, observed_block, worth_deduplicating
 from ppl_switch.ops.small_linalg import UNROLL_MAX, cholesky_unrolled, solve_lower_unrolled
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -47,9 +47,7 @@ def masked_mvn_log_prob_cov(y, mask, mean, cov, *, shared_over_steps: bool = Fal
     """As :func:`masked_mvn_log_prob` with the covariance (..., D, D) given directly."""
     if shared_over_steps and y.shape[-1] > UNROLL_MAX and _worth_patterns(mask, cov):
         return _masked_mvn_by_pattern(y, mask, mean, cov)
-    both = mask[..., :, None] & mask[..., None, :]
-    eye = jnp.eye(y.shape[-1], dtype=cov.dtype)
-    cov = jnp.where(both, cov, eye)
+    cov = observed_block(mask, cov)
     resid = jnp.where(mask, y - mean, 0.0)
     if y.shape[-1] <= UNROLL_MAX:
         # one factorisation per step and state: elementwise and fused, where LAPACK would make a custom call
@@ -81,10 +79,9 @@ def _masked_mvn_by_pattern(y, mask, mean, cov):
     ``cov`` (*C, D, D) is shared by the steps of ``mask`` (*S, 1...1, D) (:func:`_worth_patterns`)."""
     num_cov, D = cov.ndim - 2, y.shape[-1]
     patterns, index = mask_patterns(mask.reshape(mask.shape[: mask.ndim - 1 - num_cov] + (D,)))  # (U, D), S
-    p = patterns.reshape((-1,) + (1,) * num_cov + (D,)).astype(cov.dtype)  # (U, 1..., D)
-    both = p[..., :, None] * p[..., None, :]
+    p = patterns.reshape((-1,) + (1,) * num_cov + (D,))  # (U, 1..., D)
+    chol = jnp.linalg.cholesky(observed_block(p, cov))  # (U, *C, D, D)
     eye = jnp.eye(D, dtype=cov.dtype)
-    chol = jnp.linalg.cholesky(both * cov + (1 - both) * eye)  # (U, *C, D, D): observed block, identity elsewhere
     inverse = jax.scipy.linalg.solve_triangular(chol, jnp.broadcast_to(eye, chol.shape), lower=True)
     log_det = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), -1)  # (U, *C)
     resid = jnp.where(mask, y - mean, 0.0)

@@ -46,13 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.infer.autoguide import AutoNormal
 
+from ppl_switch.compile_cache import model_key
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitWarning
 from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median
+from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn_log_prob_cov, masked_poisson_log_prob
 from ppl_switch.models.base import Model, Params
 from ppl_switch.ops.basis import ConstantBasis, FourierBasis, basis_from_config, basis_to_config, evaluate
@@ -622,7 +623,8 @@ class CLDS(Model):
 
     def default_guide(self, data=None, *, init_values=None, init_scale: Optional[float] = None):
         """Gaussian emissions: mean-field normal over weights and (unconstrained) covariance sites
-        (``init_scale`` 0.01). Poisson: :class:`~ppl_switch.guides.path_guide.CLDSPathGuide`, a Gauss–Markov
+        (``init_scale`` 0.01; AutoNormal's family set up by one compiled program,
+        :class:`~ppl_switch.guides.mean_field.MeanFieldNormal`). Poisson: :class:`~ppl_switch.guides.path_guide.CLDSPathGuide`, a Gauss–Markov
         path guide over x plus a mean-field normal over the parameters (``init_scale`` 0.05); ``data`` or
         ``init_values`` set the start (:meth:`init_values`), else the prior medians and x = 0."""
         if self.emission == "poisson":
@@ -632,8 +634,9 @@ class CLDS(Model):
         if init_values is None and data is not None:
             init_values = self.init_values(data)
         if init_values is None:
-            return AutoNormal(self.program, init_scale=scale)
-        return AutoNormal(self.program, init_loc_fn=init_to_values_then_median(dict(init_values)), init_scale=scale)
+            key = model_key(self)
+            return MeanFieldNormal(self.program, init_scale=scale, cache_key=None if key is None else ("init_to_uniform", key))
+        return MeanFieldNormal(self.program, init_loc_fn=init_to_values_then_median(dict(init_values)), init_scale=scale)
 
     def init_values(self, data, seed: int = 0, num_iters: int = 50) -> dict:
         """A data-driven SVI start (site values).

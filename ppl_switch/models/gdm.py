@@ -167,7 +167,7 @@ class GDM(GDMBase):
         if self.input_dim and data.inputs is None:
             raise DataError(f"inputs: the model was built with input_dim={self.input_dim}; pass inputs (trials, time, {self.input_dim})")
         if missing_share(data) > 0:
-            data = data._replace(y=interpolate_missing(data)[0].y.astype(np.asarray(data.y).dtype))
+            data = data._replace(y=interpolate_missing(data).y.astype(np.asarray(data.y).dtype))
         return data
 
     # ----- deterministic pieces (jit/vmap-able) -------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["MAX_PATTERN_DIM", "mask_patterns", "worth_deduplicating"]
+__all__ = ["MAX_PATTERN_DIM", "mask_patterns", "observed_block", "worth_deduplicating"]
 
 #: largest observed dimension whose patterns are coded as integers (2^D codes) and deduplicated
 MAX_PATTERN_DIM = 20
@@ -38,3 +38,12 @@ def mask_patterns(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     unique, index = jnp.unique(codes, size=2**D, fill_value=2**D - 1, return_inverse=True)
     patterns = (unique[:, None] >> jnp.arange(D, dtype=jnp.int32)) & 1
     return patterns.astype(jnp.result_type(float)), index.reshape(lead)
+
+
+def observed_block(pattern: jax.Array, cov: jax.Array) -> jax.Array:
+    """M S M + (I - M) for M = diag(pattern): the covariance ``cov`` (..., D, D) on the observed rows and
+    columns of ``pattern`` (..., D) (bool or 0/1), the identity on the others. Its factor is that of the
+    observed block S_oo padded with ones, so shapes stay static whatever the pattern."""
+    m = pattern.astype(cov.dtype)
+    both = m[..., :, None] * m[..., None, :]
+    return both * cov + (1 - both) * jnp.eye(cov.shape[-1], dtype=cov.dtype)

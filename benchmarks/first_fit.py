@@ -1,0 +1,51 @@
+"""The cost of a user's first SVI fit of a model: one fresh process, nothing compiled before.
+
+    python benchmarks/first_fit.py slds            # the model's example_config, 2 trials x 12 steps, 20 SVI steps
+    python benchmarks/first_fit.py clds --x64
+
+Prints the wall seconds of ``fit_svi`` (after imports and the simulation), how many XLA compilations it made
+and their seconds (JAX's ``backend_compile_duration`` events), and the first and last loss, so that a change
+to the set-up can be checked to leave the numbers alone. The shapes are those of the conformance suite's
+SVI fixture (tests/test_conformance.py), whose first fit per model dominates the default test run.
+Compare two commits by running this from a worktree of each on the same idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import jax
+import jax.monitoring
+
+from ppl_switch.infer.svi import fit_svi
+from ppl_switch.models import MODELS
+
+_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", choices=sorted(MODELS))
+    parser.add_argument("--x64", action="store_true", help="float64 (the conformance suite's precision)")
+    args = parser.parse_args()
+    jax.config.update("jax_enable_x64", args.x64)
+    cls = MODELS[args.model]
+    model = cls(**(cls.example_config or {}))
+    data, _ = model.simulate(jax.random.PRNGKey(0), 2, 12)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **_: compiles.append(duration) if event == _COMPILE else None)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 20 steps: "still moving" is expected
+        fit = fit_svi(model, data, num_steps=20, num_draws=8, seed=0, progress_bar=False)
+    wall = time.perf_counter() - start
+    print(f"{args.model} ({'float64' if args.x64 else 'float32'}, jax {jax.__version__}): first fit_svi {wall:.1f} s; "
+          f"{len(compiles)} XLA compilations, {sum(compiles):.1f} s; loss first/last {fit.losses[0]:.4f} "
+          f"{fit.losses[-1]:.4f}")
+
+
+if __name__ == "__main__":
+    main()
