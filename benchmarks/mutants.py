@@ -384,6 +384,14 @@ MUTANTS = [
         ("tests/test_mean_field_guide.py", "-k", "flags"),
         "a set-up compiled with one flag value reused for the other (the wrong sites)",
     ),
+    Mutant(
+        "path guide's compiled init sets up with the wrong key",
+        "ppl_switch/infer/svi.py",
+        "    handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)\n    return jax.jit(svi.init)(key, data)",
+        "    handlers.seed(guide.set_up, jax.random.split(key, 3)[1])(data)\n    return jax.jit(svi.init)(key, data)",
+        ("tests/test_clds_poisson.py", "-k", "compiled_init"),
+        "the parameter block's prior-median start drawn with the model's key instead of the guide's: another start",
+    ),
 ]
 
 

@@ -235,6 +235,31 @@ def test_errors_name_the_argument(sim):
         model.log_likelihood({**params, "x": truth["params"]["x"][:2]}, data)
 
 
+@pytest.mark.parametrize("start", ["prior", "values"])
+def test_compiled_init_of_the_path_guide_equals_the_eager_init(sim, start):
+    """fit_svi's compiled init of a path guide (its parameter block set up first with the key it would draw
+    inside svi.init) gives numpyro's eager ``svi.init``'s state: every guide parameter, prior-median start
+    and a start from given site values."""
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+
+    from ppl_switch.infer import svi as svi_mod
+
+    model, data, truth, _ = sim
+    init_values = None if start == "prior" else {**_without_x(truth["params"]), "x": np.asarray(truth["params"]["x"])}
+    states = []
+    for init in ("eager", "compiled"):
+        guide = CLDSPathGuide(model, init_values=init_values)
+        svi = SVI(model.program, guide, optax.adam(0.01), Trace_ELBO())
+        key = jax.random.PRNGKey(4)
+        state = svi.init(key, data) if init == "eager" else svi_mod._compiled_path_guide_init(svi, guide, key, data)
+        states.append(svi.get_params(state))
+    eager, compiled = states
+    assert eager.keys() == compiled.keys() and any(k.endswith("_auto_loc") for k in eager)
+    for name in eager:
+        np.testing.assert_allclose(compiled[name], eager[name], rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 @pytest.mark.slow
 def test_svi_with_the_path_guide(sim):
     """fit_svi on ragged counts with the default guide (the path guide): draws of every site, the

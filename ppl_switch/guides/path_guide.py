@@ -65,6 +65,12 @@ class PathGuide:
         )
         self.__name__ = type(self).__name__
 
+    def set_up(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """Set the parameter block up (its start) before a compiled ``svi.init`` traces this guide; inside a
+        seeded handler, with the key its first draw in ``__call__`` would get."""
+        if self.parameter_guide.sites is None:
+            self.parameter_guide.set_up(data, record_log_lik=record_log_lik)
+
     def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
         out = self.parameter_guide(data, record_log_lik=record_log_lik)
         B, T = data.y.shape[:2]

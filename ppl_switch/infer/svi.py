@@ -27,6 +27,7 @@ from ppl_switch.compile_cache import CompiledCache, model_key, shapes_key
 from ppl_switch.infer.draws import draws_from_guide
 from ppl_switch.errors import FitError
 from ppl_switch.guides.mean_field import MeanFieldNormal
+from ppl_switch.guides.path_guide import PathGuide
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import (
     check_float,
@@ -128,6 +129,16 @@ def _runner_key(model, guide, optimizer, learning_rate, num_particles, chunk, nu
     guide_key = "default" if guide is None else ("id", id(guide))
     optim_key = ("default", float(learning_rate)) if optimizer is None else ("id", id(optimizer))
     return (mkey, guide_key, optim_key, num_particles, chunk, num_steps) + shapes_key(dev)
+
+
+def _compiled_path_guide_init(svi: SVI, guide, key, data):
+    """``svi.init(key, data)`` compiled for a guide with an eager ``set_up`` hook (the path guides): the hook
+    sets up its parameter block first, with the key that block would draw inside ``svi.init`` (the guide's
+    third of the key, its first draw), then the rest of the init (the guide's parameters, the program, the
+    optimiser's state) is one program instead of a few hundred eager operations. The set-up's start is a
+    constant of that program, so it is compiled afresh per fit (these guides are built per data set)."""
+    handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)
+    return jax.jit(svi.init)(key, data)
 
 
 def _compiled_init(svi: SVI, guide: MeanFieldNormal, key, data, cache_key):
@@ -296,6 +307,8 @@ def fit_svi(
             # the sharded fit's svi runs the masked program: another init program, another key
             init_key = None if cache_key is None else cache_key[:3] + cache_key[6:] + ("init", mesh is not None)
             state = _compiled_init(svi, guide, key_init, dev, init_key)
+        elif isinstance(guide, PathGuide):
+            state = _compiled_path_guide_init(svi, guide, key_init, dev)
         else:
             state = svi.init(key_init, dev)
     run_dev = dev
