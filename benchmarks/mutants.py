@@ -387,10 +387,18 @@ MUTANTS = [
     Mutant(
         "path guide's compiled init sets up with the wrong key",
         "ppl_switch/infer/svi.py",
-        "    handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)\n    return jax.jit(svi.init)(key, data)",
-        "    handlers.seed(guide.set_up, jax.random.split(key, 3)[1])(data)\n    return jax.jit(svi.init)(key, data)",
+        "handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)",
+        "handlers.seed(guide.set_up, jax.random.split(key, 3)[1])(data)",
         ("tests/test_clds_poisson.py", "-k", "compiled_init"),
         "the parameter block's prior-median start drawn with the model's key instead of the guide's: another start",
+    ),
+    Mutant(
+        "a model without a key gets a shared labelled key",
+        "ppl_switch/compile_cache.py",
+        "    return None if key is None else (label, key)",
+        "    return (label, key)",
+        ("tests/test_fixed_cost.py", "-k", "labelled"),
+        "two models without a usable config() share one compiled guide set-up through (label, None)",
     ),
 ]
 

@@ -122,6 +122,13 @@ def model_key(model) -> Optional[tuple]:
         return None
 
 
+def labelled_model_key(label, model) -> Optional[tuple]:
+    """``(label, model_key(model))`` (e.g. a guide's start strategy and its model), or None where the model
+    has no key: a ``(label, None)`` key would let unrelated models share one compiled program."""
+    key = model_key(model)
+    return None if key is None else (label, key)
+
+
 def shapes_key(tree) -> tuple:
     """The pytree structure, leaf shapes and dtypes of ``tree`` and the precision: what a trace depends on
     besides the program."""

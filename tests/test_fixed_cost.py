@@ -11,7 +11,7 @@ import pytest
 
 from ppl_switch.infer import fit_em, fit_svi
 from ppl_switch import compile_cache
-from ppl_switch.compile_cache import model_key
+from ppl_switch.compile_cache import labelled_model_key, model_key
 from ppl_switch.infer.draws import Static
 from ppl_switch.models import HMM
 
@@ -143,3 +143,17 @@ def test_static_is_keyed_by_model_class_and_config():
         return x
 
     assert Static(f) == Static(f) and Static(f) != Static(lambda x: x)  # plain callables: identity
+
+
+def test_a_model_without_a_key_gets_no_labelled_key():
+    """A guide's set-up key is (label, model key), and None for a model without a usable config: two such
+    models must not share a compiled set-up through a (label, None) key."""
+
+    class NoConfig(HMM):
+        def config(self):
+            raise NotImplementedError
+
+    assert labelled_model_key("init_to_sample", HMM(2, obs_dim=1)) == ("init_to_sample", model_key(HMM(2, obs_dim=1)))
+    assert model_key(NoConfig(2, obs_dim=1)) is None
+    assert labelled_model_key("init_to_sample", NoConfig(2, obs_dim=1)) is None
+    assert NoConfig(2, obs_dim=1).default_guide().cache_key is None

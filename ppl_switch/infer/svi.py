@@ -23,7 +23,7 @@ from numpyro.optim import _NumPyroOptim, optax_to_numpyro
 
 from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
 from ppl_switch.infer.diagnose import describe, nonfinite_sites
-from ppl_switch.compile_cache import CompiledCache, model_key, shapes_key
+from ppl_switch.compile_cache import CompiledCache, labelled_model_key, model_key, shapes_key
 from ppl_switch.infer.draws import draws_from_guide
 from ppl_switch.errors import FitError
 from ppl_switch.guides.mean_field import MeanFieldNormal
@@ -52,13 +52,7 @@ def default_guide_for(model) -> Callable:
     try:
         return model.default_guide()
     except NotImplementedError:
-        return MeanFieldNormal(model.program, init_loc_fn=init_to_median(num_samples=15), cache_key=_fallback_guide_key(model))
-
-
-def _fallback_guide_key(model):
-    """The default guide's set-up cache key for a model without its own guide: its class and config."""
-    key = model_key(model)
-    return None if key is None else ("init_to_median(15)", key)
+        return MeanFieldNormal(model.program, init_loc_fn=init_to_median(num_samples=15), cache_key=labelled_model_key("init_to_median(15)", model))
 
 
 def default_optimizer(learning_rate: float) -> optax.GradientTransformation:
@@ -131,13 +125,19 @@ def _runner_key(model, guide, optimizer, learning_rate, num_particles, chunk, nu
     return (mkey, guide_key, optim_key, num_particles, chunk, num_steps) + shapes_key(dev)
 
 
-def _compiled_path_guide_init(svi: SVI, guide, key, data):
-    """``svi.init(key, data)`` compiled for a guide with an eager ``set_up`` hook (the path guides): the hook
-    sets up its parameter block first, with the key that block would draw inside ``svi.init`` (the guide's
-    third of the key, its first draw), then the rest of the init (the guide's parameters, the program, the
+def _set_up_as_svi_init_would(guide, key, data) -> None:
+    """``guide.set_up(data)`` eagerly, with the key its first draw gets inside ``svi.init(key, data)``
+    (numpyro's ``SVI.init`` splits ``key`` in three and seeds the guide with the last), so that a compiled
+    init that follows starts where the eager one would."""
+    handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)
+
+
+def _compiled_path_guide_init(svi: SVI, guide: PathGuide, key, data):
+    """``svi.init(key, data)`` compiled for a path guide: its parameter block is set up first
+    (:func:`_set_up_as_svi_init_would`), then the rest of the init (the guide's parameters, the program, the
     optimiser's state) is one program instead of a few hundred eager operations. The set-up's start is a
     constant of that program, so it is compiled afresh per fit (these guides are built per data set)."""
-    handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)
+    _set_up_as_svi_init_would(guide, key, data)
     return jax.jit(svi.init)(key, data)
 
 
@@ -145,13 +145,13 @@ def _compiled_init(svi: SVI, guide: MeanFieldNormal, key, data, cache_key):
     """``svi.init(key, data)`` as one compiled program instead of op by op (each eager operation is one XLA
     compilation; the init's were most of a first fit's time, benchmarks/results.md, session of 2026-12-07).
 
-    The guide is set up first, eagerly, with the key ``svi.init`` would give it (numpyro's ``SVI.init`` splits
-    ``key`` in three, the last for the guide), so the start is the one an eager init finds. Its start
+    The guide is set up first, eagerly, with the key ``svi.init`` would give it
+    (:func:`_set_up_as_svi_init_would`), so the start is the one an eager init finds. Its start
     (``guide.init_locs``) is an argument of the compiled init, so that a later fit with equal ``cache_key``
     reuses the program with its own start; that fit's ``svi`` gets the first one's ``constrain_fn`` (the same
     transforms: the key implies the same guide structure)."""
     if guide.sites is None:
-        handlers.seed(guide.set_up, jax.random.split(key, 3)[2])(data)
+        _set_up_as_svi_init_would(guide, key, data)
 
     def make():
         def init(key, data, start):

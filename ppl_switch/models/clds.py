@@ -47,7 +47,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ppl_switch.compile_cache import model_key
+from ppl_switch.compile_cache import labelled_model_key
 from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
 from ppl_switch.errors import FitWarning
 from ppl_switch.guides.path_guide import CLDSPathGuide
@@ -634,8 +634,7 @@ class CLDS(Model):
         if init_values is None and data is not None:
             init_values = self.init_values(data)
         if init_values is None:
-            key = model_key(self)
-            return MeanFieldNormal(self.program, init_scale=scale, cache_key=None if key is None else ("init_to_uniform", key))
+            return MeanFieldNormal(self.program, init_scale=scale, cache_key=labelled_model_key("init_to_uniform", self))
         return MeanFieldNormal(self.program, init_loc_fn=init_to_values_then_median(dict(init_values)), init_scale=scale)
 
     def init_values(self, data, seed: int = 0, num_iters: int = 50) -> dict:

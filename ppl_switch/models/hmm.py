@@ -29,7 +29,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.initialization import init_to_sample
 
-from ppl_switch.compile_cache import model_key
+from ppl_switch.compile_cache import labelled_model_key
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.models._common import (
@@ -187,7 +187,7 @@ class StateChainModel(Model):
         prior draw: starting all states at the prior median would make them identical, and a symmetric
         start never separates under gradient steps."""
         return MeanFieldNormal(self.program, init_loc_fn=init_to_sample, init_scale=0.1,
-                               cache_key=("init_to_sample", model_key(self)))
+                               cache_key=labelled_model_key("init_to_sample", self))
 
 
 class HMM(StateChainModel):

@@ -41,7 +41,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from ppl_switch.compile_cache import model_key
+from ppl_switch.compile_cache import labelled_model_key
 from ppl_switch.data import DataError, SequenceData, as_sequence_data, check_positive_int
 from ppl_switch.guides.init import init_to_sample_then_median
 from ppl_switch.guides.mean_field import MeanFieldNormal
@@ -211,7 +211,7 @@ class LDS(Model):
         except the emission matrix, started from a prior draw: C = 0 is a stationary point of the
         marginal likelihood (it is quadratic in C there), so starting exactly at it stalls."""
         return MeanFieldNormal(self.program, init_loc_fn=init_to_sample_then_median(["emission_matrix"]), init_scale=0.1,
-                               cache_key=("init_to_sample_then_median(emission_matrix)", model_key(self)))
+                               cache_key=labelled_model_key("init_to_sample_then_median(emission_matrix)", self))
 
     # ----- the state space model of one parameter draw -----------------------------------------
     def lgssm_params(self, params, data: SequenceData, *, simulate: bool = False) -> LGSSMParams:

@@ -44,6 +44,6 @@ def observed_block(pattern: jax.Array, cov: jax.Array) -> jax.Array:
     """M S M + (I - M) for M = diag(pattern): the covariance ``cov`` (..., D, D) on the observed rows and
     columns of ``pattern`` (..., D) (bool or 0/1), the identity on the others. Its factor is that of the
     observed block S_oo padded with ones, so shapes stay static whatever the pattern."""
-    m = pattern.astype(cov.dtype)
-    both = m[..., :, None] * m[..., None, :]
-    return both * cov + (1 - both) * jnp.eye(cov.shape[-1], dtype=cov.dtype)
+    m = pattern.astype(bool)
+    both = m[..., :, None] & m[..., None, :]
+    return jnp.where(both, cov, jnp.eye(cov.shape[-1], dtype=cov.dtype))
