@@ -1,12 +1,15 @@
-"""The cost of a user's first SVI fit of a model: one fresh process, nothing compiled before.
+"""The cost of a user's first fit of a model: one fresh process, nothing compiled before.
 
-    python benchmarks/first_fit.py slds            # the model's example_config, 2 trials x 12 steps, 20 SVI steps
+    python benchmarks/first_fit.py slds                 # the model's example_config, 2 trials x 12 steps, 20 SVI steps
     python benchmarks/first_fit.py clds --x64
+    python benchmarks/first_fit.py hmm --runner nuts    # fit_nuts' defaults (2 chains, "sequential"), 20 + 20 steps
+    python benchmarks/first_fit.py hmm --runner nuts --num-chains 1
 
-Prints the wall seconds of ``fit_svi`` (after imports and the simulation), how many XLA compilations it made
-and their seconds (JAX's ``backend_compile_duration`` events), and the first and last loss, so that a change
-to the set-up can be checked to leave the numbers alone. The shapes are those of the conformance suite's
-SVI fixture (tests/test_conformance.py), whose first fit per model dominates the default test run.
+Prints the wall seconds of the runner (after imports and the simulation), how many XLA compilations it made
+and their seconds (JAX's ``backend_compile_duration`` events), and the first and last loss (SVI) or the
+chains' mean log densities (NUTS), so that a change to the set-up can be checked to leave the numbers alone.
+The shapes are those of the conformance suite's fixtures (tests/test_conformance.py), whose first fit per
+model dominates the default test run.
 Compare two commits by running this from a worktree of each on the same idle machine.
 """
 
@@ -19,8 +22,10 @@ import warnings
 import jax
 import jax.monitoring
 
+from ppl_switch.infer.nuts import DEFAULT_NUM_CHAINS, fit_nuts
 from ppl_switch.infer.svi import fit_svi
 from ppl_switch.models import MODELS
+from ppl_switch.results import get_group
 
 _COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -29,6 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=sorted(MODELS))
     parser.add_argument("--x64", action="store_true", help="float64 (the conformance suite's precision)")
+    parser.add_argument("--runner", choices=("svi", "nuts"), default="svi")
+    parser.add_argument("--num-chains", type=int, default=DEFAULT_NUM_CHAINS, help="NUTS chains")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", args.x64)
     cls = MODELS[args.model]
@@ -39,12 +46,18 @@ def main() -> None:
         lambda event, duration, **_: compiles.append(duration) if event == _COMPILE else None)
     start = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 20 steps: "still moving" is expected
-        fit = fit_svi(model, data, num_steps=20, num_draws=8, seed=0, progress_bar=False)
+        warnings.simplefilter("ignore")  # 20 steps: "still moving" (SVI), R-hat and ESS (NUTS) are expected
+        if args.runner == "svi":
+            fit = fit_svi(model, data, num_steps=20, num_draws=8, seed=0, progress_bar=False)
+            numbers = f"loss first/last {fit.losses[0]:.4f} {fit.losses[-1]:.4f}"
+        else:
+            fit = fit_nuts(model, data, num_warmup=20, num_samples=20, num_chains=args.num_chains, seed=0,
+                           progress_bar=False)
+            lp = get_group(fit.idata, "sample_stats")["lp"].values
+            numbers = f"{args.num_chains} chain(s), mean log density per chain {[round(float(v), 3) for v in lp.mean(1)]}"
     wall = time.perf_counter() - start
-    print(f"{args.model} ({'float64' if args.x64 else 'float32'}, jax {jax.__version__}): first fit_svi {wall:.1f} s; "
-          f"{len(compiles)} XLA compilations, {sum(compiles):.1f} s; loss first/last {fit.losses[0]:.4f} "
-          f"{fit.losses[-1]:.4f}")
+    print(f"{args.model} ({'float64' if args.x64 else 'float32'}, jax {jax.__version__}): first fit_{args.runner} "
+          f"{wall:.1f} s; {len(compiles)} XLA compilations, {sum(compiles):.1f} s; {numbers}")
 
 
 if __name__ == "__main__":

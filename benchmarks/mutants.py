@@ -400,6 +400,22 @@ MUTANTS = [
         ("tests/test_fixed_cost.py", "-k", "labelled"),
         "two models without a usable config() share one compiled guide set-up through (label, None)",
     ),
+    Mutant(
+        "sequential NUTS chains each started op by op and compiled per chain",
+        "ppl_switch/infer/nuts.py",
+        'chain_method=_chains_in_one_program if chain_method == "sequential" else chain_method,',
+        "chain_method=chain_method,",
+        ("tests/test_infer.py", "-k", "one_program"),
+        "numpyro's own sequential mode: the same draws, but every chain's start run op by op and its loop compiled again",
+    ),
+    Mutant(
+        "one-program chains lose a chain",
+        "ppl_switch/infer/nuts.py",
+        "    return lambda per_chain_args: jax.lax.map(single_chain, per_chain_args)",
+        "    return lambda per_chain_args: jax.lax.map(single_chain, jax.tree.map(lambda a: a.at[1].set(a[0]), per_chain_args))",
+        ("tests/test_infer.py", "-k", "one_program"),
+        "every chain after the first given the first chain's key: identical chains, R-hat meaningless",
+    ),
 ]
 
 

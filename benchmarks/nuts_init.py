@@ -3,7 +3,7 @@ time of chain_method "sequential" against "vectorized".
 
     python benchmarks/nuts_init.py --init prior        # README: max R-hat 9.52, min ESS 2.3 (and the warnings)
     python benchmarks/nuts_init.py --init svi          # README: max R-hat 1.003, min ESS 936
-    python benchmarks/nuts_init.py --chain-methods     # README: sequential 45-72 s, vectorized 61-117 s
+    python benchmarks/nuts_init.py --chain-methods     # README: sequential 7.9-9.1 s, vectorized 14.2-34.4 s
 
 Data: ``ppl_switch.datasets.simulate("hmm", seed=0)`` (what ``ppl-switch simulate hmm`` writes: 3 trials x
 200 steps, 2 dims); model HMM(num_states=3, obs_dim=2); NUTS 2 chains x (500 warmup + 500 draws), seed 0,

@@ -113,7 +113,7 @@ def nuts_fitted(request):
     data, _ = model.simulate(jax.random.PRNGKey(0), case.num_trials, case.num_timesteps)
     with warnings.catch_warnings():  # tiny NUTS runs may report divergences; not checked here
         warnings.simplefilter("ignore", RuntimeWarning)
-        nuts = fit_nuts(model, data, num_warmup=20, num_samples=20, num_chains=1, seed=0, progress_bar=False)
+        nuts = fit_nuts(model, data, num_warmup=20, num_samples=20, num_chains=2, seed=0, progress_bar=False)
     return case, model, data, nuts
 
 

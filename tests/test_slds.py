@@ -436,7 +436,7 @@ def test_nuts_smoke(path_parameterisation, scale_coordinates):
     sim = simulate_slds_tutorial(seed=2, num_timesteps=30)
     init = model.init_values(sim["y"])
     fit = fit_nuts(model, sim["y"], num_warmup=50, num_samples=50, init_params={k: v for k, v in init.items()}, progress_bar=False, x64=True)
-    assert fit.samples["x"].shape == (1, 50, 1, 30, 2)
+    assert fit.samples["x"].shape == (2, 50, 1, 30, 2)  # fit_nuts's default: 2 chains
     # the path (and the scales) are deterministic images of the sampled coordinates
     data = model.prepare(sim["y"])
     draw = {k: v[0, -1] for k, v in fit.samples.items()}

@@ -28,6 +28,17 @@ MAX_TREE_DEPTH = 10
 _EXTRA_FIELDS = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "energy", "potential_energy")
 
 
+def _chains_in_one_program(single_chain):
+    """numpyro ``chain_method`` for "sequential": the chains one after another inside one compiled program
+    (``jax.lax.map`` over the chains' keys and starts), so the start, warmup and sampling compile once for
+    all chains and the start is compiled too. numpyro's own sequential mode initialises every chain op by op
+    (hundreds of eager compilations) and compiled the sampling loop once per chain: a first 2-chain fit of a
+    small HMM took 33 s there and 15 s here (benchmarks/results.md). The same algorithm and keys: the draws
+    equal numpyro's sequential mode's (tests/test_infer.py, float64); two compilations of it differ in the last
+    bits, which a chain can amplify over many steps (seen in float32, and after ~10 float64 draws of an SLDS)."""
+    return lambda per_chain_args: jax.lax.map(single_chain, per_chain_args)
+
+
 def _sample_stats(extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """ArviZ-named sample stats, each (chain, draw)."""
     num_steps = np.asarray(extra["num_steps"])
@@ -125,9 +136,10 @@ def fit_nuts(
         data, mask, lengths, inputs: as in :func:`fit_svi` (validated before compilation).
         num_warmup, num_samples: per chain. num_chains: default 2 (R-hat compares chains; one chain
             gets a warning that R-hat is not available).
-        chain_method: "sequential" (default: measured faster than "vectorized" on a 2-core CPU for a
-            small HMM, 45-72 s against 61-117 s for 2 chains x 600 steps, since vectorized chains step in
-            lockstep through the larger of their trees; README "Fitting your own data"), "vectorized"
+        chain_method: "sequential" (default: the chains one after another in one compiled program,
+            start included (:func:`_chains_in_one_program`); measured faster than "vectorized" on a 2-core
+            CPU for a small HMM, 45-72 s against 61-117 s for 2 chains x 600 steps, since vectorized chains
+            step in lockstep through the larger of their trees; README "Fitting your own data"), "vectorized"
             or "parallel" (one device per chain: the choice on a GPU or several devices). On a CPU, "parallel" needs one XLA device
             per chain, set before JAX's first computation (e.g. ``numpyro.set_host_device_count(num_chains)``
             at the top of the script); with fewer devices numpyro runs the chains one after another.
@@ -201,7 +213,8 @@ def fit_nuts(
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
-        chain_method=chain_method,
+        # numpyro runs one chain by itself, without the chain method
+        chain_method=_chains_in_one_program if chain_method == "sequential" else chain_method,
         progress_bar=progress_bar,
     )
     key_run, key_post = jax.random.split(jax.random.PRNGKey(seed))
