@@ -416,6 +416,22 @@ MUTANTS = [
         ("tests/test_infer.py", "-k", "one_program"),
         "every chain after the first given the first chain's key: identical chains, R-hat meaningless",
     ),
+    Mutant(
+        "full-rank guide's vector in the start dict's (sorted) order",
+        "ppl_switch/guides/full_rank.py",
+        "        return [(name, tuple(np.shape(self.init_locs[name]))) for name, *_ in self.sites]",
+        "        return [(name, tuple(np.shape(loc))) for name, loc in self.init_locs.items()]",
+        ("tests/test_mean_field_guide.py", "-k", "full_rank"),
+        "the vector laid out in the jitted start's key order, not AutoMultivariateNormal's: another start and layout",
+    ),
+    Mutant(
+        "full-rank guide's Jacobian term with the wrong sign",
+        "ppl_switch/guides/full_rank.py",
+        "                log_density = -sum_rightmost(ldj, jnp.ndim(ldj) - jnp.ndim(value) + support.event_dim)",
+        "                log_density = sum_rightmost(ldj, jnp.ndim(ldj) - jnp.ndim(value) + support.event_dim)",
+        ("tests/test_mean_field_guide.py", "-k", "full_rank"),
+        "q's density of a constrained site off by twice its log |det J|: a biased ELBO",
+    ),
 ]
 
 

@@ -144,11 +144,11 @@ def test_conditional_mean_recovers_true_weights_on_a_long_path():
     assert float(sd.max()) < 1.0 and float(jnp.median(sd)) < 0.4  # and the data are informative (prior sd ~ 1)
 
 
-@pytest.mark.slow  # ~40 s of eager AutoMultivariateNormal set-up; the densities are checked above
+@pytest.mark.slow  # ~36 s (2-core CPU, 2026-12-07), mostly eager ELBO and draws; the densities are checked above
 def test_conjugate_guide_trace_loss_and_draws():
     """The guide runs under Trace_ELBO (finite loss; A and e come from the auxiliary weight draw, x from the
     path chain) and ``sample_parameters`` returns joint draws with the weights' shapes and spread.
-    (Most of the time here is numpyro's eager AutoMultivariateNormal set-up, as for the default guide.)"""
+    """
     from numpyro.infer import Trace_ELBO
 
     model = GPSLDS(num_states=2, latent_dim=2, obs_dim=4, dt=0.02, emission="gaussian")

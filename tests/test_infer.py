@@ -517,26 +517,26 @@ def test_nuts_same_seed_same_draws_and_init_params():
 
 def test_sequential_chains_run_in_one_program_with_numpyros_draws():
     """fit_nuts' default "sequential" runs the chains one after another in one compiled program, start
-    included: the sampling loop is traced once for three chains (numpyro's own sequential mode traced and
-    compiled it once per chain, after starting each chain op by op), and the draws are those of numpyro's
-    own sequential MCMC with the same key."""
+    included: numpyro's sampling loop is never lowered as a program of its own (numpyro's own sequential mode
+    lowered and compiled it once per chain, after starting each chain op by op), and the draws are those of
+    numpyro's own sequential MCMC with the same key."""
     from numpyro.infer import MCMC, NUTS
 
     y, _, _ = gaussian_data(num_trials=1, num_steps=20)
     model = ToyGaussian()
     kw = dict(num_warmup=15, num_samples=10, num_chains=3)
-    traced = []
+    lowered = []  # top-level programs lowered to XLA (also when the persistent cache then has them)
 
     def listener(event, duration, fun_name="", **_):
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            traced.append(fun_name)
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(fun_name)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         ours = fit_nuts(model, y, seed=4, progress_bar=False, **kw)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert traced.count("_fori_collect_loop") == 1, traced.count("_fori_collect_loop")
+    assert lowered and not [name for name in lowered if "_fori_collect_loop" in name], lowered
     mcmc = MCMC(NUTS(model.program), chain_method="sequential", progress_bar=False, **kw)
     mcmc.run(jax.random.split(jax.random.PRNGKey(4))[0], ours.data)
     theirs = mcmc.get_samples(group_by_chain=True)

@@ -117,7 +117,7 @@ def test_laplace_posterior_equals_the_dense_joint_hessian(tiny_fit):
     lap = laplace_parameter_posterior(model, data, guide, fit.params, hold=HOLD)
     assert set(lap.held) == set(HOLD) and set(lap.sites) == {"regime_matrix", "regime_offset"}
     pg = guide.parameter_guide
-    unpacked = pg._unpack_latent(fit.params["auto_loc"])  # numpyro's own layout, the oracle
+    unpacked = pg.unpack_latent(fit.params["auto_loc"])  # the guide's own layout (numpyro's: tests/test_mean_field_guide.py)
     x_hat = np.asarray(fit.params["x_mean"])
     values = {k: jnp.asarray(v[0, 0]) for k, v in fit.samples.items()}
     model_trace = handlers.trace(handlers.substitute(handlers.seed(model.program, 0), data=values)).get_trace(data)

@@ -11,9 +11,10 @@ import optax
 import pytest
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoNormal
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
 from numpyro.infer.initialization import init_to_median, init_to_sample
 
+from ppl_switch.guides.full_rank import FullRankNormal
 from ppl_switch.guides.mean_field import MeanFieldNormal
 from ppl_switch.infer import fit_svi
 from ppl_switch.models import HMM
@@ -140,3 +141,53 @@ def test_python_flags_are_part_of_the_compiled_set_up_and_median():
     assert medians[0].keys() == medians[1].keys() == {"mu", "spread"}
     for name in medians[1]:
         np.testing.assert_allclose(medians[0][name], medians[1][name], rtol=1e-12, err_msg=name)
+
+
+def test_full_rank_normal_is_automultivariatenormal_with_a_compiled_set_up():
+    """FullRankNormal against numpyro's AutoMultivariateNormal on the same program and key: the same start
+    (vector layout in the program's order), and at other parameters the same draws and densities of every
+    site (the Jacobian terms included), posterior draws with the deterministic site, q and the median."""
+    ours, theirs = FullRankNormal(program, init_loc_fn=init_to_sample), AutoMultivariateNormal(program, init_loc_fn=init_to_sample)
+    svi_a, state_a = _init(ours)
+    svi_b, state_b = _init(theirs)
+    params_a, params_b = svi_a.get_params(state_a), svi_b.get_params(state_b)
+    assert params_a.keys() == params_b.keys() == {"auto_loc", "auto_scale_tril"}
+    for name in params_a:
+        np.testing.assert_allclose(params_a[name], params_b[name], rtol=1e-12, atol=1e-12, err_msg=name)
+    n = params_b["auto_loc"].shape[0]
+    vector = np.arange(n, dtype=float)  # the layout: numpyro's unpacking of any vector
+    layout_a, layout_b = ours.unpack_latent(vector), theirs._unpack_latent(vector)
+    assert list(layout_a) == list(layout_b)
+    for name in layout_b:
+        np.testing.assert_array_equal(layout_a[name], layout_b[name], err_msg=name)
+    moved = {"auto_loc": params_b["auto_loc"] + 0.1 * np.arange(n),
+             "auto_scale_tril": 1.5 * params_b["auto_scale_tril"] + 0.05 * np.tril(np.ones((n, n)), -1)}
+    draw = lambda g: handlers.trace(handlers.substitute(handlers.seed(g, 3), data=moved)).get_trace(Y)  # noqa: E731
+    tr_a, tr_b = draw(ours), draw(theirs)
+    sites = [k for k, s in tr_b.items() if s["type"] == "sample"]
+    assert [k for k, s in tr_a.items() if s["type"] == "sample"] == sites and "_auto_latent" in sites
+    for name in sites:
+        np.testing.assert_allclose(tr_a[name]["value"], tr_b[name]["value"], rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(tr_a[name]["fn"].log_prob(tr_a[name]["value"]), tr_b[name]["fn"].log_prob(tr_b[name]["value"]),
+                                   rtol=1e-12, err_msg=name)
+    post_a = ours.sample_posterior(jax.random.PRNGKey(5), moved, sample_shape=(3,))
+    post_b = theirs.sample_posterior(jax.random.PRNGKey(5), moved, sample_shape=(3,))
+    assert post_a.keys() == post_b.keys() and "cov" in post_a
+    for name in post_b:
+        np.testing.assert_allclose(post_a[name], post_b[name], rtol=1e-12, err_msg=name)
+    q_a, q_b = ours.get_posterior(moved), theirs.get_posterior(moved)
+    np.testing.assert_allclose(q_a.scale_tril, q_b.scale_tril, rtol=1e-12)
+    median_b = theirs._unpack_and_constrain(moved["auto_loc"], moved)  # numpyro's constrained loc
+    median_a = ours.median(moved)
+    assert median_a.keys() == median_b.keys()
+    for name in median_b:
+        np.testing.assert_allclose(median_a[name], median_b[name], rtol=1e-12, err_msg=name)
+
+
+def test_full_rank_normal_refuses_a_subsampled_plate():
+    def subsampled(y):
+        with numpyro.plate("group", 10, subsample_size=4):
+            numpyro.sample("offset", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="subsampled"):
+        handlers.seed(FullRankNormal(subsampled).set_up, 0)(Y)

@@ -5,7 +5,7 @@ the drift f(x) = sum_j pi_j(x) (A_j (x - c_j) + e_j) is linear in the weights w_
 and the Euler increments are Gaussian in them, so p(A, e | x, theta) is Gaussian with the closed form of
 :mod:`ppl_switch.ops.conjugate_drift` (the conjugacy the paper's variational EM uses for q(u)).
 
-:class:`ConjugateWeightsGuide` draws theta from a joint normal (AutoMultivariateNormal with A, e and x
+:class:`ConjugateWeightsGuide` draws theta from a joint normal (FullRankNormal with A, e and x
 hidden), x from the Gauss–Markov path chain, and then the weights from that *exact* conditional, with its
 full (D x D, D = J (K+1)) covariance. Because q(w | x, theta) = p(w | x, theta), the ELBO's terms in w
 cancel for every draw:

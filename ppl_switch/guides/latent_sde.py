@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 from numpyro.distributions import constraints
-from numpyro.infer.autoguide import AutoMultivariateNormal
 
 from ppl_switch.data import SequenceData
+from ppl_switch.guides.full_rank import FullRankNormal
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.ops.sde import affine_recursion
@@ -34,7 +34,9 @@ class SDEPathChain(GaussMarkovChain):
 
 
 class LatentSDEGuide:
-    """AutoMultivariateNormal over all parameters (x hidden from it) and, per trial, the paper's q(x):
+    """A full-rank normal over all parameters (:class:`~ppl_switch.guides.full_rank.FullRankNormal`:
+    AutoMultivariateNormal's family, parameters and start, set up by one compiled program; x hidden from it)
+    and, per trial, the paper's q(x):
     x_{t+1} = (I - dt A_t) x_t + g_t + sqrt(dt) L_t eps, x_0 ~ N(mbar_0, L_0 L_0').
 
     The offsets are parameterised through the guide's mean path mbar (so that Adam's step size is in
@@ -73,11 +75,17 @@ class LatentSDEGuide:
             values = {} if self.init_values is None else model.path_start_parameters(self.init_values["x"])
         else:
             values = {k: v for k, v in self.init_values.items() if k not in self.HIDDEN_SITES}
-        self.parameter_guide = AutoMultivariateNormal(
+        self.parameter_guide = FullRankNormal(
             parameter_program(self._visible_program(), self.HIDDEN_SITES, self.init_values),
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = type(self).__name__
+
+    def set_up(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """Set the parameter block up (its start) before a compiled ``svi.init`` traces this guide; inside a
+        seeded handler, with the key its first draw in ``__call__`` would get."""
+        if self.parameter_guide.sites is None:
+            self.parameter_guide.set_up(data, record_log_lik=record_log_lik)
 
     def _visible_program(self):
         """The program the parameter guide sets itself up on, before the hidden sites are blocked
