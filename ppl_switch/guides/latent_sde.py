@@ -19,6 +19,7 @@ from ppl_switch.data import SequenceData
 from ppl_switch.guides.full_rank import FullRankNormal
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
+from ppl_switch.guides.path_guide import ParameterBlockSetUp
 from ppl_switch.ops.sde import affine_recursion
 
 __all__ = ["LatentSDEGuide", "SDEPathChain"]
@@ -33,7 +34,7 @@ class SDEPathChain(GaussMarkovChain):
         return affine_recursion(x0, self.transition_matrices, h)
 
 
-class LatentSDEGuide:
+class LatentSDEGuide(ParameterBlockSetUp):
     """A full-rank normal over all parameters (:class:`~ppl_switch.guides.full_rank.FullRankNormal`:
     AutoMultivariateNormal's family, parameters and start, set up by one compiled program; x hidden from it)
     and, per trial, the paper's q(x):
@@ -80,12 +81,6 @@ class LatentSDEGuide:
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale
         )
         self.__name__ = type(self).__name__
-
-    def set_up(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
-        """Set the parameter block up (its start) before a compiled ``svi.init`` traces this guide; inside a
-        seeded handler, with the key its first draw in ``__call__`` would get."""
-        if self.parameter_guide.sites is None:
-            self.parameter_guide.set_up(data, record_log_lik=record_log_lik)
 
     def _visible_program(self):
         """The program the parameter guide sets itself up on, before the hidden sites are blocked

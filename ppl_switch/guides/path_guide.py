@@ -21,10 +21,22 @@ from ppl_switch.guides.gauss_markov import GaussMarkovChain, gauss_markov_chain
 from ppl_switch.guides.init import init_to_values_then_median, parameter_program
 from ppl_switch.guides.mean_field import MeanFieldNormal
 
-__all__ = ["PathGuide", "SLDSGuide", "CLDSPathGuide"]
+__all__ = ["ParameterBlockSetUp", "PathGuide", "SLDSGuide", "CLDSPathGuide"]
 
 
-class PathGuide:
+class ParameterBlockSetUp:
+    """A guide whose parameters are drawn by ``self.parameter_guide`` (a compiled-set-up
+    :class:`~ppl_switch.guides.mean_field.MeanFieldNormal` or its full-rank form) and whose other parameters need
+    no start search: ``fit_svi`` sets the block up eagerly and then compiles the rest of ``svi.init``."""
+
+    def set_up(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """Set the parameter block up (its start) before a compiled ``svi.init`` traces this guide; inside a
+        seeded handler, with the key its first draw in ``__call__`` would get."""
+        if self.parameter_guide.sites is None:
+            self.parameter_guide.set_up(data, record_log_lik=record_log_lik)
+
+
+class PathGuide(ParameterBlockSetUp):
     """A mean-field normal over the parameters and a Gauss–Markov chain over ``path_site``; called with the program's
     signature.
 
@@ -64,12 +76,6 @@ class PathGuide:
             init_loc_fn=init_to_values_then_median(values), init_scale=self.init_scale,
         )
         self.__name__ = type(self).__name__
-
-    def set_up(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
-        """Set the parameter block up (its start) before a compiled ``svi.init`` traces this guide; inside a
-        seeded handler, with the key its first draw in ``__call__`` would get."""
-        if self.parameter_guide.sites is None:
-            self.parameter_guide.set_up(data, record_log_lik=record_log_lik)
 
     def __call__(self, data: SequenceData, *, record_log_lik: bool = False):
         out = self.parameter_guide(data, record_log_lik=record_log_lik)

@@ -138,8 +138,9 @@ def fit_nuts(
             gets a warning that R-hat is not available).
         chain_method: "sequential" (default: the chains one after another in one compiled program,
             start included (:func:`_chains_in_one_program`); measured faster than "vectorized" on a 2-core
-            CPU for a small HMM, 45-72 s against 61-117 s for 2 chains x 600 steps, since vectorized chains
-            step in lockstep through the larger of their trees; README "Fitting your own data"), "vectorized"
+            CPU for a small HMM, 7.9-9.1 s against 14.2-34.4 s for 2 chains x 600 steps, compiling included;
+            vectorized chains also step in lockstep through the larger of their trees; README "Fitting your
+            own data"), "vectorized"
             or "parallel" (one device per chain: the choice on a GPU or several devices). On a CPU, "parallel" needs one XLA device
             per chain, set before JAX's first computation (e.g. ``numpyro.set_host_device_count(num_chains)``
             at the top of the script); with fewer devices numpyro runs the chains one after another.

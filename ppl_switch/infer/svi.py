@@ -27,8 +27,7 @@ from ppl_switch.compile_cache import CompiledCache, labelled_model_key, model_ke
 from ppl_switch.infer.draws import draws_from_guide
 from ppl_switch.errors import FitError
 from ppl_switch.guides.mean_field import MeanFieldNormal
-from ppl_switch.guides.latent_sde import LatentSDEGuide
-from ppl_switch.guides.path_guide import PathGuide
+from ppl_switch.guides.path_guide import ParameterBlockSetUp
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import (
     check_float,
@@ -134,8 +133,8 @@ def _set_up_as_svi_init_would(guide, key, data) -> None:
 
 
 def _compiled_path_guide_init(svi: SVI, guide, key, data):
-    """``svi.init(key, data)`` compiled for a path guide (a :class:`PathGuide` or a
-    :class:`~ppl_switch.guides.latent_sde.LatentSDEGuide`): its parameter block is set up first
+    """``svi.init(key, data)`` compiled for a guide with a compiled-set-up parameter block
+    (:class:`~ppl_switch.guides.path_guide.ParameterBlockSetUp`: the path guides, the latent-SDE guide): the block is set up first
     (:func:`_set_up_as_svi_init_would`), then the rest of the init (the guide's parameters, the program, the
     optimiser's state) is one program instead of a few hundred eager operations. The set-up's start is a
     constant of that program, so it is compiled afresh per fit (these guides are built per data set)."""
@@ -309,7 +308,7 @@ def fit_svi(
             # the sharded fit's svi runs the masked program: another init program, another key
             init_key = None if cache_key is None else cache_key[:3] + cache_key[6:] + ("init", mesh is not None)
             state = _compiled_init(svi, guide, key_init, dev, init_key)
-        elif isinstance(guide, (PathGuide, LatentSDEGuide)):
+        elif isinstance(guide, ParameterBlockSetUp):
             state = _compiled_path_guide_init(svi, guide, key_init, dev)
         else:
             state = svi.init(key_init, dev)
