@@ -4,6 +4,7 @@
     python benchmarks/first_fit.py clds --x64
     python benchmarks/first_fit.py hmm --runner nuts    # fit_nuts' defaults (2 chains, "sequential"), 20 + 20 steps
     python benchmarks/first_fit.py hmm --runner nuts --num-chains 1
+    python benchmarks/first_fit.py slds --programs 5    # also the 5 programs that took longest to compile
 
 Prints the wall seconds of the runner (after imports and the simulation), how many XLA compilations it made
 and their seconds (JAX's ``backend_compile_duration`` events), and the first and last loss (SVI) or the
@@ -36,14 +37,15 @@ def main() -> None:
     parser.add_argument("--x64", action="store_true", help="float64 (the conformance suite's precision)")
     parser.add_argument("--runner", choices=("svi", "nuts"), default="svi")
     parser.add_argument("--num-chains", type=int, default=DEFAULT_NUM_CHAINS, help="NUTS chains")
+    parser.add_argument("--programs", type=int, default=0, help="list the N programs that took longest to compile")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", args.x64)
     cls = MODELS[args.model]
     model = cls(**(cls.example_config or {}))
     data, _ = model.simulate(jax.random.PRNGKey(0), 2, 12)
-    compiles = []
+    compiles = []  # (seconds, program name)
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **_: compiles.append(duration) if event == _COMPILE else None)
+        lambda event, duration, fun_name="", **_: compiles.append((duration, fun_name)) if event == _COMPILE else None)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 20 steps: "still moving" (SVI), R-hat and ESS (NUTS) are expected
@@ -57,7 +59,9 @@ def main() -> None:
             numbers = f"{args.num_chains} chain(s), mean log density per chain {[round(float(v), 3) for v in lp.mean(1)]}"
     wall = time.perf_counter() - start
     print(f"{args.model} ({'float64' if args.x64 else 'float32'}, jax {jax.__version__}): first fit_{args.runner} "
-          f"{wall:.1f} s; {len(compiles)} XLA compilations, {sum(compiles):.1f} s; {numbers}")
+          f"{wall:.1f} s; {len(compiles)} XLA compilations, {sum(t for t, _ in compiles):.1f} s; {numbers}")
+    for seconds, name in sorted(compiles, reverse=True)[:args.programs]:
+        print(f"  {seconds:6.2f} s  {name}")
 
 
 if __name__ == "__main__":

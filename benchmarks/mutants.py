@@ -432,6 +432,30 @@ MUTANTS = [
         ("tests/test_mean_field_guide.py", "-k", "full_rank"),
         "q's density of a constrained site off by twice its log |det J|: a biased ELBO",
     ),
+    Mutant(
+        "one NUTS chain started op by op again",
+        "ppl_switch/infer/nuts.py",
+        "    mcmc = _OneProgramMCMC(",
+        "    mcmc = MCMC(",
+        ("tests/test_infer.py", "-k", "one_program"),
+        "numpyro's own one-chain run: the same draws, its start op by op and its loop lowered as a program of its own",
+    ),
+    Mutant(
+        "the guide's first try draws with the search's other key",
+        "ppl_switch/guides/mean_field.py",
+        "                _, try_key = jax.random.split(key)",
+        "                try_key, _ = jax.random.split(key)",
+        ("tests/test_mean_field_guide.py", "-k", "autonormal or failed_first"),
+        "a start numpyro's search never draws: not AutoNormal's start, and not where an eager set-up starts",
+    ),
+    Mutant(
+        "a failed first try kept as the start",
+        "ppl_switch/guides/mean_field.py",
+        "            locs, valid = search(rng_key, args, arrays)",
+        "            pass",
+        ("tests/test_mean_field_guide.py", "-k", "failed_first"),
+        "a start without a finite density refused instead of searched further: a fit that numpyro starts fails",
+    ),
 ]
 
 

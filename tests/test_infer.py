@@ -515,16 +515,17 @@ def test_nuts_same_seed_same_draws_and_init_params():
         fit_nuts(model, y, target_accept=1.5, **kw)
 
 
-def test_sequential_chains_run_in_one_program_with_numpyros_draws():
+@pytest.mark.parametrize("num_chains", [1, 3])
+def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains):
     """fit_nuts' default "sequential" runs the chains one after another in one compiled program, start
-    included: numpyro's sampling loop is never lowered as a program of its own (numpyro's own sequential mode
-    lowered and compiled it once per chain, after starting each chain op by op), and the draws are those of
-    numpyro's own sequential MCMC with the same key."""
+    included, one chain too: numpyro's sampling loop is never lowered as a program of its own (numpyro's own
+    sequential mode lowered and compiled it once per chain, after starting each chain op by op), and the draws
+    are those of numpyro's own MCMC with the same key."""
     from numpyro.infer import MCMC, NUTS
 
     y, _, _ = gaussian_data(num_trials=1, num_steps=20)
     model = ToyGaussian()
-    kw = dict(num_warmup=15, num_samples=10, num_chains=3)
+    kw = dict(num_warmup=15, num_samples=10, num_chains=num_chains)
     lowered = []  # top-level programs lowered to XLA (also when the persistent cache then has them)
 
     def listener(event, duration, fun_name="", **_):

@@ -76,6 +76,30 @@ def test_a_start_with_no_finite_density_raises():
         svi.init(jax.random.PRNGKey(0), jnp.array([-1.0]))
 
 
+def sometimes_valid(y):
+    """Half of the prior's draws give no finite density."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+    numpyro.factor("keep_positive", jnp.where(mu[0] > 0, 0.0, -jnp.inf))
+    numpyro.sample("y", dist.Normal(mu[1], 1.0), obs=y)
+
+
+@pytest.mark.parametrize("strategy", [init_to_sample, init_to_median(num_samples=15)], ids=["sample", "median"])
+def test_a_failed_first_try_goes_on_with_numpyros_search(strategy):
+    """The set-up's straight-line first try is numpyro's first try: where it fails, the whole search runs and
+    the start is AutoNormal's (a later try); where it succeeds, the same."""
+    first_try, _, _ = MeanFieldNormal(sometimes_valid, init_loc_fn=strategy)._compile_set_up(())
+    outcomes = {}
+    for seed in range(12):
+        ours, theirs = MeanFieldNormal(sometimes_valid, init_loc_fn=strategy), AutoNormal(sometimes_valid, init_loc_fn=strategy)
+        handlers.seed(ours.set_up, seed)(Y)
+        handlers.seed(theirs._setup_prototype, seed)(Y)  # numpyro's start search, op by op
+        np.testing.assert_allclose(ours.init_locs["mu"], theirs._init_locs["mu"], rtol=1e-12, err_msg=str(seed))
+        assert theirs._init_locs["mu"][0] > 0
+        key = handlers.seed(numpyro.prng_key, seed)()  # the key each set-up drew
+        outcomes[seed] = bool(first_try(key, (Y,), {})[1])
+    assert not all(outcomes.values()) and any(outcomes.values()), outcomes  # both paths were taken
+
+
 def _count_traces(fn):
     seen = []
 

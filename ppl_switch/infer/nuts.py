@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any, Mapping, Optional
 
 import jax
@@ -37,6 +38,21 @@ def _chains_in_one_program(single_chain):
     equal numpyro's sequential mode's (tests/test_infer.py, float64); two compilations of it differ in the last
     bits, which a chain can amplify over many steps (seen in float32, and after ~10 float64 draws of an SLDS)."""
     return lambda per_chain_args: jax.lax.map(single_chain, per_chain_args)
+
+
+class _OneProgramMCMC(MCMC):
+    """numpyro's MCMC whose single chain also runs as one compiled program, start included: numpyro runs one
+    chain without the chain method, starting it op by op (hundreds of eager compilations). Here the chain runs
+    through the same ``jax.lax.map`` as several (over a leading axis of one), with numpyro's key and start, so
+    its draws are numpyro's one-chain draws."""
+
+    def _single_chain_mcmc(self, init, args, kwargs, collect_fields, remove_sites):
+        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program:
+            return super()._single_chain_mcmc(init, args, kwargs, collect_fields, remove_sites)
+        one_chain = partial(super()._single_chain_mcmc, args=args, kwargs=kwargs, collect_fields=collect_fields,
+                            remove_sites=remove_sites)
+        chains = jax.lax.map(one_chain, jax.tree.map(lambda x: x[None], init))
+        return jax.tree.map(lambda x: x[0], chains)
 
 
 def _sample_stats(extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -209,12 +225,11 @@ def fit_nuts(
     if init_params is not None:
         # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
         kwargs["init_strategy"] = init_to_value(values={k: jnp.asarray(v) for k, v in init_params.items()})
-    mcmc = MCMC(
+    mcmc = _OneProgramMCMC(
         NUTS(model.program, **kwargs),
         num_warmup=num_warmup,
         num_samples=num_samples,
         num_chains=num_chains,
-        # numpyro runs one chain by itself, without the chain method
         chain_method=_chains_in_one_program if chain_method == "sequential" else chain_method,
         progress_bar=progress_bar,
     )

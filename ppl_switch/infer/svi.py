@@ -336,7 +336,9 @@ def fit_svi(
     if int(fail_step) >= 0:
         _raise_fit_error(svi, model, guide, state, run_dev, int(fail_step), losses, num_particles)
 
-    params = svi.get_params(state)
+    # one program (op by op, each constraint costs compilations), once per runner key
+    get_params = _RUNNERS.get_or_make(None if cache_key is None else cache_key + ("get_params",), lambda: jax.jit(svi.get_params))
+    params = get_params(state)
     if mesh is not None:  # back to the host: draws and per-trial outputs use the unpadded data
         params = jax.device_get(params)
     names = posterior_site_names(model, dev)
