@@ -456,6 +456,14 @@ MUTANTS = [
         ("tests/test_mean_field_guide.py", "-k", "failed_first"),
         "a start without a finite density refused instead of searched further: a fit that numpyro starts fails",
     ),
+    Mutant(
+        "the Laplace sites in the jitted dict's sorted order",
+        "ppl_switch/infer/joint_laplace.py",
+        "    unpacked = {name: unpacked[name] for name in supports}",
+        "    pass",
+        ("tests/test_joint_laplace.py", "-k", "dense_joint"),
+        "the guide's covariance read with another site layout: the mean-field comparison of the Laplace posterior wrong",
+    ),
 ]
 
 
