@@ -8,8 +8,8 @@ the same numbers up to rounding.
 What differs is the set-up. ``AutoNormal`` finds its start (numpyro's ``initialize_model``: the init strategy's
 prior draws, then the potential energy and its gradient to check them) by running the program op by op, and
 each operation is one XLA compilation per shape (33-36 ms each on jax 0.9.2): 21-27 s of a first SVI fit of
-an HMM or SLDS (benchmarks/results.md, session of 2026-12-07). Here the same computation is one jitted
-program. The structure the guide needs later (sites, event dims, supports, plates) is read off that trace as
+an HMM or SLDS (benchmarks/results.md, session of 2026-12-07). Here the same computation is jitted: its first
+try as straight-line code, numpyro's whole search only when that try fails (``_compile_set_up``). The structure the guide needs later (sites, event dims, supports, plates) is read off that trace as
 static Python values, so nothing traced is kept on the guide.
 """
 
@@ -32,19 +32,19 @@ from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
 
 from ppl_switch.compile_cache import CompiledCache, shapes_key
 
-__all__ = ["MeanFieldNormal"]
+__all__ = ["MeanFieldNormal", "holds_tracer"]
 
 #: compiled set-ups and medians by (cache_key, ["median",] argument shapes)
 _SET_UPS = CompiledCache("mean-field guide set-ups and medians")
 
 
-def _holds_tracer(obj: Any) -> bool:
+def holds_tracer(obj: Any) -> bool:
     """Whether a constraint object holds a traced array (e.g. an interval with data-dependent bounds)."""
     if isinstance(obj, jax.core.Tracer):
         return True
     if isinstance(obj, (list, tuple)):
-        return any(_holds_tracer(o) for o in obj)
-    return isinstance(obj, constraints.Constraint) and any(_holds_tracer(v) for v in vars(obj).values())
+        return any(holds_tracer(o) for o in obj)
+    return isinstance(obj, constraints.Constraint) and any(holds_tracer(v) for v in vars(obj).values())
 
 
 def _split_static(kwargs: dict) -> tuple[dict, tuple]:
@@ -108,11 +108,11 @@ class MeanFieldNormal:
         key = None if self.cache_key is None else (self.cache_key, static, shapes_key((args, arrays)))
         first_try, search, structure = _SET_UPS.get_or_make(key, lambda: self._compile_set_up(static))
         locs, valid = first_try(rng_key, args, arrays)
-        if not bool(valid):
+        if not bool(valid) and search is not first_try:
             locs, valid = search(rng_key, args, arrays)
         if not bool(valid):
             raise RuntimeError("Cannot find valid initial parameters. Please check your model again.")
-        traced = [name for name, _, support, _ in structure["sites"] if _holds_tracer(support)]
+        traced = [name for name, _, support, _ in structure["sites"] if holds_tracer(support)]
         if traced:
             raise ValueError(f"MeanFieldNormal: the support of {traced} depends on traced values; use "
                              "numpyro.infer.autoguide.AutoNormal for this program")
@@ -128,7 +128,8 @@ class MeanFieldNormal:
         The search is numpyro's ``initialize_model``: draws from the init strategy until the potential energy
         and its gradient are finite, at most 100 tries, in a while loop. The first try is the same computation
         with the same keys, written out as straight-line code: it compiles in about 60% of the loop's time
-        (the HMM's start 7.9 -> 5.1 s, the SLDS's 12.8 -> 8.9 s, benchmarks/results.md) and almost always
+        (the HMM's set-up 8.33 -> 4.28 s, the SLDS's 11.28 -> 9.70 s: ``benchmarks/first_fit.py MODEL --programs``,
+        benchmarks/results.md) and almost always
         succeeds; the loop is compiled only when it does not. Strategies that numpyro's search treats
         specially (uniform draws in the unconstrained space, fixed values) and discrete latent sites always
         take the whole search."""
@@ -155,7 +156,8 @@ class MeanFieldNormal:
 
         strategy = self.init_loc_fn if isinstance(self.init_loc_fn, partial) else self.init_loc_fn()
         if strategy.func in (init_to_uniform, init_to_value):
-            return jax.jit(search), jax.jit(search), structure
+            searched = jax.jit(search)
+            return searched, searched, structure  # set_up runs it once
 
         def first_try(key, args, kwargs):
             kwargs = {**kwargs, **dict(static)}

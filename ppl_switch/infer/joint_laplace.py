@@ -36,6 +36,7 @@ from numpyro.distributions import biject_to
 from numpyro.infer.util import potential_energy
 
 from ppl_switch.data import SequenceData, check_positive_int
+from ppl_switch.guides.mean_field import holds_tracer
 from ppl_switch.ops.switching import chain_forward, chain_solve
 
 __all__ = ["LaplaceParameterPosterior", "laplace_parameter_posterior", "block_tridiagonal_hessian",
@@ -234,7 +235,7 @@ def unconstrained_fit(model, guide, params, data):
 
     x_hat, unpacked, covariance = jax.jit(arrays)(params, data)
     unpacked = {name: unpacked[name] for name in supports}
-    if any(isinstance(v, jax.core.Tracer) for support in supports.values() for v in vars(support).values()):
+    if any(holds_tracer(support) for support in supports.values()):
         raise ValueError(f"unconstrained_fit: a prior's support depends on traced values ({supports})")
     return x_hat, unpacked, supports, covariance
 
