@@ -441,6 +441,14 @@ MUTANTS = [
         "numpyro's own one-chain run: the same draws, its start op by op and its loop lowered as a program of its own",
     ),
     Mutant(
+        "one chain in one program under a progress bar",
+        "ppl_switch/infer/nuts.py",
+        "        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program or self.progress_bar:",
+        "        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program:",
+        ("tests/test_infer.py", "-k", "one_program"),
+        "numpyro's one-chain progress bar inside a compiled program: fit_nuts(num_chains=1) fails at the CLI's default",
+    ),
+    Mutant(
         "the guide's first try draws with the search's other key",
         "ppl_switch/guides/mean_field.py",
         "                _, try_key = jax.random.split(key)",

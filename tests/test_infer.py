@@ -544,6 +544,10 @@ def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains):
     assert set(ours.samples) <= set(theirs)
     for name in ours.samples:
         np.testing.assert_allclose(ours.samples[name], theirs[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    # with a progress bar (the CLI's default) too: one chain then runs numpyro's own way, the same draws
+    shown = fit_nuts(model, y, seed=4, progress_bar=True, **kw)
+    for name in ours.samples:
+        np.testing.assert_allclose(shown.samples[name], ours.samples[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 PARALLEL_CHAINS_SCRIPT = """

@@ -44,10 +44,11 @@ class _OneProgramMCMC(MCMC):
     """numpyro's MCMC whose single chain also runs as one compiled program, start included: numpyro runs one
     chain without the chain method, starting it op by op (hundreds of eager compilations). Here the chain runs
     through the same ``jax.lax.map`` as several (over a leading axis of one), with numpyro's key and start, so
-    its draws are numpyro's one-chain draws."""
+    its draws are numpyro's one-chain draws. With a progress bar numpyro's own run is kept: its one-chain bar
+    steps the loop from Python, which cannot run inside a compiled program."""
 
     def _single_chain_mcmc(self, init, args, kwargs, collect_fields, remove_sites):
-        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program:
+        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program or self.progress_bar:
             return super()._single_chain_mcmc(init, args, kwargs, collect_fields, remove_sites)
         one_chain = partial(super()._single_chain_mcmc, args=args, kwargs=kwargs, collect_fields=collect_fields,
                             remove_sites=remove_sites)
