@@ -3,7 +3,9 @@
 Used by ``benchmarks/kernels.py`` (which runs each implementation in its own subprocess with a time-out).
 Every kernel is a function ``(initial (K,), transition (K, K), log_likelihoods (T, K))`` returning the
 same outputs on both sides: the filters (log normaliser, filtered and predicted probabilities), the
-smoothers (log normaliser, smoothed marginals), so neither side pays for outputs the other skips.
+smoothers (log normaliser, smoothed marginals), so neither side pays for outputs the other skips, and
+``log_normalizer_grad`` the gradient of the filter's log normaliser with respect to the transition matrix and
+the log-likelihoods: what every SVI step or NUTS leapfrog step of an HMM-based model computes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def kernels(impl: str) -> dict[str, Callable]:
         return {
             "filter": lambda p, A, ll: tuple(ops_hmm.hmm_filter(p, A, ll, parallel=parallel)),
             "smoother": lambda p, A, ll: ops_hmm.hmm_smoother(p, A, ll, parallel=parallel)[::2],
+            "log_normalizer_grad": _gradient(lambda p, A, ll: ops_hmm.hmm_filter(p, A, ll, parallel=parallel)[0]),
         }
     if impl == "dynamax_seq":
         from dynamax.hidden_markov_model import inference as dx
@@ -50,4 +53,10 @@ def kernels(impl: str) -> dict[str, Callable]:
         post = dx.hmm_smoother(p, A, ll)
         return post.marginal_loglik, post.smoothed_probs
 
-    return {"filter": filter_, "smoother": smoother}
+    return {"filter": filter_, "smoother": smoother,
+            "log_normalizer_grad": _gradient(lambda p, A, ll: dx.hmm_filter(p, A, ll).marginal_loglik)}
+
+
+def _gradient(log_normalizer: Callable) -> Callable:
+    """``(p, A, ll) -> (d/dA, d/dll)`` of ``log_normalizer(p, A, ll)``."""
+    return lambda p, A, ll: jax.grad(lambda A, ll: log_normalizer(p, A, ll), argnums=(0, 1))(A, ll)

@@ -9,7 +9,7 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from ppl_switch.infer import fit_em, fit_svi
+from ppl_switch.infer import fit_em, fit_nuts, fit_svi
 from ppl_switch import compile_cache
 from ppl_switch.compile_cache import labelled_model_key, model_key
 from ppl_switch.infer.draws import Static
@@ -157,3 +157,23 @@ def test_a_model_without_a_key_gets_no_labelled_key():
     assert model_key(NoConfig(2, obs_dim=1)) is None
     assert labelled_model_key("init_to_sample", NoConfig(2, obs_dim=1)) is None
     assert NoConfig(2, obs_dim=1).default_guide().cache_key is None
+
+
+def _nuts(y, seed=0):
+    return fit_nuts(HMM(2, obs_dim=1), y, num_warmup=10, num_samples=5, seed=seed, progress_bar=False)
+
+
+def test_nuts_on_other_data_of_the_same_shapes_traces_nothing_and_samples_that_data(y):
+    """The data are arguments of the compiled NUTS run, not constants baked into it: a fit of another dataset of
+    the same shapes (another subject, session or seed) traces nothing, and its draws are those of a fit compiled
+    afresh for that dataset."""
+    first = _nuts(y)
+    other_y = _data(seed=3)
+    with count_traces() as traces:
+        other = _nuts(other_y)
+    assert len(traces) == 0, f"{len(traces)} new traces in a NUTS fit of other data of the same shapes"
+    with compile_cache.cold():
+        cold = _nuts(other_y)
+    for name in other.samples:
+        np.testing.assert_array_equal(other.samples[name], cold.samples[name], err_msg=name)
+        assert not np.array_equal(other.samples[name], first.samples[name]), name

@@ -22,6 +22,21 @@ pytestmark = pytest.mark.float64
 K, T = 3, 5
 
 
+@pytest.fixture
+def filter_layout(monkeypatch):
+    """``set_layout(predicted_from_scan)``: the sequential filter's loop layout for this test. The public kernels
+    are jitted, so their traces are dropped when the layout is set and after the test: a trace made under one
+    layout would otherwise serve the other."""
+    import ppl_switch.ops.hmm as ops_hmm
+
+    def set_layout(predicted_from_scan):
+        monkeypatch.setattr(ops_hmm, "_PREDICTED_FROM_SCAN", predicted_from_scan)
+        jax.clear_caches()
+
+    yield set_layout
+    jax.clear_caches()
+
+
 def random_hmm(seed, num_states=K, num_steps=T, time_varying=False, zeros=False):
     rng = np.random.default_rng(seed)
     initial = rng.dirichlet(np.ones(num_states))
@@ -262,17 +277,21 @@ def test_logits_entry_point_matches_and_has_stable_gradients():
     np.testing.assert_allclose(grad0, posterior0 - jax.nn.softmax(initial_logits), atol=1e-10)
 
 
-def test_impossible_step_gives_minus_inf_and_zero_marginals_not_nan():
+@pytest.mark.parametrize("time_varying", [False, True])
+@pytest.mark.parametrize("predicted_from_scan", [False, True])  # both loop layouts of the sequential filter
+def test_impossible_step_gives_minus_inf_and_zero_marginals_not_nan(predicted_from_scan, time_varying, filter_layout):
+    filter_layout(predicted_from_scan)
     # state 1 is unreachable from state 0 and step 1 rules out state 0: p(y) = 0 exactly
     initial = jnp.array([1.0, 0.0])
-    transition = jnp.eye(2)
-    ll = jnp.array([[0.0, 0.0], [-jnp.inf, 0.0], [0.0, 0.0]])
+    transition = jnp.broadcast_to(jnp.eye(2), (3, 2, 2)) if time_varying else jnp.eye(2)
+    ll = jnp.array([[0.0, 0.0], [-jnp.inf, 0.0], [0.0, 0.0], [0.0, -1.0]])
     for parallel in (False, True):
         filtered = hmm_filter(initial, transition, ll, parallel=parallel)
         smoothed = hmm_smoother(initial, transition, ll, parallel=parallel)
         assert filtered.log_normalizer == -np.inf and smoothed.log_normalizer == -np.inf
-        np.testing.assert_array_equal(filtered.filtered_probs, [[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
-        np.testing.assert_array_equal(smoothed.smoothed_probs, np.zeros((3, 2)))
+        np.testing.assert_array_equal(filtered.filtered_probs, [[1.0, 0.0]] + [[0.0, 0.0]] * 3)
+        np.testing.assert_array_equal(filtered.predicted_probs, [[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+        np.testing.assert_array_equal(smoothed.smoothed_probs, np.zeros((4, 2)))
 
 
 def test_single_step_series():
@@ -328,23 +347,36 @@ def numpy_forward(initial, transition, log_likelihoods):
         log_z += np.log(alpha.sum()) + ll_t.max()
         filtered.append(alpha / alpha.sum())
         if t + 1 < len(log_likelihoods):
-            predicted.append(filtered[-1] @ transition)
+            predicted.append(filtered[-1] @ (transition[t] if transition.ndim == 3 else transition))
     return log_z, np.stack(filtered), np.stack(predicted)
 
 
+@pytest.mark.parametrize("time_varying", [False, True])
 @pytest.mark.parametrize("predicted_from_scan", [False, True])
 @pytest.mark.parametrize("num_states", [3, 40])  # both step forms: broadcast (K <= 32) and dot
-def test_sequential_filter_step_forms_match_a_numpy_forward_pass(num_states, predicted_from_scan, monkeypatch):
-    import ppl_switch.ops.hmm as ops_hmm
-
-    monkeypatch.setattr(ops_hmm, "_PREDICTED_FROM_SCAN", predicted_from_scan)
+def test_sequential_filter_step_forms_match_a_numpy_forward_pass(num_states, predicted_from_scan, time_varying,
+                                                                  filter_layout):
+    filter_layout(predicted_from_scan)
     rng = np.random.default_rng(num_states)
-    transition = rng.random((num_states, num_states)) + 3 * np.eye(num_states)
-    transition /= transition.sum(1, keepdims=True)
+    num_steps = 30
+    transition = rng.random((num_steps - 1 if time_varying else 1, num_states, num_states)) + 3 * np.eye(num_states)
+    transition /= transition.sum(-1, keepdims=True)
+    transition = transition if time_varying else transition[0]
     initial = rng.dirichlet(np.ones(num_states))
-    ll = 2 * rng.normal(size=(30, num_states))
+    ll = 2 * rng.normal(size=(num_steps, num_states))
     log_z, filtered, predicted = numpy_forward(initial, transition, ll)
     out = hmm_filter(initial, transition, ll)
     np.testing.assert_allclose(out.log_normalizer, log_z, rtol=1e-12)
     np.testing.assert_allclose(out.filtered_probs, filtered, atol=1e-12)
     np.testing.assert_allclose(out.predicted_probs, predicted, atol=1e-12)
+
+
+@pytest.mark.parametrize("predicted_from_scan", [False, True])
+def test_a_nan_likelihood_gives_a_nan_log_normalizer_not_zeros(predicted_from_scan, filter_layout):
+    # the impossible-step clean-up must not hide a NaN from a broken emission model as a probability of 0
+    filter_layout(predicted_from_scan)
+    initial, transition, ll = random_hmm(3)
+    ll = jnp.asarray(ll).at[4, 1].set(jnp.nan)
+    out = hmm_filter(initial, transition, ll)
+    assert np.isnan(out.log_normalizer)
+    np.testing.assert_array_equal(np.isnan(out.filtered_probs).any(1), np.arange(len(ll)) >= 4)

@@ -13,6 +13,7 @@ from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.initialization import init_to_value
 
+from ppl_switch.compile_cache import CompiledCache, freeze, model_key, shapes_key
 from ppl_switch.infer.checks import chain_log_density_gap, data_scale_warnings, emit, mcmc_warnings, require_finite
 from ppl_switch.infer.fit import Fit, assemble_fit
 from ppl_switch.infer.prepare import check_float, check_int, device_data, posterior_site_names, prepare_data, set_x64
@@ -27,6 +28,9 @@ INIT_SVI_STEPS = 1000
 #: numpyro's NUTS default maximum tree depth
 MAX_TREE_DEPTH = 10
 _EXTRA_FIELDS = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "energy", "potential_energy")
+#: compiled NUTS runs by model, sampler settings and data shapes: a later fit of equally shaped data (another
+#: subject, session or seed) runs the compiled sampler again instead of compiling it again
+_RUNS = CompiledCache("NUTS runs", max_size=8)
 
 
 def _chains_in_one_program(single_chain):
@@ -163,6 +167,10 @@ def fit_nuts(
             at the top of the script); with fewer devices numpyro runs the chains one after another.
         target_accept: target acceptance probability of step-size adaptation, in (0, 1).
         seed: same seed, same draws.
+            A later fit of the same model and settings on data of the same shapes (another subject or session)
+            reuses the compiled sampler, whose arguments the data are (except with chain_method "parallel", and
+            where a progress bar is shown: numpyro steps a bar's loop from Python; several "sequential" chains
+            run without one).
         init_params: optional ``{site: value}`` in the constrained space to start every chain from
             (``init_to_value``); sites not given start as ``init`` says.
         init: "prior" (numpyro's default: uniform in (-2, 2) in the unconstrained space, a different
@@ -222,26 +230,25 @@ def fit_nuts(
     if init == "svi":
         init_params = {**_svi_start(model, data, seed, names), **(init_params or {})}
 
-    kwargs = {"target_accept_prob": target_accept, "dense_mass": dense_mass, "max_tree_depth": max_tree_depth}
-    if init_params is not None:
-        # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
-        kwargs["init_strategy"] = init_to_value(values={k: jnp.asarray(v) for k, v in init_params.items()})
-    mcmc = _OneProgramMCMC(
-        NUTS(model.program, **kwargs),
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        chain_method=_chains_in_one_program if chain_method == "sequential" else chain_method,
-        progress_bar=progress_bar,
-    )
+    kernel = {"target_accept_prob": target_accept, "dense_mass": dense_mass, "max_tree_depth": max_tree_depth}
+    # numpyro turns its bar off for several chains in one program (a callable chain method) with a warning that
+    # would only puzzle a user: it is not asked for there
+    shows_bar = bool(progress_bar) and not (chain_method == "sequential" and num_chains > 1)
+    settings = (num_warmup, num_samples, num_chains, chain_method, shows_bar)
+    run = _sampler_run(model.program, kernel, *settings)
+    # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
+    init_values = None if init_params is None else {k: jnp.asarray(v) for k, v in init_params.items()}
+    # the whole run as one compiled program, kept for the next dataset of these shapes (a second fit 5.7 -> 0.6 s,
+    # benchmarks/results.md); not for "parallel" (numpyro's pmap places the chains) nor under a bar (numpyro's
+    # bar steps the loop from Python)
+    if chain_method != "parallel" and not shows_bar:
+        mkey = model_key(model)
+        cache_key = None if mkey is None else (
+            (mkey, freeze(kernel)) + settings + shapes_key((dev, init_values)))
+        run = _RUNS.get_or_make(cache_key, lambda: jax.jit(run))
     key_run, key_post = jax.random.split(jax.random.PRNGKey(seed))
-    with warnings.catch_warnings():
-        # numpyro warns when there are fewer devices than chains and falls back to sequential
-        warnings.filterwarnings("ignore", message="There are not enough devices")
-        mcmc.run(key_run, dev, extra_fields=_EXTRA_FIELDS)
-    draws = mcmc.get_samples(group_by_chain=True)
+    draws, extra = run(key_run, dev, init_values)
     samples = {name: np.asarray(draws[name]) for name in names if name in draws}
-    extra = mcmc.get_extra_fields(group_by_chain=True)
     require_finite("NUTS draws", samples, hint="Check the priors/constraints of these sites, or try x64=True.")
     require_finite("NUTS log density", {"potential_energy": extra["potential_energy"]},
                    hint="The model's log density is not finite at the draws; check its likelihood and priors.")
@@ -282,6 +289,34 @@ def fit_nuts(
     fit.warnings = found + fit.warnings + chains  # in the order they were emitted
     emit(chains)
     return fit
+
+
+def _sampler_run(program, kernel: Mapping[str, Any], num_warmup: int, num_samples: int, num_chains: int,
+                 chain_method: str, progress_bar: bool):
+    """``run(key, data, init_values) -> (draws, extra)``: numpyro's NUTS over ``program`` with these settings;
+    ``init_values`` None or ``{site: constrained value}`` (every chain starts there, ``init_to_value``); ``draws``
+    ``{site: (chain, draw, ...)}`` and ``extra`` ``{field: (chain, draw)}`` (``_EXTRA_FIELDS``). The data and the
+    start are arguments, so that ``jax.jit(run)`` serves every dataset of the same shapes."""
+
+    def run(key, data, init_values):
+        kwargs = dict(kernel)
+        if init_values is not None:
+            kwargs["init_strategy"] = init_to_value(values=init_values)
+        mcmc = _OneProgramMCMC(
+            NUTS(program, **kwargs),
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            chain_method=_chains_in_one_program if chain_method == "sequential" else chain_method,
+            progress_bar=progress_bar,
+        )
+        with warnings.catch_warnings():
+            # numpyro warns when there are fewer devices than chains and falls back to sequential
+            warnings.filterwarnings("ignore", message="There are not enough devices")
+            mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
+        return mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True)
+
+    return run
 
 
 def _chains_on_devices(devices, num_chains: int, chain_method: str) -> str:

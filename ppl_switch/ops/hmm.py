@@ -213,18 +213,35 @@ def _forward_sequential(inputs: _Inputs, lik: Array, emit_predicted: bool = Fals
     """Forward pass; returns filtered (T, K) and the per-step normalisers c (T,) (and with
     ``emit_predicted`` the predicted probabilities (T, K) too).
 
-    Without ``emit_predicted`` the scan emits only what the recursion needs: on jax < 0.12 also emitting
-    the predicted vectors costs ~2x on CPU, so :func:`hmm_filter` recomputes them afterwards there
-    (``_PREDICTED_FROM_SCAN``).
+    The step divides plainly (no guard for c = 0): XLA's CPU backend keeps a plain division fused with the sum
+    that made c, and a guard in the loop cost 1.3-2x (benchmarks/results.md, "HMM sequential filter: the
+    division"). An impossible step (c = 0) then gives 0/0 = NaN, which the next steps carry on; afterwards
+    :func:`_zero_after_impossible_step` turns those NaNs into the zeros the recursion means there.
+
+    Two loop layouts, by which one XLA runs faster (``_PREDICTED_FROM_SCAN``): on jax >= 0.12 the loop carries
+    the predicted vector from step 0 and emits it; on older jax it carries the filtered vector from step 1,
+    emits only what the recursion needs, and :func:`hmm_filter` recomputes the predicted vectors after the loop
+    (emitting them cost ~2x there).
     """
     A = inputs.transition
+    if emit_predicted and not inputs.time_varying:
+
+        def predict_step(predicted, lik_t):
+            alpha = predicted * lik_t
+            c = alpha.sum()
+            filtered = alpha / c
+            return _row_times_matrix(filtered, A), (filtered, c, predicted)
+
+        _, (filtered, c, predicted) = lax.scan(predict_step, inputs.initial, lik, unroll=_SCAN_UNROLL)
+        c, filtered, predicted = _zero_after_impossible_step(c, filtered, predicted)
+        return filtered, c, predicted
 
     def step(filtered_prev, xs):
         lik_t, A_prev = xs if inputs.time_varying else (xs, A)
         predicted = _row_times_matrix(filtered_prev, A_prev)
         alpha = predicted * lik_t
         c = alpha.sum()
-        filtered = _normalise_step(alpha, c)
+        filtered = alpha / c
         return filtered, ((filtered, c, predicted) if emit_predicted else (filtered, c))
 
     alpha0 = inputs.initial * lik[0]
@@ -234,8 +251,19 @@ def _forward_sequential(inputs: _Inputs, lik: Array, emit_predicted: bool = Fals
     _, out = lax.scan(step, filtered0, xs, unroll=_SCAN_UNROLL)
     filtered, c = jnp.concatenate([filtered0[None], out[0]]), jnp.concatenate([c0[None], out[1]])
     if emit_predicted:
-        return filtered, c, jnp.concatenate([inputs.initial[None], out[2]])
+        c, filtered, predicted = _zero_after_impossible_step(c, filtered, jnp.concatenate([inputs.initial[None], out[2]]))
+        return filtered, c, predicted
+    c, filtered = _zero_after_impossible_step(c, filtered)
     return filtered, c
+
+
+def _zero_after_impossible_step(c: Array, *per_step: Array):
+    """``(c, *per_step)`` with the NaNs from and after the first impossible step (c_t = 0, every reachable state
+    ruled out) set to 0: there the recursion's messages are 0 (the log normaliser is then -inf). NaNs before
+    it (a NaN likelihood) are kept. ``c`` (T,), each of ``per_step`` (T, K)."""
+    after = jnp.cumsum(c == 0) > 0
+    return (jnp.where(after & jnp.isnan(c), 0.0, c),) + tuple(
+        jnp.where(after[:, None] & jnp.isnan(x), 0.0, x) for x in per_step)
 
 
 def _predicted(inputs: _Inputs, filtered: Array) -> Array:
