@@ -238,8 +238,8 @@ def fit_nuts(
     run = _sampler_run(model.program, kernel, *settings)
     # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
     init_values = None if init_params is None else {k: jnp.asarray(v) for k, v in init_params.items()}
-    # the whole run as one compiled program, kept for the next dataset of these shapes (a second fit 5.7 -> 0.6 s,
-    # benchmarks/results.md); not for "parallel" (numpyro's pmap places the chains) nor under a bar (numpyro's
+    # the whole run as one compiled program, kept for the next dataset of these shapes (an SLDS's second dataset
+    # 10.0 -> 0.3-0.5 s, benchmarks/results.md); not for "parallel" (numpyro's pmap places the chains) nor under a bar (numpyro's
     # bar steps the loop from Python)
     if chain_method != "parallel" and not shows_bar:
         mkey = model_key(model)
