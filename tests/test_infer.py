@@ -516,11 +516,12 @@ def test_nuts_same_seed_same_draws_and_init_params():
 
 
 @pytest.mark.parametrize("num_chains", [1, 3])
-def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains):
+def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains, capsys):
     """fit_nuts' default "sequential" runs the chains one after another in one compiled program, start
     included, one chain too: numpyro's sampling loop is never lowered as a program of its own (numpyro's own
     sequential mode lowered and compiled it once per chain, after starting each chain op by op), and the draws
-    are those of numpyro's own MCMC with the same key."""
+    are those of numpyro's own MCMC with the same key. With a progress bar too (the CLI's default): the bar
+    counts every chain's steps from the compiled program's reports."""
     from numpyro.infer import MCMC, NUTS
 
     y, _, _ = gaussian_data(num_trials=1, num_steps=20)
@@ -544,10 +545,12 @@ def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains):
     assert set(ours.samples) <= set(theirs)
     for name in ours.samples:
         np.testing.assert_allclose(ours.samples[name], theirs[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    # with a progress bar (the CLI's default) too: one chain then runs numpyro's own way, the same draws
+    capsys.readouterr()
     shown = fit_nuts(model, y, seed=4, progress_bar=True, **kw)
     for name in ours.samples:
         np.testing.assert_allclose(shown.samples[name], ours.samples[name], rtol=1e-10, atol=1e-12, err_msg=name)
+    total = num_chains * (kw["num_warmup"] + kw["num_samples"])
+    assert f"{total}/{total}" in capsys.readouterr().err  # tqdm's count at the end: every step reported
 
 
 PARALLEL_CHAINS_SCRIPT = """

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
+from contextlib import contextmanager
 from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.initialization import init_to_value
@@ -33,31 +34,59 @@ _EXTRA_FIELDS = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob
 _RUNS = CompiledCache("NUTS runs", max_size=8)
 
 
+#: the bar of the NUTS run in progress (host side); the compiled run's steps report to whichever bar is here, so a
+#: compiled run kept in ``_RUNS`` reports to the bar of the fit that runs it now
+_ACTIVE_BAR: list = [None]
+
+
+def _advance_bar(steps) -> None:
+    bar = _ACTIVE_BAR[0]
+    if bar is not None:
+        bar.update(int(steps))
+
+
+class _ReportingNUTS(NUTS):
+    """numpyro's NUTS whose steps report to the host every ``report_every`` iterations (``jax.debug.callback``), so
+    that a run compiled as one program can show a progress bar. numpyro's own bar steps the loop from Python for one
+    chain (and is switched off for several chains run by a callable chain method)."""
+
+    def __init__(self, model, *, report_every: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self._report_every = report_every
+
+    def sample(self, state, model_args, model_kwargs):
+        state = super().sample(state, model_args, model_kwargs)
+        every = self._report_every
+        lax.cond(state.i % every == 0, lambda: jax.debug.callback(_advance_bar, every), lambda: None)
+        return state
+
+
+@contextmanager
+def _progress(total: int, num_chains: int, enabled: bool):
+    """A tqdm bar over ``total`` steps of every chain, active for the compiled run's reports."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    _ACTIVE_BAR[0] = tqdm(total=total, desc=f"NUTS, {num_chains} chain(s)", unit="step", leave=True)
+    try:
+        yield
+    finally:
+        _ACTIVE_BAR[0].close()
+        _ACTIVE_BAR[0] = None
+
+
 def _chains_in_one_program(single_chain):
-    """numpyro ``chain_method`` for "sequential": the chains one after another inside one compiled program
-    (``jax.lax.map`` over the chains' keys and starts), so the start, warmup and sampling compile once for
-    all chains and the start is compiled too. numpyro's own sequential mode initialises every chain op by op
-    (hundreds of eager compilations) and compiled the sampling loop once per chain: a first 2-chain fit of a
-    small HMM took 33 s there and 15 s here (benchmarks/results.md). The same algorithm and keys: the draws
-    equal numpyro's sequential mode's (tests/test_infer.py, float64); two compilations of it differ in the last
-    bits, which a chain can amplify over many steps (seen in float32, and after ~10 float64 draws of an SLDS)."""
+    """numpyro ``chain_method`` for "sequential": the chains one after another as one loop (``jax.lax.map`` over
+    the chains' keys and starts) inside the run's compiled program, so one chain's program is compiled once for all.
+    numpyro's own sequential mode loops over the chains in Python: run eagerly it started each chain op by op and
+    compiled the sampling loop once per chain (a first 2-chain fit of a small HMM took 33 s there and 15 s here,
+    benchmarks/results.md); inside a compiled run it would trace one copy of the chain per chain. The same
+    algorithm and keys: the draws equal numpyro's sequential mode's (tests/test_infer.py, float64); two
+    compilations of it differ in the last bits, which a chain can amplify over many steps (seen in float32, and
+    after ~10 float64 draws of an SLDS)."""
     return lambda per_chain_args: jax.lax.map(single_chain, per_chain_args)
-
-
-class _OneProgramMCMC(MCMC):
-    """numpyro's MCMC whose single chain also runs as one compiled program, start included: numpyro runs one
-    chain without the chain method, starting it op by op (hundreds of eager compilations). Here the chain runs
-    through the same ``jax.lax.map`` as several (over a leading axis of one), with numpyro's key and start, so
-    its draws are numpyro's one-chain draws. With a progress bar numpyro's own run is kept: its one-chain bar
-    steps the loop from Python, which cannot run inside a compiled program."""
-
-    def _single_chain_mcmc(self, init, args, kwargs, collect_fields, remove_sites):
-        if self.num_chains > 1 or self.chain_method is not _chains_in_one_program or self.progress_bar:
-            return super()._single_chain_mcmc(init, args, kwargs, collect_fields, remove_sites)
-        one_chain = partial(super()._single_chain_mcmc, args=args, kwargs=kwargs, collect_fields=collect_fields,
-                            remove_sites=remove_sites)
-        chains = jax.lax.map(one_chain, jax.tree.map(lambda x: x[None], init))
-        return jax.tree.map(lambda x: x[0], chains)
 
 
 def _sample_stats(extra: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -168,9 +197,7 @@ def fit_nuts(
         target_accept: target acceptance probability of step-size adaptation, in (0, 1).
         seed: same seed, same draws.
             A later fit of the same model and settings on data of the same shapes (another subject or session)
-            reuses the compiled sampler, whose arguments the data are (except with chain_method "parallel", and
-            where a progress bar is shown: numpyro steps a bar's loop from Python; several "sequential" chains
-            run without one).
+            reuses the compiled sampler, whose arguments the data are (not with chain_method "parallel").
         init_params: optional ``{site: value}`` in the constrained space to start every chain from
             (``init_to_value``); sites not given start as ``init`` says.
         init: "prior" (numpyro's default: uniform in (-2, 2) in the unconstrained space, a different
@@ -183,7 +210,8 @@ def fit_nuts(
             sites diagonal), e.g. ``[("dynamics_matrix", "dynamics_scales")]`` for a model's parameters
             next to a long path.
         max_tree_depth: cap on the NUTS tree depth (at most 2**max_tree_depth - 1 leapfrog steps).
-        x64, relabel, progress_bar: as in :func:`fit_svi`.
+        x64, relabel: as in :func:`fit_svi`. progress_bar: a tqdm bar over every chain's steps, fed from inside
+            the compiled run (about 100 updates per chain; with "parallel", numpyro's own bar).
         devices: None, a number of devices, a list of ``jax.Device`` or a Mesh: one chain per device,
             by numpyro's ``chain_method="parallel"`` (set for you; "vectorized" is refused). Needs
             ``len(devices) >= num_chains``, and numpyro's pmap puts chain i on ``jax.local_devices()[i]``,
@@ -231,23 +259,24 @@ def fit_nuts(
         init_params = {**_svi_start(model, data, seed, names), **(init_params or {})}
 
     kernel = {"target_accept_prob": target_accept, "dense_mass": dense_mass, "max_tree_depth": max_tree_depth}
-    # numpyro turns its bar off for several chains in one program (a callable chain method) with a warning that
-    # would only puzzle a user: it is not asked for there
-    shows_bar = bool(progress_bar) and not (chain_method == "sequential" and num_chains > 1)
-    settings = (num_warmup, num_samples, num_chains, chain_method, shows_bar)
+    # the whole run as one compiled program, kept for the next dataset of these shapes (an SLDS's second dataset
+    # 10.0 -> 0.3-0.5 s, benchmarks/results.md), its progress bar fed by the steps' reports; "parallel" runs
+    # numpyro's way (its pmap places the chains; its own bar)
+    one_program = chain_method != "parallel"
+    total_steps = num_chains * (num_warmup + num_samples)
+    report_every = max(1, total_steps // (100 * num_chains)) if (progress_bar and one_program) else 0
+    settings = (num_warmup, num_samples, num_chains, chain_method, bool(progress_bar) and not one_program, report_every)
     run = _sampler_run(model.program, kernel, *settings)
     # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
     init_values = None if init_params is None else {k: jnp.asarray(v) for k, v in init_params.items()}
-    # the whole run as one compiled program, kept for the next dataset of these shapes (an SLDS's second dataset
-    # 10.0 -> 0.3-0.5 s, benchmarks/results.md); not for "parallel" (numpyro's pmap places the chains) nor under a bar (numpyro's
-    # bar steps the loop from Python)
-    if chain_method != "parallel" and not shows_bar:
+    if one_program:
         mkey = model_key(model)
         cache_key = None if mkey is None else (
             (mkey, freeze(kernel)) + settings + shapes_key((dev, init_values)))
         run = _RUNS.get_or_make(cache_key, lambda: jax.jit(run))
     key_run, key_post = jax.random.split(jax.random.PRNGKey(seed))
-    draws, extra = run(key_run, dev, init_values)
+    with _progress(total_steps, num_chains, report_every > 0):
+        draws, extra = jax.block_until_ready(run(key_run, dev, init_values))
     samples = {name: np.asarray(draws[name]) for name in names if name in draws}
     require_finite("NUTS draws", samples, hint="Check the priors/constraints of these sites, or try x64=True.")
     require_finite("NUTS log density", {"potential_energy": extra["potential_energy"]},
@@ -292,8 +321,9 @@ def fit_nuts(
 
 
 def _sampler_run(program, kernel: Mapping[str, Any], num_warmup: int, num_samples: int, num_chains: int,
-                 chain_method: str, progress_bar: bool):
-    """``run(key, data, init_values) -> (draws, extra)``: numpyro's NUTS over ``program`` with these settings;
+                 chain_method: str, progress_bar: bool, report_every: int):
+    """``run(key, data, init_values) -> (draws, extra)``: numpyro's NUTS over ``program`` with these settings
+    (``progress_bar``: numpyro's own; ``report_every`` > 0: the steps report to ``_ACTIVE_BAR`` every so many);
     ``init_values`` None or ``{site: constrained value}`` (every chain starts there, ``init_to_value``); ``draws``
     ``{site: (chain, draw, ...)}`` and ``extra`` ``{field: (chain, draw)}`` (``_EXTRA_FIELDS``). The data and the
     start are arguments, so that ``jax.jit(run)`` serves every dataset of the same shapes."""
@@ -302,8 +332,8 @@ def _sampler_run(program, kernel: Mapping[str, Any], num_warmup: int, num_sample
         kwargs = dict(kernel)
         if init_values is not None:
             kwargs["init_strategy"] = init_to_value(values=init_values)
-        mcmc = _OneProgramMCMC(
-            NUTS(program, **kwargs),
+        mcmc = MCMC(
+            _ReportingNUTS(program, report_every=report_every, **kwargs) if report_every else NUTS(program, **kwargs),
             num_warmup=num_warmup,
             num_samples=num_samples,
             num_chains=num_chains,
