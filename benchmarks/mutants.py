@@ -473,11 +473,19 @@ MUTANTS = [
         "numpyro's own one-chain run: the same draws, its start op by op and its loop lowered as a program of its own",
     ),
     Mutant(
+        "vectorized chains report one chain's steps",
+        "ppl_switch/infer/nuts.py",
+        "        steps = every * state.i.size",
+        "        steps = every",
+        ("tests/test_infer.py", "-k", "vectorized_chains_report"),
+        "the bar of chain_method='vectorized' ends at 1/num_chains of its steps and jumps to the end",
+    ),
+    Mutant(
         "the compiled NUTS run's progress reports reach no bar",
         "ppl_switch/infer/nuts.py",
         "        bar.update(int(steps))",
         "        pass",
-        ("tests/test_infer.py", "-k", "one_program"),
+        ("tests/test_infer.py", "-k", "one_program or vectorized_chains_report"),
         "fit_nuts(progress_bar=True) (the CLI's default) shows a bar that never moves",
     ),
     Mutant(

@@ -516,7 +516,7 @@ def test_nuts_same_seed_same_draws_and_init_params():
 
 
 @pytest.mark.parametrize("num_chains", [1, 3])
-def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains, capsys):
+def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains, monkeypatch):
     """fit_nuts' default "sequential" runs the chains one after another in one compiled program, start
     included, one chain too: numpyro's sampling loop is never lowered as a program of its own (numpyro's own
     sequential mode lowered and compiled it once per chain, after starting each chain op by op), and the draws
@@ -545,12 +545,45 @@ def test_sequential_chains_run_in_one_program_with_numpyros_draws(num_chains, ca
     assert set(ours.samples) <= set(theirs)
     for name in ours.samples:
         np.testing.assert_allclose(ours.samples[name], theirs[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    capsys.readouterr()
+    reports = count_progress_reports(monkeypatch)
     shown = fit_nuts(model, y, seed=4, progress_bar=True, **kw)
     for name in ours.samples:
         np.testing.assert_allclose(shown.samples[name], ours.samples[name], rtol=1e-10, atol=1e-12, err_msg=name)
-    total = num_chains * (kw["num_warmup"] + kw["num_samples"])
-    assert f"{total}/{total}" in capsys.readouterr().err  # tqdm's count at the end: every step reported
+    assert reports == [num_chains * (kw["num_warmup"] + kw["num_samples"])]  # every step of every chain reported
+
+
+def count_progress_reports(monkeypatch) -> list:
+    """Replaces fit_nuts' progress bar by a counter of the steps the compiled run reports (one entry per fit,
+    without the bar's completion at the end); returns the list of counts, filled as fits run."""
+    import contextlib
+
+    from ppl_switch.infer import nuts
+
+    counts = []
+
+    class Counter:
+        def update(self, steps):
+            counts[-1] += steps
+
+    @contextlib.contextmanager
+    def counting(total, num_chains, enabled):
+        counts.append(0)
+        nuts._ACTIVE_BAR[0] = Counter() if enabled else None
+        try:
+            yield
+        finally:
+            nuts._ACTIVE_BAR[0] = None
+
+    monkeypatch.setattr(nuts, "_progress", counting)
+    return counts
+
+
+def test_vectorized_chains_report_every_chains_steps_to_the_bar(monkeypatch):
+    y, _, _ = gaussian_data(num_trials=1, num_steps=20)
+    reports = count_progress_reports(monkeypatch)
+    fit = fit_nuts(ToyGaussian(), y, num_warmup=200, num_samples=200, num_chains=2, chain_method="vectorized", seed=1)
+    assert fit.samples["mu"].shape[:2] == (2, 200)
+    assert reports == [2 * 400]  # a report every 4 steps, counting both chains' steps
 
 
 PARALLEL_CHAINS_SCRIPT = """

@@ -57,7 +57,9 @@ class _ReportingNUTS(NUTS):
     def sample(self, state, model_args, model_kwargs):
         state = super().sample(state, model_args, model_kwargs)
         every = self._report_every
-        lax.cond(state.i % every == 0, lambda: jax.debug.callback(_advance_bar, every), lambda: None)
+        # "vectorized" chains step together: state.i is then one count per chain, all equal
+        steps = every * state.i.size
+        lax.cond(jnp.ravel(state.i)[0] % every == 0, lambda: jax.debug.callback(_advance_bar, steps), lambda: None)
         return state
 
 
@@ -69,9 +71,10 @@ def _progress(total: int, num_chains: int, enabled: bool):
         return
     from tqdm.auto import tqdm
 
-    _ACTIVE_BAR[0] = tqdm(total=total, desc=f"NUTS, {num_chains} chain(s)", unit="step", leave=True)
+    bar = _ACTIVE_BAR[0] = tqdm(total=total, desc=f"NUTS, {num_chains} chain(s)", unit="step", leave=True)
     try:
         yield
+        bar.update(total - bar.n)  # the last steps after the last report
     finally:
         _ACTIVE_BAR[0].close()
         _ACTIVE_BAR[0] = None
