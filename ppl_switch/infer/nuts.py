@@ -76,7 +76,7 @@ def _progress(total: int, num_chains: int, enabled: bool):
         yield
         bar.update(total - bar.n)  # the last steps after the last report
     finally:
-        _ACTIVE_BAR[0].close()
+        bar.close()
         _ACTIVE_BAR[0] = None
 
 
@@ -267,7 +267,7 @@ def fit_nuts(
     # numpyro's way (its pmap places the chains; its own bar)
     one_program = chain_method != "parallel"
     total_steps = num_chains * (num_warmup + num_samples)
-    report_every = max(1, total_steps // (100 * num_chains)) if (progress_bar and one_program) else 0
+    report_every = max(1, (num_warmup + num_samples) // 100) if (progress_bar and one_program) else 0  # ~100 per chain
     settings = (num_warmup, num_samples, num_chains, chain_method, bool(progress_bar) and not one_program, report_every)
     run = _sampler_run(model.program, kernel, *settings)
     # jax arrays: numpy ones break numpyro's inverse transforms when chains run under shard_map ("parallel")
