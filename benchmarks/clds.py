@@ -69,12 +69,13 @@ def recovery(model, params, theta_grid):
 def bench_ring(args):
     _x64(True)
     from ppl_switch.analysis.clds_analysis import co_smoothing
+    from ppl_switch.infer.clds_em import run_clds_em
 
     d, tr, te = ring_split(args.seed)
     model = ring_model(d["truth"]["emission_matrix"])
     train = model.prepare(d["y"][tr], inputs=d["inputs"][tr])
     test = model.prepare(d["y"][te], inputs=d["inputs"][te])
-    out = model.em_params(train, num_iters=args.iters, seed=args.seed)
+    out = run_clds_em(model, train, num_iters=args.iters, seed=args.seed)
     J = out["objective"]
     cs = co_smoothing(model, out["params"], test)
     res = {
@@ -91,6 +92,8 @@ def bench_ring(args):
 
 
 def bench_speed(args):
+    from ppl_switch.infer.clds_em import run_clds_em
+
     res = {"benchmark": "speed", "iters": args.iters, "cpu_count": os.cpu_count()}
     for x64 in (False, True):
         _x64(x64)
@@ -98,7 +101,7 @@ def bench_speed(args):
         model = ring_model(d["truth"]["emission_matrix"])
         train = model.prepare(d["y"][tr], inputs=d["inputs"][tr])
         cpu0 = time.process_time()
-        out = model.em_params(train, num_iters=args.iters, seed=args.seed)
+        out = run_clds_em(model, train, num_iters=args.iters, seed=args.seed)
         key = "float64" if x64 else "float32"
         res[key] = {
             "seconds_after_compile": out["seconds"],
@@ -116,16 +119,15 @@ def bench_speed(args):
 def bench_bands(args):
     """NUTS on a small ring (K = 20 trials, T = 50, C fixed), started at the EM estimate."""
     _x64(True)
-    import jax
-
     from ppl_switch.analysis.clds_analysis import band_coverage, credible_band, fixed_points, over_draws
     from ppl_switch.datasets.head_direction import ring_dynamics, ring_fixed_points, simulate_head_direction
     from ppl_switch.infer import fit_nuts
+    from ppl_switch.infer.clds_em import run_clds_em
 
     d = simulate_head_direction(seed=args.seed, num_trials=args.trials, num_timesteps=args.timesteps)
     model = ring_model(d["truth"]["emission_matrix"])
     data = model.prepare(d["y"], inputs=d["inputs"])
-    em = model.em_params(data, num_iters=100, seed=args.seed)
+    em = run_clds_em(model, data, num_iters=100, seed=args.seed)
     t0 = time.perf_counter()
     fit = fit_nuts(model, data, num_warmup=args.warmup, num_samples=args.samples, num_chains=args.chains,
                    seed=args.seed, x64=True, progress_bar=False,
@@ -230,6 +232,7 @@ def bench_efficiency(args):
     the true parameters as a ceiling."""
     _x64(True)
     from ppl_switch.analysis.clds_analysis import co_smoothing, forecast_co_smoothing
+    from ppl_switch.infer.clds_em import run_clds_em
     from ppl_switch.models.clds import CLDS
     from ppl_switch.ops.basis import FourierBasis, LinearBasis
 
@@ -268,7 +271,7 @@ def bench_efficiency(args):
                 for name, model in models.items():
                     train = model.prepare(ytr, inputs=utr)
                     test = model.prepare(yte, inputs=ute)
-                    out = model.em_params(train, num_iters=args.iters, seed=seed)
+                    out = run_clds_em(model, train, num_iters=args.iters, seed=seed)
                     evaluate(name, model, out["params"], test, regime, n, seed)
             # the truth does not depend on the training set: one ceiling row per seed
             oracle = CLDS(latent_dim=2, obs_dim=10, input_dim=3, basis=basis, fixed={"C": C})
@@ -311,6 +314,7 @@ def bench_poisson(args):
     from ppl_switch.analysis.clds_analysis import co_smoothing, fixed_points, r2_score
     from ppl_switch.datasets.head_direction import simulate_head_direction
     from ppl_switch.infer import fit_svi
+    from ppl_switch.infer.starts import data_driven_guide
     from ppl_switch.guides.path_guide import CLDSPathGuide
     from ppl_switch.models.clds import CLDS
     from ppl_switch.ops.basis import FourierBasis
@@ -333,7 +337,7 @@ def bench_poisson(args):
         z = z - z.mean(0)
         pca = (z @ np.linalg.svd(z, full_matrices=False)[2][:2].T).reshape(K, T, 2)
         t0 = time.perf_counter()
-        guide = model.default_guide(data)
+        guide = data_driven_guide(model, data)  # ppl_switch.fit's start: Gaussian EM on log counts + Laplace
         t_init = time.perf_counter() - t0
         t0 = time.perf_counter()
         fit = fit_svi(model, data, guide=guide, num_steps=args.steps, learning_rate=0.01, num_draws=50, seed=seed,

@@ -171,11 +171,19 @@ MUTANTS = [
     ),
     Mutant(
         "no GDM fallback warning",
-        "ppl_switch/infer/recommended.py",
-        'if options.get("start", "auto") == "auto" and gfit.start != "segmentation":',
+        "ppl_switch/infer/gdm_svi.py",
+        'if requested_start == "auto" and start == "released":',
         'if False:',
-        ("tests/test_recommended_fit.py", "-k", "falls_back_to_the_released_start"),
+        ("tests/test_recommended_fit.py", "-k", "gru_gdm_says_it_has_none"),
         "a GDM fit from the released start (0.56-0.65 accuracy) reported as if from the data-driven one",
+    ),
+    Mutant(
+        "GDM encoder read at its start",
+        "ppl_switch/infer/gdm_svi.py",
+        "    return _encode(guide, fit.params, data, seed, num_samples, tau)",
+        "    return _encode(guide, guide.init_values(data.obs_dim), data, seed, num_samples, tau)",
+        ("tests/test_recommended_fit.py", "-k", "one_fit_type"),
+        "new trials encoded with the encoder's start values, not the fitted ones",
     ),
     # ----- the layers (2026-12-06, fourth session) -----
     Mutant(
@@ -230,11 +238,19 @@ MUTANTS = [
     # ----- CLDS residual-form Q and R, the HMM filter's step forms (2026-12-06, fifth session) -----
     Mutant(
         "clds residual Q without the A S A' term",
-        "ppl_switch/models/clds.py",
+        "ppl_switch/infer/clds_em.py",
         "E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX) + A_t @ covs[:, :-1] @ _mT(A_t)",
         "E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX)",
         ("tests/test_clds.py", "-k", "residual_form"),
         "the dynamics noise covariance without the smoothed covariance carried through A",
+    ),
+    Mutant(
+        "clds svi runner without the library's em start",
+        "ppl_switch/infer/recommended.py",
+        "        options[\"guide\"] = data_driven_guide(model, data)",
+        "        options[\"guide\"] = model.default_guide(data)",
+        ("tests/test_clds_poisson.py", "-k", "svi_runner"),
+        "ppl_switch.fit's SVI of a CLDS started at the model's cheap start instead of the EM start (infer/starts.py)",
     ),
     Mutant(
         "hmm broadcast step sums over the wrong axis",

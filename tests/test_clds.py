@@ -29,7 +29,18 @@ from ppl_switch.datasets.head_direction import (
     ring_fixed_points,
     simulate_head_direction,
 )
-from ppl_switch.models.clds import CLDS, solve_sylvester_psd
+from ppl_switch.infer import clds_em as clds_em_module
+from ppl_switch.infer.clds_em import (
+    clds_em,
+    em_objective,
+    em_step,
+    features,
+    initial_params,
+    run_clds_em,
+    solve_sylvester_psd,
+    stack_weights,
+)
+from ppl_switch.models.clds import CLDS
 from ppl_switch.ops.basis import FourierBasis, HSGPBasis, LinearBasis
 from ppl_switch.ops.kalman import lgssm_joint_gaussian
 
@@ -157,8 +168,8 @@ def test_joint_A_b_mstep_zeroes_the_gradient(small_data):
     """The corrected Eq. (20) (+Phi'Phi block): the Sylvester solution is a stationary point of the
     expected complete-data log posterior; the paper's literal sign would not be."""
     model, data, truth = small_data
-    start = model._init_params(jax.random.PRNGKey(3), data)
-    new, _ = model._em_step(start, data)
+    start = initial_params(model, jax.random.PRNGKey(3), data)
+    new, _ = em_step(model, start, data)
     trial = {**start, "W_A": new["W_A"], "W_b": new["W_b"]}
 
     @jax.jit
@@ -191,51 +202,51 @@ def test_em_objective_is_monotone_with_masks(kw, small_data):
     mask[1, 4] = False  # a wholly missing step
     lengths = np.array([12, 12, 9, 12, 7, 12])
     masked = model.prepare(np.asarray(data.y), mask=mask, lengths=lengths, inputs=np.asarray(data.inputs))
-    out = model.em_params(masked, num_iters=12, seed=1)
+    out = run_clds_em(model, masked, num_iters=12, seed=1)
     J = out["objective"]
     assert len(J) == 12
     assert np.all(np.diff(J) >= -1e-8 * np.abs(J[1:])), np.diff(J)
     assert J[-1] > J[0]
     # the reported objective is the model's objective at the parameters of that iteration
     params = out["params"]
-    _, stats = model._em_step(params, masked)
-    np.testing.assert_allclose(stats["objective"], model.objective(params, masked), rtol=1e-10)
+    _, stats = em_step(model, params, masked)
+    np.testing.assert_allclose(stats["objective"], em_objective(model, params, masked), rtol=1e-10)
 
 
 def test_em_keeps_fixed_values_and_recovers_noise(small_data):
     model0, data, truth = small_data
     C = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]])
     model = _small_model(fixed={"C": C, "dynamics_cov": 0.05 * np.eye(2)})
-    out = model.em_params(model.prepare(np.asarray(data.y), inputs=np.asarray(data.inputs)), num_iters=5)
+    out = run_clds_em(model, model.prepare(np.asarray(data.y), inputs=np.asarray(data.inputs)), num_iters=5)
     assert "W_C" not in out["params"] and "dynamics_scale" not in out["params"]
     p = model.with_fixed(out["params"])
     np.testing.assert_allclose(model.parameter_functions(p, jnp.zeros((1, 1)))["C"][0], C)
     np.testing.assert_allclose(model.covariances(p)["dynamics_cov"], 0.05 * np.eye(2), atol=1e-12)
 
 
-def test_em_stopping_on_a_non_finite_objective_returns_the_last_finite_parameters_and_warns(small_data):
+def test_em_stopping_on_a_non_finite_objective_returns_the_last_finite_parameters_and_warns(small_data, monkeypatch):
     """An M-step whose output breaks the next objective (here: NaN injected after the third step): EM stops,
     returns the parameters of the last finite objective (those the third step started from, not the broken
-    ones), records where it stopped, and em() warns."""
+    ones), records where it stopped, and clds_em() (fit_em's EM) warns."""
     _, data, _ = small_data
     model = _small_model(varying=("A", "b", "C", "m"))
-    real_step, seen = model._em_step, []
+    real_step, seen = clds_em_module.em_step, []
 
-    def breaking_step(params, d):
-        new, stats = real_step(params, d)
+    def breaking_step(m, params, d):
+        new, stats = real_step(m, params, d)
         seen.append(params)
         if len(seen) == 3:
             new = jax.tree.map(lambda a: jnp.full_like(a, jnp.nan), new)
         return new, stats
 
-    model._em_step = breaking_step
-    out = model.em_params(data, num_iters=10, seed=1)
+    monkeypatch.setattr(clds_em_module, "em_step", breaking_step)
+    out = run_clds_em(model, data, num_iters=10, seed=1)
     assert out["stopped_nonfinite_at"] == 3 and len(out["objective"]) == 3
     for name, value in out["params"].items():
         np.testing.assert_array_equal(value, seen[2][name], err_msg=name)
     seen.clear()
     with pytest.warns(FitWarning, match="not finite at iteration 3"):
-        model.em(data, num_iters=10)
+        clds_em(model, data, num_iters=10)
 
 
 def _moment_form_covariances(model, new, data, means, covs, cross):
@@ -253,11 +264,11 @@ def _moment_form_covariances(model, new, data, means, covs, cross):
         S[:D, :D] += covs[k, t]
         return xt, S
 
-    W = np.asarray(model._stack_weights(p, ("A", "b")))
+    W = np.asarray(stack_weights(model, p, ("A", "b")))
     G, H, Syy, n = 0.0, 0.0, 0.0, 0
     for k in range(data.num_trials):
         length = int(data.lengths[k])
-        phi, sel = (np.asarray(a) for a in model._features(("A", "b"), jnp.asarray(data.inputs[k, : length - 1])))
+        phi, sel = (np.asarray(a) for a in features(model, ("A", "b"), jnp.asarray(data.inputs[k, : length - 1])))
         for t in range(length - 1):
             xt, Sxx = second_moments(k, t)
             Sxn = np.outer(xt, means[k, t + 1])  # E[x~_t x_{t+1}']
@@ -268,7 +279,7 @@ def _moment_form_covariances(model, new, data, means, covs, cross):
             n += 1
     Q = (Syy - W.T @ H - H.T @ W + W.T @ G @ W) / n
 
-    W = np.asarray(model._stack_weights(p, ("C", "d")))  # (P, N)
+    W = np.asarray(stack_weights(model, p, ("C", "d")))  # (P, N)
     P = W.shape[0]
     diag = model.emission_cov == "diag"
     G = np.zeros((N, P, P) if diag else (P, P))
@@ -276,7 +287,7 @@ def _moment_form_covariances(model, new, data, means, covs, cross):
     Syy = np.zeros(N if diag else (N, N))
     count = np.zeros(N if diag else ())
     for k in range(data.num_trials):
-        phi, sel = (np.asarray(a) for a in model._features(("C", "d"), jnp.asarray(data.inputs[k])))
+        phi, sel = (np.asarray(a) for a in features(model, ("C", "d"), jnp.asarray(data.inputs[k])))
         for t in range(y.shape[1]):
             xt, Sxx = second_moments(k, t)
             z = np.kron(phi[t], xt)[sel]
@@ -309,8 +320,8 @@ def test_residual_form_q_r_match_the_moment_form(kw, small_data):
     mask[1, 4] = False
     masked = model.prepare(np.asarray(data.y), mask=mask, lengths=np.array([12, 12, 9, 12, 7, 12]),
                            inputs=np.asarray(data.inputs))
-    start = model._init_params(jax.random.PRNGKey(3), masked)
-    new, _ = model._em_step(start, masked)
+    start = initial_params(model, jax.random.PRNGKey(3), masked)
+    new, _ = em_step(model, start, masked)
     means, covs, cross, _ = model.smooth(start, masked)
     Q, R = _moment_form_covariances(model, new, masked, means, covs, cross)
     got = model.covariances(new)
@@ -345,10 +356,10 @@ def test_em_in_float32_on_near_noiseless_data(emission_cov):
     value within 1 nat of float64 EM's on the same data."""
     with jax.enable_x64(False):
         model, truth, data = _near_noiseless(emission_cov)
-        out = model.em_params(data, num_iters=20, init_params=truth)
+        out = run_clds_em(model, data, num_iters=20, init_params=truth)
         params = {k: np.asarray(v, np.float64) for k, v in out["params"].items()}
     J = out["objective"]
-    assert len(J) == 20  # em_params stops early once the objective is not finite
+    assert len(J) == 20  # run_clds_em stops early once the objective is not finite
     assert all(np.all(np.isfinite(v)) for v in params.values())
     cov = model.covariances(params)
     Q, R = np.asarray(cov["dynamics_cov"]), np.asarray(cov["emission_cov"])
@@ -361,7 +372,7 @@ def test_em_in_float32_on_near_noiseless_data(emission_cov):
     data64 = SequenceData(np.asarray(data.y, np.float64), np.asarray(data.mask), np.asarray(data.lengths),
                           np.asarray(data.inputs, np.float64))
     truth64 = {k: np.asarray(v, np.float64) for k, v in truth.items()}
-    J64 = model.em_params(data64, num_iters=20, init_params=truth64)["objective"]
+    J64 = run_clds_em(model, data64, num_iters=20, init_params=truth64)["objective"]
     assert abs(J[-1] - J64[-1]) < 1.0, (J[-1], J64[-1])
 
 
@@ -484,10 +495,32 @@ def test_tuning_curves_shapes(small_data):
     assert tc["model"].shape == (8, 4) and tc["empirical"].shape == (8, 4) and tc["counts"].sum() == 6 * 12
 
 
+def test_em_and_its_start_live_in_the_inference_layer(small_data):
+    """fit_em finds the library's CLDS EM (the model has no ``em`` of its own); ``ppl_switch.fit``'s SVI start
+    is the library's EM start (``LIBRARY_STARTS``), the model's ``init_values`` the cheap start without EM."""
+    from ppl_switch.infer.clds_em import clds_guide_start, clds_start
+    from ppl_switch.infer.em import has_em, library_em
+    from ppl_switch.infer.starts import library_start
+
+    model, data, _ = small_data
+    assert not hasattr(CLDS, "em") and has_em(CLDS) and library_em(CLDS) is clds_em
+    assert library_start(CLDS) is clds_guide_start
+    cheap = model.init_values(data, seed=2)
+    start = initial_params(model, jax.random.PRNGKey(2), data)
+    assert cheap.keys() == start.keys()
+    for name, value in start.items():
+        np.testing.assert_array_equal(cheap[name], value, err_msg=name)
+    em = clds_start(model, data, seed=2, num_iters=3)
+    ref = run_clds_em(model, data, num_iters=3, seed=2)["params"]
+    assert em.keys() == ref.keys()
+    for name, value in ref.items():
+        np.testing.assert_array_equal(em[name], value, err_msg=name)
+
+
 def test_hsgp_condition_model_runs():
     model = CLDS(latent_dim=2, obs_dim=3, basis=HSGPBasis(num_basis=6, lengthscale=1.0, ell=8.0, center=3.0))
     data, _ = model.simulate(jax.random.PRNGKey(1), 3, 10)
-    out = model.em_params(data, num_iters=4)
+    out = run_clds_em(model, data, num_iters=4)
     assert np.all(np.diff(out["objective"]) >= -1e-8 * np.abs(out["objective"][1:]))
 
 
@@ -500,7 +533,7 @@ def test_ring_attractor_recovery_and_co_smoothing():
     model = CLDS(latent_dim=2, obs_dim=10, fixed={"C": d["truth"]["emission_matrix"]})
     train = model.prepare(d["y"][:80], inputs=d["inputs"][:80])
     test = model.prepare(d["y"][80:], inputs=d["inputs"][80:])
-    out = model.em_params(train, num_iters=200, seed=1)
+    out = run_clds_em(model, train, num_iters=200, seed=1)
     J = out["objective"]
     assert np.all(np.diff(J) >= -1e-8 * np.abs(J[1:]))
     theta = np.linspace(0, 2 * math.pi, 100)

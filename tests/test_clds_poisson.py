@@ -212,12 +212,13 @@ def test_simulator_draws_poisson_counts(sim):
 
 def test_errors_name_the_argument(sim):
     from ppl_switch.infer import fit_em
+    from ppl_switch.infer.clds_em import run_clds_em
 
     model, data, truth, _ = sim
     with pytest.raises(ValueError, match="emission"):
         fit_em(model, data, num_iters=2)
     with pytest.raises(ValueError, match="emission"):
-        model.em_params(data, num_iters=2)
+        run_clds_em(model, data, num_iters=2)
     with pytest.raises(ValueError, match="emission_cov"):
         _model(emission_cov="full")
     with pytest.raises(ValueError, match="link"):
@@ -233,6 +234,25 @@ def test_errors_name_the_argument(sim):
         model.log_likelihood(params, data)
     with pytest.raises(ValueError, match="x"):
         model.log_likelihood({**params, "x": truth["params"]["x"][:2]}, data)
+
+
+def test_the_svi_runner_starts_the_path_at_the_libraries_em_start(sim, monkeypatch):
+    """``ppl_switch.fit``'s SVI runner builds the guide with the library's start (``data_driven_guide``): the
+    path at ``clds_start``'s (Gaussian EM on the log counts, then the Laplace paths), the parameters at prior
+    medians (only x is passed); the model's own ``default_guide(data)`` starts at its cheap ``init_values``."""
+    from ppl_switch.infer import recommended
+    from ppl_switch.infer.clds_em import clds_start
+
+    model, data, _, _ = sim
+    seen = {}
+    monkeypatch.setattr(recommended, "fit_svi", lambda model, data, guide, **kw: seen.setdefault("guide", guide))
+    recommended.RUNNERS["svi"](model, data, seed=0, x64=True, progress_bar=False)
+    guide = seen["guide"]
+    assert isinstance(guide, CLDSPathGuide) and set(guide.init_values) == {"x"}
+    np.testing.assert_array_equal(guide.init_values["x"], clds_start(model, data)["x"])
+    cheap = model.default_guide(data)
+    np.testing.assert_array_equal(cheap.init_values["x"], model.init_values(data)["x"])
+    assert np.isfinite(cheap.init_values["x"]).all()
 
 
 @pytest.mark.parametrize("start", ["prior", "values"])
@@ -264,7 +284,7 @@ def test_compiled_init_of_the_path_guide_equals_the_eager_init(sim, start):
 def test_svi_with_the_path_guide(sim):
     """fit_svi on ragged counts with the default guide (the path guide): draws of every site, the
     log_likelihood group equals the model's at a draw, integer posterior predictive; config round trip.
-    (The data-driven start, ``default_guide(data)``, is exercised by the recovery test.) Slow: compiling
+    (The data-driven start, ``data_driven_guide(model, data)``, is exercised by the recovery test.) Slow: compiling
     the SVI step, the draws and the ArviZ groups takes ~1 min of CPU in float64."""
     from ppl_switch.infer import fit_svi
     from ppl_switch.results import get_group
@@ -308,6 +328,7 @@ def test_poisson_ring_latent_recovery():
     (``benchmarks/clds.py poisson``), so 0.95 is the floor of what we saw, not a tuned value. Poisson
     noise at ~4 counts per bin keeps the attainable R^2 below 1."""
     from ppl_switch.infer import fit_svi
+    from ppl_switch.infer.starts import data_driven_guide
 
     d = simulate_head_direction(seed=0, num_trials=20, num_timesteps=50, emission="poisson")
     model = CLDS(latent_dim=2, obs_dim=10, input_dim=1, basis=FourierBasis(5, 0.5, 0.1), emission="poisson")
@@ -316,7 +337,7 @@ def test_poisson_ring_latent_recovery():
     z = z - z.mean(0)
     pca = (z @ np.linalg.svd(z, full_matrices=False)[2][:2].T).reshape(20, 50, 2)
     r2_pca = affine_r2(pca, d["latents"])
-    guide = model.default_guide(data)  # Gaussian EM on log counts, then the Laplace paths
+    guide = data_driven_guide(model, data)  # ppl_switch.fit's start: Gaussian EM on log counts, then the Laplace paths
     assert affine_r2(guide.init_values["x"], d["latents"]) > r2_pca
     fit = fit_svi(model, data, guide=guide, num_steps=1000, learning_rate=0.01, num_draws=20, seed=0,
                   progress_bar=False)

@@ -112,8 +112,10 @@ class SLDSGuide(PathGuide):
 
 class CLDSPathGuide(PathGuide):
     """The Poisson CLDS's default guide: the chain over the paths x. ``data`` alone starts the path at the
-    model's ``init_values`` (Gaussian EM + Laplace) and the parameters at prior medians; without either, the
-    parameters start at prior medians and x at 0."""
+    model's cheap ``init_values`` (Kalman-smoothed log counts at a PCA start, no EM) and the parameters at
+    prior medians; ``ppl_switch.fit`` passes ``init_values={"x": ...}``, the Laplace paths after a Gaussian EM
+    on the log counts (``ppl_switch.infer.clds_em.clds_guide_start``), with the same parameter start. Without
+    either, the parameters start at prior medians and x at 0."""
 
     def __init__(self, model, data=None, init_values=None, init_scale: float = 0.05):
         super().__init__(model, data, init_values, init_scale)

@@ -1,8 +1,8 @@
 """EM runner: find a model's closed-form EM, run it, and wrap its point estimate as a Fit.
 
 The built-in models' EMs are functions of ``(model, data, **options)`` in this package (``LIBRARY_EM``:
-HMM/ARHMM Baum-Welch, LDS Kalman EM, SLDS structured mean-field EM, rSLDS Laplace EM). A model of your own
-offers EM by defining a method ``em(data, **kw)`` (or ``fit_em``); it takes precedence over the library's.
+HMM/ARHMM Baum-Welch, LDS Kalman EM, SLDS structured mean-field EM, rSLDS Laplace EM, CLDS exact MAP-EM).
+A model of your own offers EM by defining a method ``em(data, **kw)`` (or ``fit_em``); it takes precedence over the library's.
 Either takes a validated SequenceData and returns a params dict or ``(params, history)``; ``history`` is an
 array of per-iteration log-likelihoods (stored as ``losses = -history`` and
 ``diagnostics["log_likelihoods"]``) or a dict of diagnostics (its ``"log_likelihoods"`` entry is used the
@@ -37,6 +37,7 @@ LIBRARY_EM = {
     "LDS": ("ppl_switch.infer.lds_em", "lds_em"),
     "SLDS": ("ppl_switch.infer.slds_em", "slds_em"),
     "RSLDS": ("ppl_switch.infer.rslds_em", "rslds_em"),
+    "CLDS": ("ppl_switch.infer.clds_em", "clds_em"),
 }
 
 

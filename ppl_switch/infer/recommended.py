@@ -10,8 +10,9 @@ A model declares its recommended runner as a class attribute (``Model.recommende
 when an attribute is not among its allowed values (e.g. EM needs Gaussian emissions).
 
 Runners (``RUNNERS``): ``"svi"`` (:func:`~ppl_switch.infer.svi.fit_svi`, with ``model.default_guide(data)``
-where the model's guide takes the data), ``"nuts"``, ``"em"``, ``"gdm_svi"`` (the GDM's GS-BBVI trainer
-:func:`~ppl_switch.infer.gdm_svi.fit_gdm_svi`, its result converted to a :class:`Fit`) and
+where the model's guide takes the data, started by the library's start where it has one:
+:func:`~ppl_switch.infer.starts.data_driven_guide`), ``"nuts"``, ``"em"``, ``"gdm_svi"`` (the GDM's GS-BBVI trainer
+:func:`~ppl_switch.infer.gdm_svi.fit_gdm_svi`, which returns a :class:`Fit` itself) and
 ``"svi_path_refinement"`` (:func:`~ppl_switch.infer.path_refinement.fit_svi_with_path_refinement`).
 
 What each model recommends, and why (the model cards hold the measurements):
@@ -48,11 +49,10 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
-import numpy as np
-
 from ppl_switch.data import DataError
-from ppl_switch.infer.checks import data_scale_warnings, emit, moving_objective_warnings, require_finite
+from ppl_switch.infer.checks import emit
 from ppl_switch.infer.em import em_method, fit_em
+from ppl_switch.infer.starts import data_driven_guide
 from ppl_switch.infer.fit import Fit
 from ppl_switch.infer.nuts import fit_nuts
 from ppl_switch.infer.prepare import check_int, prepare_data, set_x64
@@ -64,7 +64,7 @@ _RESERVED = ("requires", "otherwise")
 
 def _run_svi(model, data, *, seed, x64, progress_bar, **options) -> Fit:
     if "guide" not in options and "data" in inspect.signature(model.default_guide).parameters:
-        options["guide"] = model.default_guide(data)  # a data-driven start (PCA paths etc.)
+        options["guide"] = data_driven_guide(model, data)  # a data-driven start (PCA paths, the CLDS's EM etc.)
     return fit_svi(model, data, seed=seed, x64=x64, progress_bar=progress_bar, **options)
 
 
@@ -76,42 +76,11 @@ def _run_em(model, data, *, seed, x64, progress_bar, **options) -> Fit:
     return fit_em(model, data, seed=seed, x64=x64, **options)
 
 
-def _run_gdm_svi(model, data, *, seed, x64, progress_bar, num_draws: int = 20, **options) -> Fit:
-    """The GDM's GS-BBVI trainer; its GDMFit becomes a Fit (posterior: point estimates repeated over
-    ``num_draws`` draws of z from the encoder, as ``GDMFit.to_inference_data`` writes them)."""
+def _run_gdm_svi(model, data, *, seed, x64, progress_bar, **options) -> Fit:
+    """The GDM's GS-BBVI trainer, :func:`~ppl_switch.infer.gdm_svi.fit_gdm_svi` (it checks its own result)."""
     from ppl_switch.infer.gdm_svi import fit_gdm_svi
-    from ppl_switch.results import get_group
 
-    set_x64(x64)
-    found = data_scale_warnings(model, data)
-    emit(found)
-    gfit = fit_gdm_svi(model, data, seed=seed, progress=False, **options)
-    idata = gfit.to_inference_data(gfit.data, num_draws=check_int(num_draws, "num_draws"), seed=seed)
-    samples = {name: np.asarray(v.values) for name, v in get_group(idata, "posterior").data_vars.items()}
-    require_finite("GDM posterior draws", samples)
-    estimate = {name: np.asarray(v) for name, v in gfit.params.items()}
-    if "z" in samples:
-        estimate["z"] = samples["z"].mean(axis=(0, 1))
-    diagnostics = {"num_steps": int(gfit.num_steps), "wall_time": float(gfit.wall_time), "start": gfit.start,
-                   "projection": gfit.projection, "relabelled_draws": 0}
-    fit = Fit(model=gfit.model, data=gfit.data, method="svi", idata=idata, params=gfit.svi_params, samples=samples,
-              losses=np.asarray(gfit.losses), diagnostics=diagnostics, estimate=estimate,
-              config={"seed": seed, "num_draws": num_draws, **options})
-    max_steps = options.get("num_steps", inspect.signature(fit_gdm_svi).parameters["num_steps"].default)
-    moving = []
-    if gfit.num_steps >= max_steps:  # early stopping did not end it
-        moving = moving_objective_warnings(gfit.losses, what="GDM SVI loss", advice="raise num_steps")
-        emit(moving)
-    fallback = []
-    if options.get("start", "auto") == "auto" and gfit.start != "segmentation":
-        # measured (benchmarks/results.md, robustness suite): 0.56-0.65 state accuracy from the released start
-        # on NASCAR with 20% missing entries, 0.96-0.97 from the data-driven start on the same data
-        fallback = [f"GDM: the data-driven start needs Gaussian data and a linear transition "
-                    f"without inputs; this fit used the released code's random start ({gfit.start!r}), which "
-                    "reaches far lower state accuracy: compare several seeds"]
-        emit(fallback)
-    fit.warnings = found + fit.warnings + moving + fallback  # in the order they were emitted
-    return fit
+    return fit_gdm_svi(model, data, seed=seed, x64=x64, **options)
 
 
 def _run_svi_path_refinement(model, data, *, seed, x64, progress_bar, **options) -> Fit:

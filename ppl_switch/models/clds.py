@@ -25,20 +25,17 @@ approximation at the posterior mode of x given the parameters, found by Newton's
 one Kalman smoother pass on Gaussian pseudo-observations (the log-concave case of Paninski et al. 2010, as
 suggested in the paper's §2.3).
 
-:meth:`CLDS.em` is the exact MAP-EM of the paper (ECM): Kalman-smoother E-step, then closed-form
-conditional maximisers -- joint [A b] weights by the Sylvester equation ``G W + W Q = H`` (with the
-corrected ``+Phi'Phi`` block of the paper's Eq. 20), Q, then C/d weights (one ridge solve per neuron
-for diagonal R, a Sylvester equation for full R), R, then m weights (Sylvester with Q_1) and Q_1. Its
-objective ``J = sum_k log p(y^k | W, Theta, u^k) - ||W||^2 / 2`` (weights MAP, covariances ML) is
-non-decreasing. Notes: /work/shared/reference/models/clds.md.
+Gaussian emissions are fitted by the exact MAP-EM of the paper (ECM: Kalman-smoother E-step, closed-form
+conditional M-steps), which lives in the inference layer, :mod:`ppl_switch.infer.clds_em` (``fit_em`` finds
+it; :func:`~ppl_switch.infer.clds_em.clds_start` is the EM-based SVI start that ``ppl_switch.fit`` uses).
+Paper: Geadah, Nejatbakhsh, Lipshutz, Pillow & Williams, "Modeling Neural Activity with Conditionally Linear
+Dynamical Systems".
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
-import warnings
 from typing import Any, Mapping, Optional
 
 import jax
@@ -48,8 +45,7 @@ import numpyro
 import numpyro.distributions as dist
 
 from ppl_switch.compile_cache import labelled_model_key
-from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_observed_steps
-from ppl_switch.errors import FitWarning
+from ppl_switch.data import DataError, SequenceData, check_positive_int
 from ppl_switch.guides.path_guide import CLDSPathGuide
 from ppl_switch.guides.gauss_markov import GaussMarkovChain
 from ppl_switch.guides.init import init_to_values_then_median
@@ -110,22 +106,6 @@ def _jit_method(fn):
         return jitted(self, *args, **kwargs)
 
     return wrapper
-
-
-def solve_sylvester_psd(G, S, H):
-    """Solve ``G W + W S = H`` for symmetric positive semi-definite G (P, P) and positive definite
-    S (D, D) by two eigendecompositions: W = U [(U'HV) / (g_i + s_j)] V'. H (P, D) -> W (P, D)."""
-    g, U = jnp.linalg.eigh(_sym(G))
-    s, V = jnp.linalg.eigh(_sym(S))
-    return U @ ((_mT(U) @ H @ V) / (g[:, None] + s[None, :])) @ _mT(V)
-
-
-def _kron_select(num_mat: int, num_bias: int, dim: int) -> np.ndarray:
-    """Indices into phi_all (x) [x; 1] (phi_all = [phi_mat, phi_bias], a-major) of the regressor
-    z = [phi_mat (x) x ; phi_bias]: the x entries of the matrix block and the 1 entry of the bias block."""
-    idx = [l * (dim + 1) + j for l in range(num_mat) for j in range(dim)]
-    idx += [(num_mat + l) * (dim + 1) + dim for l in range(num_bias)]
-    return np.asarray(idx)
 
 
 class CLDS(Model):
@@ -625,8 +605,10 @@ class CLDS(Model):
         """Gaussian emissions: mean-field normal over weights and (unconstrained) covariance sites
         (``init_scale`` 0.01; AutoNormal's family set up by one compiled program,
         :class:`~ppl_switch.guides.mean_field.MeanFieldNormal`). Poisson: :class:`~ppl_switch.guides.path_guide.CLDSPathGuide`, a Gauss–Markov
-        path guide over x plus a mean-field normal over the parameters (``init_scale`` 0.05); ``data`` or
-        ``init_values`` set the start (:meth:`init_values`), else the prior medians and x = 0."""
+        path guide over x plus a mean-field normal over the parameters (``init_scale`` 0.05). ``init_values``
+        sets the start; ``data`` alone starts at the cheap :meth:`init_values`, no EM (Poisson: its path x only,
+        the parameters at prior medians); neither, the prior medians and x = 0. ``ppl_switch.fit`` passes the EM
+        start instead (:func:`ppl_switch.infer.starts.data_driven_guide`)."""
         if self.emission == "poisson":
             return CLDSPathGuide(self, data=data, init_values=init_values,
                                  init_scale=0.05 if init_scale is None else init_scale)
@@ -637,28 +619,69 @@ class CLDS(Model):
             return MeanFieldNormal(self.program, init_scale=scale, cache_key=labelled_model_key("init_to_uniform", self))
         return MeanFieldNormal(self.program, init_loc_fn=init_to_values_then_median(dict(init_values)), init_scale=scale)
 
-    def init_values(self, data, seed: int = 0, num_iters: int = 50) -> dict:
-        """A data-driven SVI start (site values).
+    def init_values(self, data, seed: int = 0) -> dict:
+        """A cheap data-driven start (site values), no EM.
 
-        Gaussian emissions: the MAP-EM estimate after ``num_iters`` iterations. Poisson: a Gaussian
-        CLDS with the same bases (and fixed values) fitted by EM to the counts moved to the log-rate
-        scale, link^{-1}((y + 0.5) / bin_size); its weights and dynamics/initial covariances, and x =
-        the Laplace mode of the paths under the Poisson model with those parameters."""
+        Gaussian emissions: :meth:`start_params` (prior draws of the weights with ``seed``, PCA axes for a
+        constant C, identity covariances). Poisson: the same start for the Gaussian CLDS of
+        :meth:`gaussian_counterpart` on the counts moved to the log-rate scale (:meth:`log_rate_data`), without
+        its emission covariance, and x = that Gaussian CLDS's Kalman-smoothed means of the moved counts at
+        those parameters. (Not the Laplace mode under the Poisson model: at the prior-drawn dynamics weights
+        the prior mean path can grow without bound and the Newton iterations started there overflowed, on 3
+        of 4 seeds of the head-direction recipe at 20 trials x 50 steps; the Kalman means had affine R^2
+        0.87-0.93 to the true latent there, PCA of the log counts 0.93.)
+
+        ``ppl_switch.fit`` and its ``svi`` runner start from the EM-based start instead,
+        :func:`ppl_switch.infer.clds_em.clds_start` (Gaussian: 50 EM iterations; Poisson: EM on the moved
+        counts, then the Laplace paths), through :func:`ppl_switch.infer.starts.data_driven_guide` (which builds
+        that guide for you); ``default_guide(data, init_values=clds_start(model, data))`` starts every site
+        there (Poisson: the parameters too, where ``ppl_switch.fit`` starts them at prior medians)."""
         data = data if isinstance(data, SequenceData) else self.prepare(data)
+        key = jax.random.PRNGKey(seed)
         if self.emission == "gaussian":
-            return {k: np.asarray(v) for k, v in self.em_params(data, num_iters=num_iters, seed=seed)["params"].items()}
-        gaussian = CLDS(self.latent_dim, self.obs_dim, self.input_dim, basis=self.basis, varying=self.varying,
-                        bases=self._custom_bases, emission_bias=self.emission_bias,
-                        constant_scale=self.constant_scale, fixed=self.fixed)
+            return {k: np.asarray(v) for k, v in self.start_params(key, data).items()}
+        moved = self.log_rate_data(data)
+        gaussian = self.gaussian_counterpart()
+        params = gaussian.start_params(key, moved)
+        out = {k: np.asarray(v) for k, v in params.items() if not k.startswith("emission_")}
+        out["x"] = np.asarray(gaussian.smooth(params, jax.tree.map(jnp.asarray, moved))[0])
+        return out
+
+    def start_params(self, key, data: SequenceData) -> dict:
+        """Prior draws of the weights; PCA axes for a constant C; identity covariances (as in the paper).
+        The start of :meth:`init_values` and of the EM (:func:`ppl_switch.infer.clds_em.initial_params`)."""
+        N, D = data.obs_dim, self.latent_dim
+        shapes = self.weight_shapes(N)
+        keys = jax.random.split(key, len(shapes))
+        params = {name: jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
+        if isinstance(self.bases["C"], ConstantBasis):
+            y = np.where(data.mask, data.y, np.nan).reshape(-1, N)
+            y = y - np.nanmean(y, 0)
+            y = np.nan_to_num(y)
+            _, s, vt = np.linalg.svd(y, full_matrices=False)
+            C = vt[:D].T * (s[:D] / math.sqrt(max(1, y.shape[0])))
+            params["W_C"] = jnp.asarray(C[None] / self.bases["C"].scale)
+        params["dynamics_scale"], params["dynamics_corr_chol"] = jnp.ones(D), jnp.eye(D)
+        params["initial_scale"], params["initial_corr_chol"] = jnp.ones(D), jnp.eye(D)
+        params["emission_scale"] = jnp.ones(N)
+        if self.emission_cov == "full":
+            params["emission_corr_chol"] = jnp.eye(N)
+        return {k: v for k, v in params.items() if k not in self.fixed}
+
+    def gaussian_counterpart(self) -> "CLDS":
+        """The Gaussian-emission CLDS with this model's dimensions, bases, emission bias, constant scale and
+        fixed values (diagonal R): the model a Poisson CLDS's start is fitted with on :meth:`log_rate_data`."""
+        return CLDS(self.latent_dim, self.obs_dim, self.input_dim, basis=self.basis, varying=self.varying,
+                    bases=self._custom_bases, emission_bias=self.emission_bias,
+                    constant_scale=self.constant_scale, fixed=self.fixed)
+
+    def log_rate_data(self, data: SequenceData) -> SequenceData:
+        """Counts moved to the log-rate scale, link^{-1}((y + 0.5) / bin_size) (0 where unobserved), with the
+        same mask, lengths and inputs."""
         v = np.maximum((np.asarray(data.y) + 0.5) / self.bin_size, 1e-6)
         z = np.log(v) if self.link == "exp" else np.log(np.expm1(v))
-        moved = SequenceData(np.where(data.mask, z, 0.0), np.asarray(data.mask), np.asarray(data.lengths),
-                             np.asarray(data.inputs))
-        params = gaussian.em_params(moved, num_iters=num_iters, seed=seed)["params"]
-        params = {k: v for k, v in params.items() if not k.startswith("emission_")}
-        out = {k: np.asarray(v) for k, v in params.items()}
-        out["x"] = np.asarray(self.smooth(params, jax.tree.map(jnp.asarray, data))[0])
-        return out
+        return SequenceData(np.where(data.mask, z, 0.0), np.asarray(data.mask), np.asarray(data.lengths),
+                            np.asarray(data.inputs))
 
     # ----- simulation ---------------------------------------------------------------------------
     def default_params(self, key, obs_dim: Optional[int] = None) -> dict:
@@ -721,280 +744,3 @@ class CLDS(Model):
             rate = self.rates(params, self._path_of(params, data), data.inputs)
             return jax.random.poisson(key, rate).astype(rate.dtype)
         return self._simulate_paths(key, params, data.inputs)[1]
-
-    # ----- exact MAP-EM -------------------------------------------------------------------------
-    def em(self, data: SequenceData, *, num_iters: int = 200, key=None, init_params: Optional[Params] = None,
-           tol: Optional[float] = None, verbose: bool = False):
-        """Exact MAP-EM for :func:`ppl_switch.infer.fit_em`: returns ``(params, history)`` with history
-        {"log_likelihoods", "objective" (per iteration), "seconds", "compile_seconds"}. Arguments as
-        :meth:`em_params` (``key`` replaces ``seed``)."""
-        self._require_gaussian("EM (fit_em)")
-        seed = 0 if key is None else int(jax.random.randint(key, (), 0, 2**31 - 1))
-        out = self.em_params(data, num_iters=num_iters, seed=seed, init_params=init_params, tol=tol, verbose=verbose)
-        if out["stopped_nonfinite_at"] is not None:
-            warnings.warn(
-                f"CLDS EM: the objective was not finite at iteration {out['stopped_nonfinite_at']}; returned the "
-                "parameters of its last finite value (try x64=True, more trials, or fixing initial_scale)",
-                FitWarning,
-            )
-        history = {
-            "log_likelihoods": out["log_likelihood"],
-            "objective": out["objective"],
-            "seconds": out["seconds"],
-            "compile_seconds": out["compile_seconds"],
-            "stopped_nonfinite_at": out["stopped_nonfinite_at"],
-        }
-        return out["params"], history
-
-    def em_params(self, data, *, num_iters: int = 200, seed: int = 0, init_params: Optional[Params] = None,
-                  tol: Optional[float] = None, verbose: bool = False, inputs=None, mask=None, lengths=None) -> dict:
-        """Run exact MAP-EM.
-
-        Args:
-            data: a SequenceData or y (with ``inputs``, ``mask``, ``lengths``).
-            num_iters: EM iterations (default 200, as in the authors' notebooks).
-            seed: initialisation seed (prior draws of the weights; PCA for a constant C).
-            init_params: start from these instead.
-            tol: stop when the objective improves by less than ``tol * |J|``.
-        Returns:
-            {"params", "objective" (iterations,) J before each M-step, "log_likelihood" (iterations,),
-             "seconds" (wall time after compilation), "compile_seconds", "data", "stopped_nonfinite_at"
-             (None, or the iteration whose objective was not finite)}.
-        Stops if the objective becomes non-finite, returning the parameters of its last finite value.
-        """
-        self._require_gaussian("EM (fit_em)")
-        if not isinstance(data, SequenceData):
-            data = self.prepare(data, inputs=inputs, mask=mask, lengths=lengths)
-        num_iters = check_positive_int(num_iters, "num_iters")
-        if self.emission_cov == "full" and partly_observed_steps(data.mask):
-            raise DataError("mask: EM with emission_cov='full' needs whole time steps observed or missing")
-        params = self._init_params(jax.random.PRNGKey(seed), data) if init_params is None else dict(init_params)
-        params = {k: jnp.asarray(v) for k, v in params.items() if k not in self.fixed}
-        data = jax.tree.map(jnp.asarray, data)  # on device once, not at every iteration
-        step = self._em_step
-        t0 = time.perf_counter()
-        new_params, stats = step(params, data)
-        jax.block_until_ready(new_params)
-        compile_s = time.perf_counter() - t0
-        objective, loglik = [float(stats["objective"])], [float(stats["log_likelihood"])]
-        # J is evaluated at the parameters going into a step; a non-finite J means the previous M-step's
-        # output is unusable, so the parameters it was computed from (``previous``) are the last finite ones
-        previous, params = params, new_params
-        stopped_at = None
-        t0 = time.perf_counter()
-        for i in range(1, num_iters):
-            new_params, stats = step(params, data)
-            J = float(stats["objective"])
-            if not np.isfinite(J):
-                if verbose:
-                    print(f"EM: objective not finite at iteration {i}; keeping the last finite parameters")
-                params, stopped_at = previous, i
-                break
-            objective.append(J)
-            loglik.append(float(stats["log_likelihood"]))
-            previous, params = params, new_params
-            if verbose and (i % 20 == 0 or i == num_iters - 1):
-                print(f"EM iter {i}: J = {J:.3f}")
-            if tol is not None and abs(objective[-1] - objective[-2]) < tol * abs(objective[-1]):
-                break
-        jax.block_until_ready(params)
-        return {
-            "params": params,
-            "objective": np.asarray(objective),
-            "log_likelihood": np.asarray(loglik),
-            "seconds": time.perf_counter() - t0,
-            "compile_seconds": compile_s,
-            "data": data,
-            "stopped_nonfinite_at": stopped_at,
-        }
-
-    def _require_gaussian(self, what: str) -> None:
-        if self.emission != "gaussian":
-            raise ValueError(f"emission: {what} needs emission='gaussian' (x marginalised by the Kalman "
-                             f"filter); with emission={self.emission!r} use fit_svi (path guide) or fit_nuts")
-
-    @_jit_method
-    def objective(self, params: Params, data: SequenceData) -> jax.Array:
-        """EM objective J = sum_k log p(y^k | W, Theta, u^k) - ||W||^2 / 2 (prior counted once)."""
-        self._require_gaussian("the EM objective")
-        p = self.with_fixed(params)
-        prior = sum(0.5 * jnp.sum(p[f"W_{n}"] ** 2) for n in self.bases if f"W_{n}" not in self.fixed)
-        return self.trial_log_likelihoods(params, data).sum() - prior
-
-    def _init_params(self, key, data: SequenceData) -> dict:
-        """Prior draws of the weights; PCA axes for a constant C; identity covariances (as in the paper)."""
-        N, D = data.obs_dim, self.latent_dim
-        shapes = self.weight_shapes(N)
-        keys = jax.random.split(key, len(shapes))
-        params = {name: jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
-        if isinstance(self.bases["C"], ConstantBasis):
-            y = np.where(data.mask, data.y, np.nan).reshape(-1, N)
-            y = y - np.nanmean(y, 0)
-            y = np.nan_to_num(y)
-            _, s, vt = np.linalg.svd(y, full_matrices=False)
-            C = vt[:D].T * (s[:D] / math.sqrt(max(1, y.shape[0])))
-            params["W_C"] = jnp.asarray(C[None] / self.bases["C"].scale)
-        params["dynamics_scale"], params["dynamics_corr_chol"] = jnp.ones(D), jnp.eye(D)
-        params["initial_scale"], params["initial_corr_chol"] = jnp.ones(D), jnp.eye(D)
-        params["emission_scale"] = jnp.ones(N)
-        if self.emission_cov == "full":
-            params["emission_corr_chol"] = jnp.eye(N)
-        return {k: v for k, v in params.items() if k not in self.fixed}
-
-    def _features(self, names, u):
-        """phi_all = [phi_mat(u), phi_bias(u)] (..., L_mat + L_bias) and the regressor selection
-        (see :func:`_kron_select`): z_t = select(phi_all(u_t) (x) [x_t; 1])."""
-        mat, bias = names
-        phi = [self.bases[mat](u)]
-        num_bias = 0
-        if bias in self.bases:
-            phi.append(self.bases[bias](u))
-            num_bias = self.bases[bias].num_features
-        sel = _kron_select(self.bases[mat].num_features, num_bias, self.latent_dim)
-        return jnp.concatenate(phi, -1), sel
-
-    def _split_weights(self, W, names, out_dim):
-        mat, bias = names
-        L = self.bases[mat].num_features
-        D = self.latent_dim
-        res = {f"W_{mat}": jnp.transpose(W[: L * D].reshape(L, D, out_dim), (0, 2, 1))}
-        if bias in self.bases:
-            res[f"W_{bias}"] = W[L * D:]
-        return res
-
-    def _stack_weights(self, p, names):
-        mat, bias = names
-        Wm = p[f"W_{mat}"]  # (L, out, D)
-        L, out, D = Wm.shape
-        W = jnp.transpose(Wm, (0, 2, 1)).reshape(L * D, out)
-        if bias in self.bases:
-            W = jnp.concatenate([W, p[f"W_{bias}"]], 0)
-        return W
-
-    def _affine_maps(self, phi, W, names, out_dim):
-        """M(u_t) (..., out, D) and bias(u_t) (..., out) (zeros without a bias basis) from the features
-        phi (..., L_mat + L_bias) of :meth:`_features` and stacked weights W (P, out): W' z_t = M x_t + bias."""
-        mat, bias = names
-        w = self._split_weights(W, names, out_dim)
-        L = self.bases[mat].num_features
-        M = jnp.einsum("...l,lij->...ij", phi[..., :L], w[f"W_{mat}"])
-        if bias in self.bases:
-            return M, phi[..., L:] @ w[f"W_{bias}"]
-        return M, jnp.zeros(M.shape[:-1], M.dtype)
-
-    @_jit_method
-    def _em_step(self, params, data: SequenceData):
-        """One ECM iteration. Returns (new params, {"objective", "log_likelihood"} at the old params)."""
-        p = self.with_fixed(params)
-        D = self.latent_dim
-        N = data.obs_dim
-        means, covs, cross, ll = self.smooth(p, data)
-        K, T, _ = means.shape
-        dtype = means.dtype
-        # ---- expected sufficient statistics of [x; 1]
-        ones = jnp.ones((K, T, 1), dtype)
-        xt = jnp.concatenate([means, ones], -1)  # (K, T, D+1)
-        Exx = covs + means[..., :, None] * means[..., None, :]
-        Sxx = jnp.zeros((K, T, D + 1, D + 1), dtype).at[..., :D, :D].set(Exx)
-        Sxx = Sxx.at[..., :D, D].set(means).at[..., D, :D].set(means).at[..., D, D].set(1.0)
-        # E[x~_t x_{t+1}'] (K, T-1, D+1, D)
-        Exnext = _mT(cross) + means[:, :-1, :, None] * means[:, 1:, None, :]
-        Scross = jnp.concatenate([Exnext, means[:, 1:, None, :]], -2)
-        in_len = jnp.arange(T)[None, :] < data.lengths[:, None]  # (K, T)
-        trans = (in_len[:, 1:]).astype(dtype)  # transition t -> t+1 valid
-
-        new = dict(params)
-        # ---- [A b] jointly given Q (Sylvester), then Q. Regressor z_t = [phi_A (x) x_t; phi_b]; the
-        # Gram sum_t E[z z'] is a selection of sum_t (phi phi') (x) E[x~ x~'], one matrix product.
-        D1 = D + 1
-        phi_t, sel = jax.vmap(lambda u: self._features(("A", "b"), u[:-1]))(data.inputs)  # (K, T-1, La)
-        sel = sel[0]
-        n = K * (T - 1)
-        phi = (phi_t * trans[..., None]).reshape(n, -1)  # zero rows for transitions past the length
-        La = phi.shape[-1]
-        outer = (phi[:, :, None] * phi[:, None, :]).reshape(n, La * La)
-        G = (outer.T @ Sxx[:, :-1].reshape(n, D1 * D1)).reshape(La, La, D1, D1)
-        G = jnp.transpose(G, (0, 2, 1, 3)).reshape(La * D1, La * D1)[sel][:, sel]
-        H = (phi.T @ Scross.reshape(n, D1 * D)).reshape(La * D1, D)[sel]
-        Q_old = cov_from_sites(p["dynamics_scale"], p["dynamics_corr_chol"])
-        W = solve_sylvester_psd(G, Q_old, H)
-        new.update(self._split_weights(W, ("A", "b"), D))
-        n_trans = trans.sum()
-        # Q and R come from per-step residuals, not the moment form Syy - W'H - H'W + W'GW (same maximiser):
-        # the summed moments are O(T |x|^2) while Q is O(T q^2), so on near-noiseless data the moment form
-        # cancels every float32 digit and can go indefinite. Each term here is already of the result's size:
-        # E[e e'] = r r' + S_{t+1} - A X_t' - X_t A' + A S_t A',  e = x_{t+1} - A x_t - b,  X_t = cross_t
-        # = Cov[x_{t+1}, x_t],  r = mu_{t+1} - A mu_t - b  (A, b at u_t, as built from the new W).
-        A_t, b_t = self._affine_maps(phi_t, W, ("A", "b"), D)  # (K, T-1, D, D), (K, T-1, D)
-        r = means[:, 1:] - jnp.einsum("ktij,ktj->kti", A_t, means[:, :-1]) - b_t
-        AX = A_t @ _mT(cross)  # A Cov[x_t, x_{t+1}]
-        E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX) + A_t @ covs[:, :-1] @ _mT(A_t)
-        Q = _sym(jnp.where(trans[..., None, None] > 0, E, 0.0).sum((0, 1))) / n_trans
-        new["dynamics_scale"], new["dynamics_corr_chol"] = sites_from_cov(Q)
-
-        # ---- C (and d) given R, then R
-        phie_t, sele = jax.vmap(lambda u: self._features(("C", "d"), u))(data.inputs)  # (K, T, Le)
-        sele = sele[0]
-        n = K * T
-        Le = phie_t.shape[-1]
-        phie = phie_t.reshape(n, Le)
-        obs = data.mask.astype(dtype).reshape(n, N)
-        y = data.y.reshape(n, N)
-        fixed_C = "W_C" in self.fixed
-        zx = (phie[:, :, None] * xt.reshape(n, 1, D1)).reshape(n, Le * D1)[:, sele]  # E[z_t]
-        # sum_t w_t E[z z'] for a (n, M) set of weights w -> (M, P, P)
-        phiphi = (phie[:, :, None] * phie[:, None, :]).reshape(n, Le * Le)
-
-        def weighted_gram(w):
-            full = jnp.einsum("nm,na,nb->mab", w, phiphi, Sxx.reshape(n, D1 * D1))
-            full = full.reshape(-1, Le, Le, D1, D1).transpose(0, 1, 3, 2, 4).reshape(-1, Le * D1, Le * D1)
-            return full[:, sele][:, :, sele]
-
-        if self.emission_cov == "diag":
-            Gn = weighted_gram(obs)  # (N, P, P)
-            hn = (obs * y).T @ zx  # (N, P)
-            R_old = p["emission_scale"] ** 2
-            P = Gn.shape[-1]
-            if fixed_C:
-                Wn = _mT(self._stack_weights(p, ("C", "d")))  # (N, P)
-            else:
-                Wn = jnp.linalg.solve(Gn + R_old[:, None, None] * jnp.eye(P), hn[..., None])[..., 0]
-                new.update(self._split_weights(_mT(Wn), ("C", "d"), N))
-            n_obs = obs.sum(0)
-            # per-step residual form (see Q): sq_n = sum_t m_tn [(y_tn - c_n mu_t - d_n)^2 + c_n S_t c_n']
-            C_t, d_t = self._affine_maps(phie_t, _mT(Wn), ("C", "d"), N)  # (K, T, N, D), (K, T, N)
-            resid = data.y - jnp.einsum("ktnd,ktd->ktn", C_t, means) - d_t
-            sq_t = resid**2 + jnp.einsum("ktnd,ktde,ktne->ktn", C_t, covs, C_t)
-            sq = jnp.where(data.mask, sq_t, 0.0).sum((0, 1))
-            new["emission_scale"] = jnp.sqrt(jnp.maximum(sq / n_obs, 1e-12))
-        else:
-            step_obs = obs[:, :1]  # whole steps observed or missing (checked)
-            Ge = weighted_gram(step_obs)[0]
-            He = zx.T @ (step_obs * y)
-            R_old = cov_from_sites(p["emission_scale"], p["emission_corr_chol"])
-            if fixed_C:
-                We = self._stack_weights(p, ("C", "d"))
-            else:
-                We = solve_sylvester_psd(Ge, R_old, He)
-                new.update(self._split_weights(We, ("C", "d"), N))
-            # per-step residual form (see Q): E[e e'] = r r' + C S_t C' over the observed steps
-            C_t, d_t = self._affine_maps(phie_t, We, ("C", "d"), N)  # (K, T, N, D), (K, T, N)
-            resid = data.y - jnp.einsum("ktnd,ktd->ktn", C_t, means) - d_t
-            E = resid[..., :, None] * resid[..., None, :] + C_t @ covs @ _mT(C_t)
-            R = _sym(jnp.where(data.mask[..., :1, None], E, 0.0).sum((0, 1))) / step_obs.sum()
-            new["emission_scale"], new["emission_corr_chol"] = sites_from_cov(R)
-
-        # ---- m given Q_1 (Sylvester), then Q_1
-        phim = jax.vmap(lambda u: self.bases["m"](u[:1])[0])(data.inputs)  # (K, L_m)
-        Q1_old = cov_from_sites(p["initial_scale"], p["initial_corr_chol"])
-        Gm = phim.T @ phim
-        Hm = phim.T @ means[:, 0]
-        Wm = solve_sylvester_psd(Gm, Q1_old, Hm)
-        new["W_m"] = Wm
-        r = means[:, 0] - phim @ Wm
-        Q1 = _sym(covs[:, 0].sum(0) + r.T @ r) / K
-        new["initial_scale"], new["initial_corr_chol"] = sites_from_cov(Q1)
-
-        new = {k: v for k, v in new.items() if k not in self.fixed}
-        prior = sum(0.5 * jnp.sum(p[f"W_{n}"] ** 2) for n in self.bases if f"W_{n}" not in self.fixed)
-        return new, {"objective": ll.sum() - prior, "log_likelihood": ll.sum()}
