@@ -51,7 +51,7 @@ from ppl_switch.analysis.gdm_metrics import (  # noqa: E402
 from ppl_switch.analysis.metrics import knn_classify  # noqa: E402
 from ppl_switch.datasets.nascar import nascar  # noqa: E402
 from ppl_switch.guides.gdm_guides import LinearGuide, MixtureGuide  # noqa: E402
-from ppl_switch.infer.gdm_svi import fit_gdm_svi, temperature_schedule  # noqa: E402
+from ppl_switch.infer.gdm_svi import encode, fit_gdm_svi, soft_states, temperature_schedule  # noqa: E402
 from ppl_switch.models.gdm import GDM  # noqa: E402
 from ppl_switch.models.gdm_mixture import GDMMixture  # noqa: E402
 
@@ -70,21 +70,22 @@ def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000,
     fit = fit_gdm_svi(model, train.y, guide=encoder, seed=seed, num_steps=num_steps, start=start_kind,
                       projection={"random": "model"}.get(projection, projection))
     model = fit.model  # a copy with the PCA projection when projection is pca / auto
-    z_train = fit.encode(num_samples=20, seed=seed)
-    out = dict(variant=variant, seed=seed, steps=fit.num_steps, fit_time=fit.wall_time,
+    params = fit.point_estimate()  # the model's MAP values by site
+    z_train = encode(fit, num_samples=20, seed=seed)
+    out = dict(variant=variant, seed=seed, steps=fit.diagnostics["num_steps"], fit_time=fit.diagnostics["wall_time"],
                final_elbo=float(-np.mean(fit.losses[-100:])),
-               train_r2=smoothed_r2(model, fit.params, z_train, fit.data))
+               train_r2=smoothed_r2(model, params, z_train, fit.data))
     # predictive (transition spread + observation noise) and the released code's transition-only envelope
     for suffix, noise in (("", True), ("_transition_only", False)):
-        _, lo, hi = one_step_envelope(model, fit.params, z_train[:10], fit.data, jax.random.PRNGKey(seed),
+        _, lo, hi = one_step_envelope(model, params, z_train[:10], fit.data, jax.random.PRNGKey(seed),
                                       num_branches=10, observation_noise=noise)
         out["envelope_width" + suffix] = float(np.nanmean(np.asarray(hi - lo)[:, 1:, 0]))
         out["envelope_coverage" + suffix] = envelope_coverage(lo, hi, fit.data.y, dim=0)
     if not soft:  # the rotation segments (true states 0, 1), in the true positions' frame
         zbar = np.asarray(z_train.mean(0)[0])
         segment_states = np.stack([zbar[train.states == j].mean(0) for j in (0, 1)])
-        per_state = aligned_state_fixed_points(model, fit.params, train.y, train.latents)
-        mixed = aligned_state_fixed_points(model, fit.params, train.y, train.latents, segment_states)
+        per_state = aligned_state_fixed_points(model, params, train.y, train.latents)
+        mixed = aligned_state_fixed_points(model, params, train.y, train.latents, segment_states)
         for j in (0, 1):
             truth = train.params["fixed_points"][j]
             k = int(np.argmax(segment_states[j]))  # the learned state most used on the segment
@@ -94,9 +95,9 @@ def run_seed(variant: str, seed: int, num_steps: int, num_timesteps: int = 1000,
             out[f"fixed_point_mixed_error_{j}"] = float(np.linalg.norm(mixed[j] - truth))
     for name, test in tests.items():
         data = model.prepare(test.y)
-        z_test = fit.encode(data, num_samples=20, seed=seed + 1)
+        z_test = encode(fit, data, num_samples=20, seed=seed + 1)
         out[f"acc_{name}"] = inferred_state_accuracy(z_train.mean(0)[0], train.states, z_test.mean(0)[0], test.states)
-        out[f"test_r2_{name}"] = smoothed_r2(model, fit.params, z_test, data)
+        out[f"test_r2_{name}"] = smoothed_r2(model, params, z_test, data)
         # supervised ceiling: k-NN from the true latent positions (what location alone supports)
         out[f"ceiling_{name}"] = float(np.mean(knn_classify(train.latents, train.states, test.latents, 10) == test.states))
     out["total_time"] = time.perf_counter() - start
@@ -113,9 +114,9 @@ def run_mixture_seed(variant: str, seed: int, num_steps: int, num_timesteps: int
     model = GDMMixture(num_states=4, latent_dim=2, obs_dim=C.shape[0])
     fit = fit_gdm_svi(model, train.y, guide=MixtureGuide(model, seed=seed), seed=seed, num_steps=num_steps)
     accuracy = inferred_state_accuracy(
-        fit.soft_states()[0], train.states, fit.soft_states(model.prepare(test.y))[0], test.states
+        soft_states(fit)[0], train.states, soft_states(fit, test.y)[0], test.states
     )
-    return {"variant": variant, "seed": seed, "steps": fit.num_steps, "fit_time": fit.wall_time,
+    return {"variant": variant, "seed": seed, "steps": fit.diagnostics["num_steps"], "fit_time": fit.diagnostics["wall_time"],
             "acc_new-path": accuracy, "total_time": time.perf_counter() - start}
 
 
@@ -130,12 +131,13 @@ def run_fresh_seed(seed: int, noise_std: float, num_steps: int = 4000, num_times
     test = nascar(seed + 10_000, num_timesteps, noise_std=noise_std, emission_matrix=C)
     model = GDM(num_states=4, latent_dim=2, obs_dim=C.shape[0], projection_seed=seed)
     fit = fit_gdm_svi(model, train.y, start=start_kind, projection=projection, seed=seed, num_steps=num_steps, **fit_options)
-    z_train = np.asarray(fit.soft_states(num_samples=20, seed=seed)[0])
-    z_test = np.asarray(fit.soft_states(fit.model.prepare(test.y), num_samples=20, seed=seed + 1)[0])
-    return dict(seed=seed, noise_std=noise_std, x64=bool(jax.config.jax_enable_x64), start=fit.start,
-                projection=fit.projection, steps=fit.num_steps, final_elbo=float(-np.mean(fit.losses[-100:])),
+    z_train = np.asarray(soft_states(fit, num_samples=20, seed=seed)[0])
+    z_test = np.asarray(soft_states(fit, test.y, num_samples=20, seed=seed + 1)[0])
+    info = fit.diagnostics
+    return dict(seed=seed, noise_std=noise_std, x64=bool(jax.config.jax_enable_x64), start=info["start"],
+                projection=info["projection"], steps=info["num_steps"], final_elbo=float(-np.mean(fit.losses[-100:])),
                 acc=inferred_state_accuracy(z_train, train.states, z_test, test.states),
-                fit_time=fit.wall_time, total_time=time.perf_counter() - begin)
+                fit_time=info["wall_time"], total_time=time.perf_counter() - begin)
 
 
 def summarise(rows: list[dict]) -> dict:

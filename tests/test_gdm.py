@@ -21,7 +21,7 @@ from ppl_switch.data import DataError
 from ppl_switch.datasets.nascar import nascar
 from ppl_switch.distributions.relaxed import RelaxedMarkovChain
 from ppl_switch.guides.gdm_guides import BiGRUGuide, LinearGuide
-from ppl_switch.infer.gdm_svi import fit_gdm_svi, learning_rate_schedule, temperature_schedule
+from ppl_switch.infer.gdm_svi import encode, fit_gdm_svi, learning_rate_schedule, soft_states, temperature_schedule
 from ppl_switch.models.gdm import GDM
 
 # oracle comparisons at 1e-8 and below need float64 (tests/conftest.py: float32 is the default)
@@ -265,7 +265,8 @@ def short_fit():
     tr = nascar(0, 120)
     te = nascar(1, 120, emission_matrix=tr.params["emission_matrix"])
     model = GDM(num_states=4, latent_dim=2, obs_dim=10)
-    fit = fit_gdm_svi(model, tr.y, start="released", projection="model", num_steps=200, num_particles=2, seed=0, chunk_size=100)
+    fit = fit_gdm_svi(model, tr.y, start="released", projection="model", num_steps=200, num_particles=2, seed=0, chunk_size=100,
+                      num_draws=4)
     return model, fit, tr, te
 
 
@@ -273,9 +274,9 @@ def test_short_fit_improves_elbo_and_exports_inference_data(short_fit):
     from ppl_switch.results import get_group
 
     model, fit, tr, _ = short_fit
-    assert (fit.start, fit.projection) == ("released", "model") and fit.model is model
+    assert (fit.diagnostics["start"], fit.diagnostics["projection"]) == ("released", "model") and fit.model is model
     assert np.all(np.isfinite(fit.losses)) and fit.losses[-50:].mean() < fit.losses[:50].mean()
-    idata = fit.to_inference_data(num_draws=4)
+    idata = fit.idata
     z = get_group(idata, "posterior")["z"]
     assert z.dims == ("chain", "draw", "trial", "time", "state")
     np.testing.assert_allclose(z.values.sum(-1), 1.0, atol=1e-5)
@@ -297,35 +298,37 @@ def _knn_accuracy_oracle(train_z, train_labels, test_z, test_labels, k):
 def test_amortised_encoding_and_analysis(short_fit):
     """Encoding a new trial changes nothing, and each analysis value equals an independent computation."""
     model, fit, tr, te = short_fit
-    before = jax.tree.map(np.copy, fit.svi_params)
+    before = jax.tree.map(np.copy, fit.params)
     dte = model.prepare(te.y)
-    zte = np.asarray(fit.encode(dte, num_samples=5))
+    zte = np.asarray(encode(fit, dte, num_samples=5))
     assert zte.shape == (5, 1, 120, 4)
     np.testing.assert_allclose(zte.sum(-1), 1.0, atol=1e-10)
-    jax.tree.map(np.testing.assert_array_equal, before, fit.svi_params)  # no optimisation on new data
-    ztr = np.asarray(fit.encode(num_samples=5))
+    jax.tree.map(np.testing.assert_array_equal, before, fit.params)  # no optimisation on new data
+    np.testing.assert_array_equal(encode(fit, te.y, num_samples=5), zte)  # raw y is prepared with fit.model
+    ztr = np.asarray(encode(fit, num_samples=5))
     # the samples are the guide's relaxed chain at the encoder's logits W y_t + b: their mean follows
     # the logits' argmax on most steps (tau = 0.99 leaves Gumbel noise in each draw)
-    logits = te.y @ fit.svi_params["guide_W"].T + fit.svi_params["guide_b"]
+    logits = te.y @ fit.params["guide_W"].T + fit.params["guide_b"]
     assert np.mean(zte.mean(0)[0].argmax(-1) == logits.argmax(-1)) > 0.8
     acc = inferred_state_accuracy(ztr.mean(0), tr.states, zte.mean(0), te.states)
     assert acc == _knn_accuracy_oracle(ztr.mean(0)[0], tr.states, zte.mean(0)[0], te.states, 10)
     # smoothed R²: sum_k zbar_tk m_tk from the equations, then 1 - SS_res / SS_tot per dimension
-    p = {k: np.asarray(v) for k, v in fit.params.items()}
+    estimate = fit.point_estimate()  # the model's MAP values (and z's mean)
+    p = {k: np.asarray(v) for k, v in estimate.items()}
     F, zbar, y = model.fixed_projection(10), ztr.mean(0)[0], tr.y
     means = np.concatenate([zbar[:1] @ p["init_mean"],
                             np.einsum("tk,knd,td->tn", zbar[1:], p["dynamics"], y[:-1] @ F.T) + zbar[1:] @ p["offsets"]])
     r2 = np.mean(1 - ((y - means) ** 2).sum(0) / (((y - y.mean(0)) ** 2).sum(0) + 1e-8))
-    assert abs(smoothed_r2(model, fit.params, ztr, fit.data) - r2) < 1e-9 and r2 > 0.5
+    assert abs(smoothed_r2(model, estimate, ztr, fit.data) - r2) < 1e-9 and r2 > 0.5
     # predictive envelope: symmetric, at least 3 sigma either side (the emission variance is in it)
-    mean, lo, hi = (np.asarray(a) for a in one_step_envelope(model, fit.params, ztr, fit.data, jax.random.PRNGKey(0), num_branches=3))
+    mean, lo, hi = (np.asarray(a) for a in one_step_envelope(model, estimate, ztr, fit.data, jax.random.PRNGKey(0), num_branches=3))
     assert mean.shape == (1, 120, 10)
     np.testing.assert_allclose(hi[:, 1:] - mean[:, 1:], mean[:, 1:] - lo[:, 1:], rtol=1e-9)
     assert np.all(hi[:, 1:] - mean[:, 1:] >= 3 * np.exp(0.5 * p["log_obs_var"]) * (1 - 1e-9))
     coverage = envelope_coverage(lo, hi, fit.data.y)
     assert coverage == np.mean((y[1:] >= lo[0, 1:]) & (y[1:] <= hi[0, 1:])) and coverage > 0.9
     assert envelope_coverage(lo, hi, fit.data.y, dim=3) == np.mean((y[1:, 3] >= lo[0, 1:, 3]) & (y[1:, 3] <= hi[0, 1:, 3]))
-    pred = predict_k_steps(model, fit.params, ztr, fit.data, 3, jax.random.PRNGKey(1))
+    pred = predict_k_steps(model, estimate, ztr, fit.data, 3, jax.random.PRNGKey(1))
     assert np.all(np.isnan(pred[:, :, :3])) and np.all(np.isfinite(pred[:, :, 3:]))
 
 
@@ -377,8 +380,8 @@ def test_sticky_linear_and_bigru_guides_and_gru_transition_run():
     model = GDM(num_states=2, latent_dim=2, obs_dim=3, transition="gru", gru_hidden=3)
     data, _ = model.simulate(jax.random.PRNGKey(0), 2, 15)
     fit = fit_gdm_svi(model, data, guide=BiGRUGuide(model, hidden=3, sticky=True), num_steps=2, num_particles=2, chunk_size=2, early_stopping=False)
-    assert np.all(np.isfinite(fit.losses)) and "guide_B" in fit.svi_params and "gru_W" in fit.params
-    assert fit.encode(num_samples=2).shape == (2, 2, 15, 2)
+    assert np.all(np.isfinite(fit.losses)) and "guide_B" in fit.params and "gru_W" in fit.point_estimate()
+    assert encode(fit, num_samples=2).shape == (2, 2, 15, 2)
     guide = LinearGuide(GDM(num_states=2, obs_dim=3), sticky=True)
     q = guide.posterior({k: jnp.asarray(v) for k, v in guide.encoder_params(guide.init_values(3)).items()}, data)
     assert q.coupling.shape == (2, 2)
@@ -417,8 +420,8 @@ def nuts_smoke(num_timesteps=60, num_warmup=300, num_samples=300, seed=0):
     )
     data, truth = model.simulate(jax.random.PRNGKey(seed), 1, num_timesteps, params=params)
     fit = fit_gdm_svi(model, data, num_steps=1500, num_particles=10, seed=seed)
-    z_guide = fit.soft_states(num_samples=50)
-    init = dict(fit.params, z=jnp.clip(z_guide, 1e-3, 1.0) / jnp.clip(z_guide, 1e-3, 1.0).sum(-1, keepdims=True))
+    z_guide = soft_states(fit, num_samples=50)
+    init = dict(fit.point_estimate(), z=jnp.clip(z_guide, 1e-3, 1.0) / jnp.clip(z_guide, 1e-3, 1.0).sum(-1, keepdims=True))
     mcmc = MCMC(NUTS(model.program, init_strategy=init_to_value(values=init), target_accept_prob=0.9),
                 num_warmup=num_warmup, num_samples=num_samples, progress_bar=False)
     mcmc.run(jax.random.PRNGKey(seed + 1), data, extra_fields=("diverging",))

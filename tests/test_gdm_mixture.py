@@ -182,14 +182,14 @@ def test_standard_nascar_recovery():
     the 2-level model; the test trial is encoded with x = pinv(C)(y - d), no optimisation."""
     from ppl_switch.analysis.gdm_metrics import inferred_state_accuracy
     from ppl_switch.datasets.nascar import nascar
-    from ppl_switch.infer.gdm_svi import fit_gdm_svi
+    from ppl_switch.infer.gdm_svi import fit_gdm_svi, soft_states
 
     tr = nascar(0)
     te = nascar(1, emission_matrix=tr.params["emission_matrix"])
     model = GDMMixture(num_states=4, latent_dim=2, obs_dim=10)
     fit = fit_gdm_svi(model, tr.y, guide=MixtureGuide(model, seed=0), seed=0)
     dte = model.prepare(te.y)
-    acc = inferred_state_accuracy(fit.soft_states()[0], tr.states, fit.soft_states(dte)[0], te.states)
+    acc = inferred_state_accuracy(soft_states(fit)[0], tr.states, soft_states(fit, dte)[0], te.states)
     assert acc > 0.75
 
 

@@ -20,7 +20,7 @@ from ppl_switch.guides.gdm_guides import LinearGuide
 from ppl_switch.errors import FitError
 from ppl_switch.data import interpolate_missing, missing_share
 from ppl_switch.infer.gdm_start import hard_state_em, pca_projection, segmentation_start
-from ppl_switch.infer.gdm_svi import fit_gdm_svi, resolve_start
+from ppl_switch.infer.gdm_svi import fit_gdm_svi, resolve_start, soft_states
 from ppl_switch.models.gdm import GDM
 
 # oracle comparisons at 1e-8 and below need float64 and are marked so; the default-path tests run in
@@ -172,13 +172,13 @@ def test_segmentation_start_fit_recovers_rotation_fixed_points(nascar_train):
     model = GDM(num_states=4, latent_dim=2, obs_dim=10, projection_matrix=pca_projection(data, 2))
     guide = LinearGuide(model, seed=0, start=segmentation_start(model, data, seed=0))
     fit = fit_gdm_svi(model, data, guide=guide, seed=0)
-    z = np.asarray(fit.soft_states()[0])
-    fixed = aligned_state_fixed_points(model, fit.params, nascar_train.y, nascar_train.latents)
+    z = np.asarray(soft_states(fit)[0])
+    fixed = aligned_state_fixed_points(model, fit.point_estimate(), nascar_train.y, nascar_train.latents)
     for j in (0, 1):
         k = int(np.argmax(z[nascar_train.states == j].mean(0)))
         assert np.linalg.norm(fixed[k] - nascar_train.params["fixed_points"][j]) < 0.3
     test = nascar(0, 1000, emission_matrix=nascar_train.params["emission_matrix"], stream="reference")
-    accuracy = inferred_state_accuracy(z, nascar_train.states, np.asarray(fit.soft_states(model.prepare(test.y))[0]), test.states)
+    accuracy = inferred_state_accuracy(z, nascar_train.states, np.asarray(soft_states(fit, test.y)[0]), test.states)
     assert accuracy > 0.95
 
 
@@ -199,22 +199,22 @@ def default_fit():
 
 def test_default_path_starts_from_the_segmentation_with_the_pca_projection(default_fit):
     model, fit, train, _ = default_fit
-    assert (fit.start, fit.projection) == ("segmentation", "pca")
+    assert (fit.diagnostics["start"], fit.diagnostics["projection"]) == ("segmentation", "pca")
     assert model.projection_matrix is None  # the model passed in is left alone; fit.model carries F
     np.testing.assert_allclose(fit.model.fixed_projection(10), pca_projection(train.y, 2), rtol=1e-6)
     # the SVI started at the hard-state EM fit: its first loss is far below the released start's
     released_guide = LinearGuide(fit.model, seed=0)
     assert fit.guide.start is not None and not np.allclose(fit.guide.init_values(10)["dynamics_map"],
                                                            released_guide.init_values(10)["dynamics_map"])
-    assert fit.svi_params["dynamics_map"].dtype == np.float32 and np.all(np.isfinite(fit.losses))
+    assert fit.params["dynamics_map"].dtype == np.float32 and np.all(np.isfinite(fit.losses))
 
 
 def test_default_path_state_accuracy_in_the_headline_direction(default_fit):
     """Small-scale check of the headline claim (model card: the default path reaches >= 0.85 state
     accuracy on standard NASCAR; measured 0.99 at noise sd 0.01): a new test trial encoded without refitting."""
     _, fit, train, test = default_fit
-    z_train = np.asarray(fit.soft_states(seed=0)[0])
-    z_test = np.asarray(fit.soft_states(fit.model.prepare(test.y), seed=1)[0])
+    z_train = np.asarray(soft_states(fit, seed=0)[0])
+    z_test = np.asarray(soft_states(fit, test.y, seed=1)[0])
     assert inferred_state_accuracy(z_train, train.states, z_test, test.states) > 0.9
     assert matched_state_accuracy(z_train.argmax(-1), train.states, 4) > 0.9
 

@@ -189,14 +189,25 @@ def test_hmm_with_partly_observed_steps_is_fitted_by_em():
 
 
 def test_real_gdm_fit_through_fit_is_one_fit_type(tmp_path):
-    """The GDM's own trainer returns a GDMFit; fit() hands back a Fit with idata, the MAP estimate as
-    point_estimate and the model actually fitted (with the PCA projection the 'auto' start chose)."""
+    """The GDM's own trainer returns a Fit itself, the one fit() hands back: idata, the MAP estimate as
+    point_estimate, the fitted encoder, and the model actually fitted (with the PCA projection the 'auto'
+    start chose). A fit without an encoder (here: loaded from disk) refuses to encode, naming why."""
+    from ppl_switch.infer.gdm_svi import encode, fit_gdm_svi
+
     model = get_model("gdm", num_states=2, latent_dim=1, obs_dim=2)
     data, _ = model.simulate(jax.random.PRNGKey(0), 1, 40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ppl_switch.infer.FitWarning)  # 50 steps: the loss may still move
         fit = ppl_switch.fit(model, np.asarray(data.y), num_steps=50, num_restarts=1, num_draws=6, progress_bar=False)
+        own = fit_gdm_svi(model, np.asarray(data.y), num_steps=50, num_restarts=1, num_draws=6)
     assert isinstance(fit, Fit) and fit.method == "svi" and fit.config["runner"] == "gdm_svi"
+    assert type(own) is Fit and own.config["num_draws"] == 6
+    np.testing.assert_array_equal(own.losses, fit.losses)  # the runner is the trainer, nothing added
+    np.testing.assert_array_equal(own.samples["z"], fit.samples["z"])
+    np.testing.assert_array_equal(encode(fit, num_samples=6, seed=0), fit.samples["z"][0])  # idata's draws
+    fit.save(tmp_path / "gdm.nc")
+    with pytest.raises(ValueError, match="fit: needs a GDM fit returned by fit_gdm_svi"):
+        encode(ppl_switch.infer.load(tmp_path / "gdm.nc"))
     assert fit.diagnostics["start"] == "segmentation" and fit.diagnostics["projection"] == "pca"
     assert fit.model is not model and fit.model.projection_matrix is not None
     assert fit.samples["z"].shape == (1, 6, 1, 40, 2) and fit.losses.shape == (50,)
@@ -226,6 +237,8 @@ def test_gdm_with_missing_entries_keeps_the_data_driven_start_and_a_gru_gdm_says
         warnings.simplefilter("always", ppl_switch.infer.FitWarning)
         fit = ppl_switch.fit(gru, y, num_steps=20, num_restarts=1, num_draws=2, progress_bar=False)
     assert fit.diagnostics["start"] == "released"
-    fallback = [w for w in fit.warnings if w.startswith("GDM: the data-driven start needs Gaussian data and a linear transition")]
-    assert len(fallback) == 1 and repr(fit.diagnostics["start"]) in fallback[0]
+    fallback = [w for w in fit.warnings if w.startswith("GDM: the data-driven start needs a 2-level GDM with Gaussian "
+                                                        "emissions, the linear transition and no inputs; this fit used "
+                                                        "the released code's random start")]
+    assert len(fallback) == 1
     assert fallback[0] in [str(w.message) for w in caught if issubclass(w.category, ppl_switch.infer.FitWarning)]

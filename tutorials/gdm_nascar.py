@@ -38,7 +38,7 @@ from ppl_switch.analysis.gdm_metrics import (
     state_fixed_points,
 )
 from ppl_switch.datasets.nascar import nascar
-from ppl_switch.infer.gdm_svi import fit_gdm_svi
+from ppl_switch.infer.gdm_svi import encode, fit_gdm_svi, soft_states
 from ppl_switch.models.gdm import GDM
 
 SMOKE = os.environ.get("PPL_SWITCH_SMOKE", "0") == "1"
@@ -64,9 +64,10 @@ print("state occupancy (train):", np.bincount(train.states, minlength=4) / T)
 
 # %%
 fit = fit_gdm_svi(GDM(num_states=4, latent_dim=2, obs_dim=10), train.y, num_steps=STEPS,
-                  num_particles=2 if SMOKE else 10, chunk_size=10 if SMOKE else 100, num_restarts=3 if SMOKE else 20)
-model = fit.model
-print(f"start {fit.start}, projection {fit.projection}: {fit.num_steps} steps in {fit.wall_time:.1f} s; "
+                  num_particles=2 if SMOKE else 10, chunk_size=10 if SMOKE else 100, num_restarts=3 if SMOKE else 20,
+                  num_draws=4 if SMOKE else 20)
+model, params, info = fit.model, fit.point_estimate(), fit.diagnostics  # MAP values by site; z: its mean
+print(f"start {info['start']}, projection {info['projection']}: {info['num_steps']} steps in {info['wall_time']:.1f} s; "
       f"final loss {fit.losses[-1]:.1f}")
 
 # %% [markdown]
@@ -74,11 +75,11 @@ print(f"start {fit.start}, projection {fit.projection}: {fit.num_steps} steps in
 
 # %%
 test_data = model.prepare(test.y)
-z_train = fit.encode(num_samples=20)  # (samples, trials, time, K)
-z_test = fit.encode(test_data, num_samples=20)  # no optimisation on the new trial
+z_train = encode(fit, num_samples=20)  # (samples, trials, time, K)
+z_test = encode(fit, test_data, num_samples=20)  # no optimisation on the new trial
 accuracy = inferred_state_accuracy(z_train.mean(0)[0], train.states, z_test.mean(0)[0], test.states)
 print(f"test inferred-state accuracy (k-NN, k=10): {accuracy:.3f}")
-print(f"train R2 {smoothed_r2(model, fit.params, z_train, fit.data):.4f}, test R2 {smoothed_r2(model, fit.params, z_test, test_data):.4f}")
+print(f"train R2 {smoothed_r2(model, params, z_train, fit.data):.4f}, test R2 {smoothed_r2(model, params, z_test, test_data):.4f}")
 
 # %% [markdown]
 # ## One-step-ahead prediction envelope (10 encoder paths x 10 transition draws, ±3 sd)
@@ -90,7 +91,7 @@ print(f"train R2 {smoothed_r2(model, fit.params, z_train, fit.data):.4f}, test R
 # %%
 for noise in (True, False):
     mean, lower, upper = one_step_envelope(
-        model, fit.params, z_train[:10], fit.data, jax.random.PRNGKey(0), num_branches=10, observation_noise=noise
+        model, params, z_train[:10], fit.data, jax.random.PRNGKey(0), num_branches=10, observation_noise=noise
     )
     width = float(np.nanmean(np.asarray(upper - lower)[0, 1:, 0]))
     coverage = envelope_coverage(lower, upper, fit.data.y, dim=0)
@@ -105,8 +106,8 @@ for noise in (True, False):
 # benchmark reports the rotation states' fixed points on standard NASCAR.)
 
 # %%
-print(np.asarray(state_fixed_points(model, fit.params, 10)))
-print(aligned_state_fixed_points(model, fit.params, train.y, train.latents))
+print(np.asarray(state_fixed_points(model, params, 10)))
+print(aligned_state_fixed_points(model, params, train.y, train.latents))
 
 # %% [markdown]
 # ## Standard NASCAR: each rotation gets its own state
@@ -121,8 +122,8 @@ standard = nascar(0, T, stream="reference")
 seg_fit = fit_gdm_svi(GDM(num_states=4, latent_dim=2, obs_dim=10), standard.y, num_steps=STEPS,
                       num_particles=2 if SMOKE else 10, chunk_size=10 if SMOKE else 100, num_restarts=3 if SMOKE else 20)
 seg_model = seg_fit.model
-z_standard = np.asarray(seg_fit.soft_states()[0])
-fixed = aligned_state_fixed_points(seg_model, seg_fit.params, standard.y, standard.latents)
+z_standard = np.asarray(soft_states(seg_fit)[0])
+fixed = aligned_state_fixed_points(seg_model, seg_fit.point_estimate(), standard.y, standard.latents)
 for j, centre in enumerate(standard.params["fixed_points"][:2]):
     if np.any(standard.states == j):
         k = int(np.argmax(z_standard[standard.states == j].mean(0)))  # the state used on rotation j
@@ -132,5 +133,4 @@ for j, centre in enumerate(standard.params["fixed_points"][:2]):
 # ## ArviZ output: z draws (chain, draw, trial, time, state), log-likelihood, posterior predictive
 
 # %%
-idata = fit.to_inference_data(num_draws=4 if SMOKE else 20)
-print(idata)
+print(fit.idata)  # num_draws=20 encoder draws of z (4 in smoke mode)

@@ -1,8 +1,9 @@
 """GDM analysis (paper §3.2, §4): inferred-state accuracy, smoothing, k-step prediction with envelopes,
 per-state fixed points.
 
-All functions take model point estimates ``params`` (e.g. ``GDMFit.params``) and soft-state samples
-``z`` (samples, trials, time, K) from the amortised guide (``GDMFit.encode``).
+All functions take model point estimates ``params`` (e.g. ``fit.point_estimate()`` of a GDM fit) and
+soft-state samples ``z`` (samples, trials, time, K) from the amortised guide
+(:func:`ppl_switch.infer.gdm_svi.encode`).
 """
 
 from __future__ import annotations

@@ -71,6 +71,8 @@ class Fit:
             :class:`~ppl_switch.errors.FitWarning`, and ``repr(fit)`` lists them.
         estimate: the point estimate :meth:`point_estimate` returns when the runner computed one
             itself (SVI: the guide's median); None = the mean of ``samples``.
+        guide: SVI: the fitted guide, whose parameters are ``params`` (the GDM's: its amortised encoder,
+            see :func:`ppl_switch.infer.gdm_svi.encode`); None for NUTS, EM and a fit loaded from disk.
     """
 
     model: Any
@@ -84,6 +86,7 @@ class Fit:
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     estimate: Optional[dict[str, np.ndarray]] = None
+    guide: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def point_estimate(self) -> dict[str, np.ndarray]:
         """The model's own parameters (and latent sites) in their constrained space, one value per site,
@@ -93,7 +96,7 @@ class Fit:
           the constrained image of its ``loc``); for a guide without ``median``, the mean of the draws;
         * NUTS: the posterior mean over chains and draws, after relabelling;
         * EM: the estimate itself (its single draw);
-        * GDM SVI: the MAP point estimates, ``z`` as the mean of its draws.
+        * GDM (``fit_gdm_svi``): the MAP point estimates, ``z`` as the mean of its draws.
 
         The mean of constrained draws can leave a constraint that is not convex (e.g. the mean of
         correlation Cholesky factors is not one); use the draws for such sites.

@@ -371,6 +371,7 @@ def fit_svi(
         config=config,
         relabel=relabel,
     )
+    fit.guide = guide
     if estimate is not None:  # sites the guide has no median for (deterministic ones): mean of the draws
         fit.estimate = {**{k: np.asarray(v).mean(axis=(0, 1)) for k, v in fit.samples.items()}, **estimate}
     moving = moving_objective_warnings(losses, what="SVI loss", advice="run more steps (num_steps) or raise the learning_rate")
