@@ -460,3 +460,27 @@ def test_reference_nascar_default_path():
     d = simulate_reference_nascar(seed=0)
     fit = fit_em(RSLDS(4, 2, obs_dim=10, transitions="recurrent_only"), d["y"])
     assert matched_state_accuracy(d["states"][0], fit.params["q_state_probs"][0].argmax(-1), 4) >= 0.98
+
+
+@pytest.mark.parametrize("num_steps", [12, 40])
+def test_bernoulli_start_smooths_trials_shorter_and_longer_than_its_kernel(num_steps):
+    """The Bernoulli rSLDS's start reads spikes smoothed by a Gaussian kernel (31 steps at width 5) and
+    normalised over the observed entries: equal to the weighted average written as a loop, for a ragged
+    trial shorter than the kernel (np.convolve's "same" mode returned the kernel's length there) and a
+    longer one, with missing entries; init_values then runs."""
+    from ppl_switch.models.rslds import gaussian_view
+
+    model = RSLDS(num_states=2, latent_dim=2, obs_dim=3, emission="bernoulli")
+    rng = np.random.default_rng(0)
+    y = (rng.random((2, num_steps, 3)) < 0.3).astype(float)
+    mask = rng.random(y.shape) > 0.2
+    data = model.prepare(np.where(mask, y, np.nan), lengths=[num_steps, num_steps - 3])
+    view = gaussian_view(model, data)
+    half, width = 15, 5.0
+    for n, length in enumerate(data.lengths):
+        for t in range(length):
+            s = np.arange(num_steps)
+            w = np.where(np.abs(s - t) <= half, np.exp(-0.5 * ((s - t) / width) ** 2), 0.0)[:, None] * data.mask[n]
+            expected = (w * np.where(data.mask[n], data.y[n], 0.0)).sum(0) / w.sum(0)
+            np.testing.assert_allclose(np.asarray(view.y)[n, t], expected, rtol=1e-12)
+    assert np.isfinite(np.asarray(model.init_values(data)["x"])).all()

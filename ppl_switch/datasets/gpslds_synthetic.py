@@ -1,8 +1,8 @@
 """The gpSLDS paper's synthetic benchmarks (Hu et al. 2024): two rotations and a limit cycle.
 
 ``simulate_gpslds_synthetic`` reproduces the recipe of the authors' ``data/generate_synthetic_data.py``
-(Sec. 4.1; notes: reference/models/gpslds.md §4.1) with JAX random numbers (so the draws differ from
-the paper's pickles):
+(Sec. 4.1 of "Modeling Latent Neural Dynamics with Gaussian Process Switching Linear Dynamical Systems") with
+JAX random numbers (so the draws differ from the paper's pickles):
 
 * drift: two linear systems built from discrete-time rotations (bin 0.01 s, rot_scale 1.003,
   theta = -+pi/100), fixed points (-3, 0) (clockwise, x1 < 0) and (+3, 0) (counter-clockwise, x1 > 0),

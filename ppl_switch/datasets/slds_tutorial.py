@@ -1,4 +1,4 @@
-"""The two-regime rotation system of the SLDS tutorial (reference/seeds/slds_tutorial.txt).
+"""The two-regime rotation system of the tutorial "Switching Linear Dynamical Systems" (its simulation section).
 
 K = 2 regimes, D_x = D_y = 2::
 

@@ -37,7 +37,8 @@ SDE dx = (-A_t x + b_t) dt + L_t dW, i.e. x_{t+1} = (I - dt A_t) x_t + dt b_t + 
 sampled by a parallel (associative) scan. ``GPSLDS.default_guide(weights="conjugate")`` instead draws the
 linear weights (A, e) from their exact Gaussian conditional given the sampled path and the other parameters
 (:mod:`ppl_switch.guides.conjugate_weights`): the weights are integrated out of the ELBO in closed form.
-Notes: /work/shared/reference/models/gpslds.md.
+Paper: Hu, Zoltowski, Nair, Anderson, Duncker & Linderman, "Modeling Latent Neural Dynamics with Gaussian
+Process Switching Linear Dynamical Systems".
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ is decides which regime comes next.
 
 Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, input dim U). Everything
 but the transitions and the Bernoulli emission is the SLDS of :mod:`ppl_switch.models.slds` (same sites
-and priors)::
+and priors). :meth:`RSLDS.program` samples pi0, then the SLDS's other priors
+(:meth:`~ppl_switch.models.slds.SLDS.sample_dynamics_and_emission_params`), then these, then the path and y::
 
     W                  ~ N(0, 5^2)                                       transition_weights         (K, D)
     r                  ~ N(0, 5^2)                                       transition_bias            (K,)
@@ -41,7 +42,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro import handlers
 
 from ppl_switch.data import SequenceData, as_sequence_data
 from ppl_switch.distributions.switching_chain import SwitchingLinearChain
@@ -247,22 +247,6 @@ class RSLDS(SLDS):
         """The draw's transition sites (:func:`~ppl_switch.models.rslds_transitions.transition_site_names`) as JAX arrays."""
         return {k: jnp.asarray(params[k]) for k in transition_site_names(self.transitions, self.input_dim)}
 
-    # ----- program ------------------------------------------------------------------------------
-    def _sample_params(self, N):
-        # the SLDS's sites without its fixed transition matrix: that site is given a value and hidden
-        K = self.num_states
-        with handlers.block(hide=["transition_matrix"]), handlers.substitute(data={"transition_matrix": jnp.eye(K)}):
-            p = super()._sample_params(N)
-        p.pop("transition_matrix")
-        prior = self.transition_prior(jnp.result_type(float))
-        for name in transition_site_names(self.transitions, self.input_dim):
-            loc, scale = prior.loc[name], prior.scale[name]
-            if name == "transition_stickiness":
-                p[name] = numpyro.sample(name, dist.HalfNormal(scale))
-            else:
-                p[name] = numpyro.sample(name, dist.Normal(loc, scale).to_event(loc.ndim))
-        return p
-
     def path_distribution(self, params, data: SequenceData) -> RecurrentSwitchingChain:
         """p(x | theta) with the regimes summed out, for every trial."""
         return RecurrentSwitchingChain(
@@ -278,14 +262,56 @@ class RSLDS(SLDS):
             jnp.asarray(data.time_mask),
         )
 
+    # ----- program ------------------------------------------------------------------------------
     def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
-        if self.emission != "bernoulli":
-            return super().program(data, record_log_lik=record_log_lik)
-        params = self._sample_params(data.obs_dim)
+        """The rSLDS; its sites in the order they are sampled (K regimes, trial n, step t)::
+
+            pi0 ~ Dirichlet(1_K)                                     initial_probs
+            A_k, s0, s_k, L_k, B_k, C, d, b_k, m0, r, L_R ~ the SLDS's priors   (sample_dynamics_and_emission_params)
+            W ~ N(0, 5^2), r ~ N(0, 5^2)                             transition_weights, transition_bias
+            R ~ N(stickiness I, 2^2) ("recurrent") or kappa ~ HalfNormal(stickiness) ("sticky")
+            V ~ N(0, 1)  (U > 0)                                     transition_input_weights
+            x_n ~ sum_z p(z | x, pi0, W, r, ...) p(x | z, theta)     x: one block site per trial, z summed out
+                  z_t | z_{t-1} = i, x_{t-1} ~ Cat(softmax_j(R_ij + W_j . x_{t-1} + r_j + V_j . u_t))
+                  x_t | x_{t-1}, z_t = k ~ N(A_k x_{t-1} + b_k + B_k u_t, Q_k)
+            y_t ~ N(C x_t + d, R), Poisson(bin_size * link(C x_t + d)) or Bernoulli(sigmoid(C x_t + d))
+
+        (R_ij is kappa [i = j] for "sticky" transitions and absent for "recurrent_only".) ``record_log_lik``
+        adds the deterministic site ``log_lik``, (trials, T) log p(y_t | x_t).
+        """
+        # the regime chain's initial probabilities; its transitions depend on x (below)
+        params = {"initial_probs": numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(self.num_states)))}
+        # each regime's linear dynamics, the initial state and the readout: the SLDS's priors
+        params.update(self.sample_dynamics_and_emission_params(data.obs_dim))
+        # the weights of the transition logits (their locs and scales, transition_prior, are also the M-step's)
+        loc, scale = self.transition_prior(jnp.result_type(float))
+
+        def normal(name):
+            return numpyro.sample(name, dist.Normal(loc[name], scale[name]).to_event(loc[name].ndim))
+
+        params["transition_weights"] = normal("transition_weights")  # W (K, D)
+        params["transition_bias"] = normal("transition_bias")  # r (K,)
+        if self.transitions == "recurrent":
+            params["transition_state_logits"] = normal("transition_state_logits")  # R (K, K)
+        elif self.transitions == "sticky":
+            params["transition_stickiness"] = numpyro.sample(
+                "transition_stickiness", dist.HalfNormal(scale["transition_stickiness"]))  # kappa ()
+        if self.input_dim:
+            params["transition_input_weights"] = normal("transition_input_weights")  # V (K, U)
+        # the continuous path x, its density p(x | theta) summing the regimes out (forward algorithm)
         with numpyro.plate("trial", data.num_trials):
-            x = numpyro.sample("x", self.path_distribution(params, data))
-        eta = x @ self._emission_matrix(params).T + params["emission_bias"]
-        numpyro.sample("y", dist.Bernoulli(logits=eta).mask(jnp.asarray(data.mask)).to_event(3), obs=jnp.asarray(data.y))
+            x = numpyro.sample("x", self.path_distribution(params, data))  # RecurrentSwitchingChain
+        # the emission, over the observed entries of y
+        self.observe(params, x, data, record_log_lik=record_log_lik)
+
+    def observe(self, params, x, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """The emission site ``y`` given the path x: Bernoulli(sigmoid(C x_t + d)) over the observed entries,
+        or the SLDS's Gaussian / Poisson emission (:meth:`SLDS.observe <ppl_switch.models.slds.SLDS.observe>`)."""
+        if self.emission != "bernoulli":
+            return super().observe(params, x, data, record_log_lik=record_log_lik)
+        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
+        C = params["emission_matrix"] if self.fixed_emission_matrix is None else jnp.asarray(self.fixed_emission_matrix)
+        numpyro.sample("y", dist.Bernoulli(logits=x @ C.T + params["emission_bias"]).mask(mask).to_event(3), obs=y)
         if record_log_lik:
             numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
 
@@ -425,7 +451,7 @@ class RSLDS(SLDS):
         their prior location (W = 0: the regimes start location-independent)."""
         data = data if isinstance(data, SequenceData) else self.prepare(data)
         out = super().init_values(gaussian_view(self, data), seed)
-        prior = self.transition_prior()
+        prior = self.transition_prior(jnp.result_type(float))  # float64 only where enabled: no dtype warning
         out.update({k: np.asarray(v) for k, v in prior.loc.items()})
         if self.transitions == "sticky":  # inside the half-normal's support
             out["transition_stickiness"] = np.asarray(self.stickiness)
@@ -458,7 +484,8 @@ def gaussian_view(model, data: SequenceData, width: float = 5.0) -> SequenceData
     y, mask = np.asarray(data.y, float), np.asarray(data.mask)
     half = int(np.ceil(3 * width))
     kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / width) ** 2)
-    conv = lambda a: np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="same"), 1, a)  # noqa: E731
+    # the centred slice of the full convolution: mode="same" returns the kernel's length for shorter trials
+    conv = lambda a: np.apply_along_axis(lambda v: np.convolve(v, kernel)[half: half + len(v)], 1, a)  # noqa: E731
     num, den = conv(np.where(mask, y, 0.0)), conv(mask.astype(float))
     smooth = num / np.maximum(den, 1e-9)
     observed = (den > 1e-6) & np.asarray(data.time_mask)[..., None]

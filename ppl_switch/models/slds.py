@@ -1,18 +1,19 @@
 """Switching linear dynamical system (SLDS), with the discrete chain summed out exactly.
 
-Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, input dim U)::
+Generative program (trial n, step t = 1..T, K regimes, latent dim D, obs dim N, input dim U), the sites in
+the order :meth:`SLDS.program` samples them::
 
     pi0                ~ Dirichlet(1_K)                                  initial_probs          (K,)
     P[j]               ~ Dirichlet(alpha 1_K + kappa e_j)  (sticky)      transition_matrix      (K, K)
     A_k                ~ N(I, 0.5^2) elementwise (matrix normal, I x I)   dynamics_matrix        (K, D, D)
-    b_k                ~ N(0, 1)                                         dynamics_bias          (K, D)
-    B_k                ~ N(0, 1)                          if U > 0       dynamics_input_weights (K, D, U)
+    s0                 ~ HalfNormal(1)                                   initial_scales         (D,)
     s_k                ~ HalfNormal(0.5), or Gamma(a, b) (boundary-avoiding)  dynamics_scales   (K, D)
     L_k                ~ LKJCholesky(D, 2)                if D > 1       dynamics_corr_chol     (K, D, D)
-    m0                 ~ N(0, 3^2)                                       initial_mean           (D,)
-    s0                 ~ HalfNormal(1)                                   initial_scales         (D,)
+    B_k                ~ N(0, 1)                          if U > 0       dynamics_input_weights (K, D, U)
     C                  ~ N(0, 1)                  unless C is given      emission_matrix        (N, D)
     d                  ~ N(0, 5^2)                                       emission_bias          (N,)
+    b_k                ~ N(0, 1)                                         dynamics_bias          (K, D)
+    m0                 ~ N(0, 3^2)                                       initial_mean           (D,)
     r                  ~ HalfNormal(2)            Gaussian emissions     emission_scales        (N,)
     L_R                ~ LKJCholesky(N, 2)        emission_cov="full"    emission_corr_chol     (N, N)
 
@@ -31,7 +32,9 @@ regime-averaged dynamics (:class:`WhitenedSwitchingChain`) and ``x`` is a determ
 ``"anchored"`` the sites are the path, m0 and b_k measured from the anchor a = -C^+ d
 (:class:`AnchoredSwitchingChain`), so that the likelihood-invisible translation of the path is a move of d
 alone. Same model in every case, different coordinates for NUTS. These path distributions live in
-:mod:`ppl_switch.distributions.switching_chain`.
+:mod:`ppl_switch.distributions.switching_chain`. :meth:`SLDS.program` reads top to bottom: the regime
+chain's priors, :meth:`SLDS.sample_dynamics_and_emission_params` (every other prior, in the order above;
+the rSLDS shares it), the path site, the emission.
 
 Inference paths: NUTS over parameters and x; SVI with :meth:`SLDS.default_guide` (mean-field normal over
 parameters and a Gauss–Markov chain over x, :mod:`ppl_switch.guides.gauss_markov`); structured
@@ -210,13 +213,6 @@ class SLDS(Model):
             self.fixed_emission_matrix = C
             self.obs_dim = C.shape[0] if self.obs_dim is None else self.obs_dim
 
-    def _dynamics_scale_dist(self) -> dist.Distribution:
-        """The prior of one dynamics noise scale s_kd."""
-        if self.dynamics_scale_prior == "half_normal":
-            return dist.HalfNormal(DYNAMICS_NOISE_PRIOR_SCALE)
-        _, shape, rate = self.dynamics_scale_prior
-        return dist.Gamma(shape, rate)
-
     def config(self) -> dict[str, Any]:
         return {key: self._config_value(key) for key in self._config_keys}
 
@@ -311,62 +307,137 @@ class SLDS(Model):
         return masked_diag_normal_log_prob(y, mask, mean, jnp.asarray(params["emission_scales"]))
 
     # ----- program ------------------------------------------------------------------------------
-    def _sample_params(self, N):
+    def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """The SLDS; its sites in the order they are sampled (K regimes, trial n, step t)::
+
+            pi0  ~ Dirichlet(1_K)                                    initial_probs
+            P[j] ~ Dirichlet(alpha 1_K + kappa e_j)                  transition_matrix
+            A_k, s0, s_k, L_k, B_k, C, d, b_k, m0, r, L_R ~ their priors   (sample_dynamics_and_emission_params)
+            x_n  ~ sum_z p(z | pi0, P) p(x | z, theta)               x: one block site per trial, z summed out
+                   z_1 ~ Cat(pi0), z_t ~ Cat(P[z_{t-1}]);  x_1 ~ N(m0, diag(s0^2)),
+                   x_t | x_{t-1}, z_t = k ~ N(A_k x_{t-1} + b_k + B_k u_t, Q_k = diag(s_k) L_k L_k' diag(s_k))
+            y_t  ~ N(C x_t + d, R)  or  Poisson(bin_size * link(C x_t + d))    y: the observed entries
+
+        Other coordinates of the same path (same model, for NUTS): the sample site is ``x_innovations``
+        ("whitened") or ``x_anchored`` ("anchored") and ``x`` a deterministic site; with
+        ``dynamics_scale_coordinates="path_relative"`` it is ``path_and_relative_parameters``, which also
+        holds s_k and m0 (then deterministic sites). ``record_log_lik`` adds the deterministic site
+        ``log_lik``, (trials, T) log p(y_t | x_t).
+        """
+        K = self.num_states
+        # the regime chain z: initial probabilities and sticky transition rows
+        initial_probs = numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(K)))
+        concentration = self.transition_concentration + self.stickiness * jnp.eye(K)
+        transition_matrix = numpyro.sample("transition_matrix", dist.Dirichlet(concentration).to_event(1))
+        # each regime's linear dynamics, the initial state and the readout
+        params = {"initial_probs": initial_probs, "transition_matrix": transition_matrix,
+                  **self.sample_dynamics_and_emission_params(data.obs_dim)}
+        # the continuous path x, its density p(x | theta) summing the regimes out (forward algorithm)
+        if self.dynamics_scale_coordinates == "path_relative":
+            # one block site: the path, and the scales s_k and initial mean m0 measured relative to it
+            joint = self.path_with_relative_parameters(params, data)
+            x, scales, m0 = joint.path_scales_and_initial_mean(numpyro.sample(RELATIVE_PATH_SITE, joint))
+            params["dynamics_scales"] = numpyro.deterministic("dynamics_scales", scales)
+            params["initial_mean"] = numpyro.deterministic("initial_mean", m0)
+            x = numpyro.deterministic("x", x)
+        else:
+            chain = self.path_distribution(params, data)  # SwitchingLinearChain
+            with numpyro.plate("trial", data.num_trials):
+                if self.path_parameterisation == "centred":
+                    x = numpyro.sample("x", chain)
+                else:  # the site is x_innovations (whitened) or x_anchored = x - a (anchored)
+                    coords = self.path_coordinates(chain, params)
+                    x = numpyro.deterministic("x", coords.to_path(numpyro.sample(self.path_site, coords)))
+        # the emission, over the observed entries of y
+        self.observe(params, x, data, record_log_lik=record_log_lik)
+
+    def observe(self, params, x, data: SequenceData, *, record_log_lik: bool = False) -> None:
+        """The emission site ``y`` given the path x (trials, T, D), over the observed entries of y:
+        N(C x_t + d, diag(r^2)), N(C x_t + d, R) (full R: each step's observed block) or
+        Poisson(bin_size * link(C x_t + d)); ``record_log_lik`` adds ``log_lik``, (trials, T) log p(y_t | x_t)."""
+        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
+        C = params["emission_matrix"] if self.fixed_emission_matrix is None else jnp.asarray(self.fixed_emission_matrix)
+        mean = x @ C.T + params["emission_bias"]
+        if self.emission == "poisson":
+            rate = self.bin_size * (jnp.exp(mean) if self.link == "exp" else jax.nn.softplus(mean))
+            numpyro.sample("y", dist.Poisson(rate).mask(mask).to_event(3), obs=y)
+        elif self.emission_cov == "diagonal" or data.obs_dim == 1:
+            numpyro.sample("y", dist.Normal(mean, params["emission_scales"]).mask(mask).to_event(3), obs=y)
+        else:  # full R: the observed block of each step (see masked_mvn_log_prob)
+            R_tril = self.emission_scale_tril(params)  # R = R_tril R_tril'
+            numpyro.factor("y", jnp.sum(masked_mvn_log_prob(y, mask, mean, R_tril, shared_over_steps=True)))
+        if record_log_lik:
+            numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
+
+    def sample_dynamics_and_emission_params(self, N: int) -> dict[str, jax.Array]:
+        """Samples the priors of every parameter but the regime chain's (K regimes, latent dim D, N observed
+        dims, U inputs) and returns ``{site: value}``; :meth:`program` samples pi0 and P before it, and the
+        rSLDS (:class:`~ppl_switch.models.rslds.RSLDS`) shares it. Its sites, in order::
+
+            A_k ~ N(I, 0.5^2) elementwise                dynamics_matrix         (K, D, D)
+            s0  ~ HalfNormal(1)                          initial_scales          (D,)
+            s_k ~ HalfNormal(0.5) or Gamma(shape, rate)  dynamics_scales         (K, D)     scale coordinates "direct"
+            L_k ~ LKJCholesky(D, 2)                      dynamics_corr_chol      (K, D, D)  D > 1
+            B_k ~ N(0, 1)                                dynamics_input_weights  (K, D, U)  U > 0
+            C   ~ N(0, 1)                                emission_matrix         (N, D)     unless C is given
+            d   ~ N(0, 5^2)                              emission_bias           (N,)
+            b_k ~ N(0, 1)                                dynamics_bias           (K, D)
+            m0  ~ N(0, 3^2)                              initial_mean            (D,)       "direct"
+            r   ~ HalfNormal(2)                          emission_scales         (N,)       Gaussian emissions
+            L_R ~ LKJCholesky(N, 2)                      emission_corr_chol      (N, N)     emission_cov="full", N > 1
+
+        With ``path_parameterisation="anchored"`` the sites of b_k and m0 are ``dynamics_bias_anchored``
+        b_k - (I - A_k) a and ``initial_mean_anchored`` m0 - a, measured from the anchor a = -C^+ d
+        (:meth:`path_anchor`; unit Jacobian, the same priors), and ``dynamics_bias`` and ``initial_mean``
+        are deterministic sites. With ``"path_relative"`` scales, s_k and m0 are sampled with the path.
+        """
         K, D, U = self.num_states, self.latent_dim, self.input_dim
-
-        def normal(loc, scale, shape):
-            return dist.Normal(loc, scale).expand(shape).to_event(len(shape))
-
-        conc = self.transition_concentration + self.stickiness * jnp.eye(K)
-        p = {
-            "initial_probs": numpyro.sample("initial_probs", dist.Dirichlet(jnp.ones(K))),
-            "transition_matrix": numpyro.sample("transition_matrix", dist.Dirichlet(conc).to_event(1)),
-            "dynamics_matrix": numpyro.sample(
-                "dynamics_matrix", dist.Normal(jnp.broadcast_to(jnp.eye(D), (K, D, D)), DYNAMICS_PRIOR_SCALE).to_event(3)
-            ),
-            "initial_scales": numpyro.sample("initial_scales", dist.HalfNormal(1.0).expand([D]).to_event(1)),
-        }
-        if self.dynamics_scale_coordinates == "direct":  # path_relative: sampled with the path (program)
-            p["dynamics_scales"] = numpyro.sample("dynamics_scales", self._dynamics_scale_dist().expand([K, D]).to_event(2))
+        direct = self.dynamics_scale_coordinates == "direct"
+        p = {}
+        p["dynamics_matrix"] = numpyro.sample(
+            "dynamics_matrix", dist.Normal(jnp.broadcast_to(jnp.eye(D), (K, D, D)), DYNAMICS_PRIOR_SCALE).to_event(3))
+        p["initial_scales"] = numpyro.sample("initial_scales", dist.HalfNormal(1.0).expand([D]).to_event(1))
+        if direct:
+            p["dynamics_scales"] = numpyro.sample(
+                "dynamics_scales", self.dynamics_scale_distribution().expand([K, D]).to_event(2))
         if D > 1:
             p["dynamics_corr_chol"] = numpyro.sample(
-                "dynamics_corr_chol", dist.LKJCholesky(D, LKJ_CONCENTRATION).expand([K]).to_event(1)
-            )
+                "dynamics_corr_chol", dist.LKJCholesky(D, LKJ_CONCENTRATION).expand([K]).to_event(1))
         if U:
-            p["dynamics_input_weights"] = numpyro.sample("dynamics_input_weights", normal(0.0, 1.0, [K, D, U]))
+            p["dynamics_input_weights"] = numpyro.sample(
+                "dynamics_input_weights", dist.Normal(0.0, 1.0).expand([K, D, U]).to_event(3))
         if self.fixed_emission_matrix is None:
-            p["emission_matrix"] = numpyro.sample("emission_matrix", normal(0.0, 1.0, [N, D]))
-        p["emission_bias"] = numpyro.sample("emission_bias", normal(0.0, EMISSION_BIAS_PRIOR_SCALE, [N]))
-        p.update(self._sample_offsets(p))
+            p["emission_matrix"] = numpyro.sample("emission_matrix", dist.Normal(0.0, 1.0).expand([N, D]).to_event(2))
+        p["emission_bias"] = numpyro.sample(
+            "emission_bias", dist.Normal(0.0, EMISSION_BIAS_PRIOR_SCALE).expand([N]).to_event(1))
+        if self.path_parameterisation != "anchored":
+            p["dynamics_bias"] = numpyro.sample("dynamics_bias", dist.Normal(jnp.zeros((K, D)), 1.0).to_event(2))
+            if direct:
+                p["initial_mean"] = numpyro.sample(
+                    "initial_mean", dist.Normal(jnp.zeros(D), INITIAL_MEAN_PRIOR_SCALE).to_event(1))
+        else:  # measured from the anchor a: m0 = m~0 + a, b_k = b~_k + (I - A_k) a
+            a = self.path_anchor(p)
+            b_shift = a - jnp.asarray(p["dynamics_matrix"]) @ a
+            b = numpyro.sample("dynamics_bias_anchored", dist.Normal(-b_shift, 1.0).to_event(2)) + b_shift
+            p["dynamics_bias"] = numpyro.deterministic("dynamics_bias", b)
+            if direct:
+                m0 = numpyro.sample("initial_mean_anchored", dist.Normal(-a, INITIAL_MEAN_PRIOR_SCALE).to_event(1)) + a
+                p["initial_mean"] = numpyro.deterministic("initial_mean", m0)
         if self.emission == "gaussian":
             p["emission_scales"] = numpyro.sample(
-                "emission_scales", dist.HalfNormal(EMISSION_SCALE_PRIOR_SCALE).expand([N]).to_event(1)
-            )
+                "emission_scales", dist.HalfNormal(EMISSION_SCALE_PRIOR_SCALE).expand([N]).to_event(1))
             if self.emission_cov == "full" and N > 1:
                 p["emission_corr_chol"] = numpyro.sample("emission_corr_chol", dist.LKJCholesky(N, LKJ_CONCENTRATION))
         return p
 
-    def _sample_offsets(self, p):
-        """m0 and b_k; anchored: sampled as m~0 = m0 - a and b~_k = b_k - (I - A_k) a with the anchor
-        a = -C^+ d (:meth:`path_anchor`; unit Jacobian), the priors N(0, 3^2) on m0 and N(0, 1) on b_k
-        unchanged."""
-        K, D = self.num_states, self.latent_dim
-        relative = self.dynamics_scale_coordinates == "path_relative"  # then m0 is sampled with the path
-        if self.path_parameterisation != "anchored":
-            out = {"dynamics_bias": numpyro.sample("dynamics_bias", dist.Normal(jnp.zeros((K, D)), 1.0).to_event(2))}
-            if not relative:
-                out["initial_mean"] = numpyro.sample("initial_mean", self._initial_mean_prior())
-            return out
-        m0_shift, b_shift = self._anchor_shifts(p)
-        b = numpyro.sample("dynamics_bias_anchored", dist.Normal(-b_shift, 1.0).to_event(2)) + b_shift
-        out = {"dynamics_bias": numpyro.deterministic("dynamics_bias", b)}
-        if not relative:
-            m0_prior = dist.Normal(-m0_shift, INITIAL_MEAN_PRIOR_SCALE).to_event(1)
-            out["initial_mean"] = numpyro.deterministic("initial_mean", numpyro.sample("initial_mean_anchored", m0_prior) + m0_shift)
-        return out
-
-    def _initial_mean_prior(self) -> dist.Distribution:
-        return dist.Normal(jnp.zeros(self.latent_dim), INITIAL_MEAN_PRIOR_SCALE).to_event(1)
+    # ----- the program's building blocks: priors and path coordinates ----------------------------
+    def dynamics_scale_distribution(self) -> dist.Distribution:
+        """The prior of one dynamics noise scale s_kd, per ``dynamics_scale_prior``: HalfNormal(0.5) or
+        Gamma(shape, rate)."""
+        if self.dynamics_scale_prior == "half_normal":
+            return dist.HalfNormal(DYNAMICS_NOISE_PRIOR_SCALE)
+        _, shape, rate = self.dynamics_scale_prior
+        return dist.Gamma(shape, rate)
 
     def path_anchor(self, params):
         """(D,) a = -C^+ d: the latent offset that the emission bias stands for (C (a + v) + d = C v on the
@@ -374,18 +445,15 @@ class SLDS(Model):
         C = self._emission_matrix(params)
         return -jnp.linalg.pinv(C) @ jnp.asarray(params["emission_bias"])
 
-    def _anchor_shifts(self, p):
-        """((D,) a, (K, D) (I - A_k) a): m0 = m~0 + the first, b_k = b~_k + the second."""
-        a = self.path_anchor(p)
-        return a, a - jnp.asarray(p["dynamics_matrix"]) @ a
-
     def path_with_relative_parameters(self, params, data: SequenceData) -> "PathWithRelativeParameters":
         """The joint (path, scales, initial mean) site of ``dynamics_scale_coordinates="path_relative"``;
-        ``params`` without ``dynamics_scales`` and ``initial_mean``."""
+        ``params`` without ``dynamics_scales`` and ``initial_mean``, whose priors (:meth:`dynamics_scale_distribution`,
+        N(0, 3^2)) it carries."""
+        initial_mean_prior = dist.Normal(jnp.zeros(self.latent_dim), INITIAL_MEAN_PRIOR_SCALE).to_event(1)
         return PathWithRelativeParameters(
             lambda s, m0: self.path_distribution({**params, "dynamics_scales": s, "initial_mean": m0}, data),
             lambda chain: self.path_coordinates(chain, params),
-            self._dynamics_scale_dist(), self._initial_mean_prior(), params["initial_scales"],
+            self.dynamics_scale_distribution(), initial_mean_prior, params["initial_scales"],
             data.y.shape[:2] + (self.latent_dim,), self.num_states)
 
     #: every site a path can be sampled at (one per ``path_parameterisation``): guides hide them all
@@ -397,40 +465,14 @@ class SLDS(Model):
         return PATH_SITES[self.path_parameterisation]
 
     def path_coordinates(self, chain: SwitchingLinearChain, params):
-        """The path's distribution in this model's coordinates (None for the centred path)."""
+        """The distribution of the path's sample site in this model's coordinates: the innovations under the
+        regime-averaged dynamics (:class:`WhitenedSwitchingChain`, "whitened"), the path measured from the
+        anchor (:class:`AnchoredSwitchingChain`, "anchored"), or None for the centred path (``chain`` itself)."""
         if self.path_parameterisation == "whitened":
             return WhitenedSwitchingChain(chain)
         if self.path_parameterisation == "anchored":
             return AnchoredSwitchingChain(chain, self.path_anchor(params))
         return None
-
-    def program(self, data: SequenceData, *, record_log_lik: bool = False) -> None:
-        params = self._sample_params(data.obs_dim)
-        if self.dynamics_scale_coordinates == "path_relative":
-            joint = self.path_with_relative_parameters(params, data)
-            x, scales, m0 = joint.path_scales_and_initial_mean(numpyro.sample(RELATIVE_PATH_SITE, joint))
-            params["dynamics_scales"] = numpyro.deterministic("dynamics_scales", scales)
-            params["initial_mean"] = numpyro.deterministic("initial_mean", m0)
-            x = numpyro.deterministic("x", x)
-        else:
-            chain = self.path_distribution(params, data)
-            with numpyro.plate("trial", data.num_trials):
-                coords = self.path_coordinates(chain, params)
-                if coords is None:
-                    x = numpyro.sample("x", chain)
-                else:
-                    x = numpyro.deterministic("x", coords.to_path(numpyro.sample(self.path_site, coords)))
-        y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
-        mean = x @ self._emission_matrix(params).T + params["emission_bias"]
-        if self.emission == "poisson":
-            rate = self.bin_size * _link(self.link)(mean)
-            numpyro.sample("y", dist.Poisson(rate).mask(mask).to_event(3), obs=y)
-        elif self.emission_cov == "diagonal" or data.obs_dim == 1:
-            numpyro.sample("y", dist.Normal(mean, params["emission_scales"]).mask(mask).to_event(3), obs=y)
-        else:  # full R: the observed block of each step (see masked_mvn_log_prob)
-            numpyro.factor("y", jnp.sum(masked_mvn_log_prob(y, mask, mean, self.emission_scale_tril(params), shared_over_steps=True)))
-        if record_log_lik:
-            numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))
 
     # ----- guides -------------------------------------------------------------------------------
     def default_guide(self, data=None, *, init_values=None, init_scale: float = 0.05):
@@ -477,10 +519,10 @@ class SLDS(Model):
             coords = self.path_coordinates(self.path_distribution(p, data), p)
             out[self.path_site] = np.asarray(coords.to_site(p["x"]))
         if self.path_parameterisation == "anchored":
-            m0_shift, b_shift = self._anchor_shifts(p)
+            a = self.path_anchor(p)  # as in sample_dynamics_and_emission_params
             if self.dynamics_scale_coordinates == "direct":  # path_relative: m0 is in the joint site
-                out["initial_mean_anchored"] = np.asarray(p["initial_mean"] - m0_shift)
-            out["dynamics_bias_anchored"] = np.asarray(p["dynamics_bias"] - b_shift)
+                out["initial_mean_anchored"] = np.asarray(p["initial_mean"] - a)
+            out["dynamics_bias_anchored"] = np.asarray(p["dynamics_bias"] - (a - p["dynamics_matrix"] @ a))
         return out
 
     def latent_site_values(self, params, data) -> dict[str, np.ndarray]:
