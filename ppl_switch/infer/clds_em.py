@@ -34,6 +34,7 @@ from ppl_switch.data import DataError, SequenceData, check_positive_int, partly_
 from ppl_switch.errors import FitWarning
 from ppl_switch.infer.em_loop import compiled_program
 from ppl_switch.models.clds import cov_from_sites, sites_from_cov
+from ppl_switch.ops.switching import symmetrize
 
 __all__ = [
     "affine_maps",
@@ -57,15 +58,11 @@ def _mT(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-def _sym(x):
-    return 0.5 * (x + _mT(x))
-
-
 def solve_sylvester_psd(G, S, H):
     """Solve ``G W + W S = H`` for symmetric positive semi-definite G (P, P) and positive definite
     S (D, D) by two eigendecompositions: W = U [(U'HV) / (g_i + s_j)] V'. H (P, D) -> W (P, D)."""
-    g, U = jnp.linalg.eigh(_sym(G))
-    s, V = jnp.linalg.eigh(_sym(S))
+    g, U = jnp.linalg.eigh(symmetrize(G))
+    s, V = jnp.linalg.eigh(symmetrize(S))
     return U @ ((_mT(U) @ H @ V) / (g[:, None] + s[None, :])) @ _mT(V)
 
 
@@ -189,7 +186,7 @@ def _em_step(model, params, data: SequenceData):
     r = means[:, 1:] - jnp.einsum("ktij,ktj->kti", A_t, means[:, :-1]) - b_t
     AX = A_t @ _mT(cross)  # A Cov[x_t, x_{t+1}]
     E = r[..., :, None] * r[..., None, :] + covs[:, 1:] - AX - _mT(AX) + A_t @ covs[:, :-1] @ _mT(A_t)
-    Q = _sym(jnp.where(trans[..., None, None] > 0, E, 0.0).sum((0, 1))) / n_trans
+    Q = symmetrize(jnp.where(trans[..., None, None] > 0, E, 0.0).sum((0, 1))) / n_trans
     new["dynamics_scale"], new["dynamics_corr_chol"] = sites_from_cov(Q)
 
     # ---- C (and d) given R, then R
@@ -241,7 +238,7 @@ def _em_step(model, params, data: SequenceData):
         C_t, d_t = affine_maps(model, phie_t, We, ("C", "d"), N)  # (K, T, N, D), (K, T, N)
         resid = data.y - jnp.einsum("ktnd,ktd->ktn", C_t, means) - d_t
         E = resid[..., :, None] * resid[..., None, :] + C_t @ covs @ _mT(C_t)
-        R = _sym(jnp.where(data.mask[..., :1, None], E, 0.0).sum((0, 1))) / step_obs.sum()
+        R = symmetrize(jnp.where(data.mask[..., :1, None], E, 0.0).sum((0, 1))) / step_obs.sum()
         new["emission_scale"], new["emission_corr_chol"] = sites_from_cov(R)
 
     # ---- m given Q_1 (Sylvester), then Q_1
@@ -252,7 +249,7 @@ def _em_step(model, params, data: SequenceData):
     Wm = solve_sylvester_psd(Gm, Q1_old, Hm)
     new["W_m"] = Wm
     r = means[:, 0] - phim @ Wm
-    Q1 = _sym(covs[:, 0].sum(0) + r.T @ r) / K
+    Q1 = symmetrize(covs[:, 0].sum(0) + r.T @ r) / K
     new["initial_scale"], new["initial_corr_chol"] = sites_from_cov(Q1)
 
     new = {k: v for k, v in new.items() if k not in model.fixed}

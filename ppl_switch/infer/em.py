@@ -41,14 +41,20 @@ LIBRARY_EM = {
 }
 
 
-def library_em(model_class: type):
-    """The library's EM function for ``model_class`` (its nearest built-in base class in ``LIBRARY_EM``: a
-    subclass of HMM gets the HMM's, which refuses a changed emission), or None."""
+def library_function(table: Mapping[str, tuple[str, str]], model_class: type):
+    """The function ``table`` names for ``model_class``'s nearest built-in base class (class name -> (module,
+    function); only classes of ``ppl_switch.models`` count), imported on first use; None if there is none."""
     for cls in model_class.__mro__:
-        entry = LIBRARY_EM.get(cls.__name__)
+        entry = table.get(cls.__name__)
         if entry is not None and cls.__module__.startswith("ppl_switch.models."):
             return getattr(importlib.import_module(entry[0]), entry[1])
     return None
+
+
+def library_em(model_class: type):
+    """The library's EM function for ``model_class`` (its nearest built-in base class in ``LIBRARY_EM``: a
+    subclass of HMM gets the HMM's, which refuses a changed emission), or None."""
+    return library_function(LIBRARY_EM, model_class)
 
 
 def _own_em(owner):

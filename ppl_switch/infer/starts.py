@@ -9,7 +9,7 @@ runs SVI with.
 
 from __future__ import annotations
 
-import importlib
+from ppl_switch.infer.em import library_function
 
 #: the library's data-driven start per built-in model class: class name -> (module, function of (model, data))
 #: returning the ``init_values`` of ``model.default_guide(data, init_values=...)``
@@ -21,11 +21,7 @@ LIBRARY_STARTS = {
 def library_start(model_class: type):
     """The library's start function for ``model_class`` (its nearest built-in base class in
     ``LIBRARY_STARTS``, only classes of ``ppl_switch.models``), or None."""
-    for cls in model_class.__mro__:
-        entry = LIBRARY_STARTS.get(cls.__name__)
-        if entry is not None and cls.__module__.startswith("ppl_switch.models."):
-            return getattr(importlib.import_module(entry[0]), entry[1])
-    return None
+    return library_function(LIBRARY_STARTS, model_class)
 
 
 def data_driven_guide(model, data):

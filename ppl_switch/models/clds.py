@@ -54,6 +54,7 @@ from ppl_switch.models._emissions import masked_diag_normal_log_prob, masked_mvn
 from ppl_switch.models.base import Model, Params
 from ppl_switch.ops.basis import ConstantBasis, FourierBasis, basis_from_config, basis_to_config, evaluate
 from ppl_switch.ops.kalman import LGSSMParams, lgssm_filter, lgssm_simulate, lgssm_smoother
+from ppl_switch.ops.switching import symmetrize
 from ppl_switch.ops.sde import inverse_link
 
 PARAMETER_FUNCTIONS = ("A", "b", "C", "d", "m")
@@ -68,10 +69,6 @@ _COV_SITES = {
 
 def _mT(x):
     return jnp.swapaxes(x, -1, -2)
-
-
-def _sym(x):
-    return 0.5 * (x + _mT(x))
 
 
 def cov_from_sites(scale, corr_chol=None):
@@ -93,7 +90,7 @@ def sites_from_cov(cov, full: bool = True):
     if not full:
         return scale, None
     corr = cov / (scale[..., :, None] * scale[..., None, :])
-    return scale, jnp.linalg.cholesky(_sym(corr))
+    return scale, jnp.linalg.cholesky(symmetrize(corr))
 
 
 def _jit_method(fn):
@@ -453,7 +450,7 @@ class CLDS(Model):
             R = lg.emission_cov if lg.emission_cov is not None else jnp.diag(lg.emission_cov_diag)
             mean = jnp.einsum("tnd,td->tn", C, filt.predicted_means) + d
             S = C @ filt.predicted_covs @ _mT(C) + R
-            return masked_mvn_log_prob_cov(y, m, mean, _sym(S))
+            return masked_mvn_log_prob_cov(y, m, mean, symmetrize(S))
 
         return jax.vmap(one)(data.y, data.mask, data.inputs)
 

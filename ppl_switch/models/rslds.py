@@ -310,7 +310,7 @@ class RSLDS(SLDS):
         if self.emission != "bernoulli":
             return super().observe(params, x, data, record_log_lik=record_log_lik)
         y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
-        C = params["emission_matrix"] if self.fixed_emission_matrix is None else jnp.asarray(self.fixed_emission_matrix)
+        C = self._emission_matrix(params)  # the fixed C where one is given
         numpyro.sample("y", dist.Bernoulli(logits=x @ C.T + params["emission_bias"]).mask(mask).to_event(3), obs=y)
         if record_log_lik:
             numpyro.deterministic("log_lik", self.emission_log_prob(params, x, data))

@@ -356,7 +356,7 @@ class SLDS(Model):
         N(C x_t + d, diag(r^2)), N(C x_t + d, R) (full R: each step's observed block) or
         Poisson(bin_size * link(C x_t + d)); ``record_log_lik`` adds ``log_lik``, (trials, T) log p(y_t | x_t)."""
         y, mask = jnp.asarray(data.y), jnp.asarray(data.mask)
-        C = params["emission_matrix"] if self.fixed_emission_matrix is None else jnp.asarray(self.fixed_emission_matrix)
+        C = self._emission_matrix(params)  # the fixed C where one is given
         mean = x @ C.T + params["emission_bias"]
         if self.emission == "poisson":
             rate = self.bin_size * (jnp.exp(mean) if self.link == "exp" else jax.nn.softplus(mean))
@@ -416,8 +416,7 @@ class SLDS(Model):
                 p["initial_mean"] = numpyro.sample(
                     "initial_mean", dist.Normal(jnp.zeros(D), INITIAL_MEAN_PRIOR_SCALE).to_event(1))
         else:  # measured from the anchor a: m0 = m~0 + a, b_k = b~_k + (I - A_k) a
-            a = self.path_anchor(p)
-            b_shift = a - jnp.asarray(p["dynamics_matrix"]) @ a
+            a, b_shift = self.anchor_shifts(p)
             b = numpyro.sample("dynamics_bias_anchored", dist.Normal(-b_shift, 1.0).to_event(2)) + b_shift
             p["dynamics_bias"] = numpyro.deterministic("dynamics_bias", b)
             if direct:
@@ -444,6 +443,12 @@ class SLDS(Model):
         column space of C). The anchored coordinates measure the path, m0 and b_k from it."""
         C = self._emission_matrix(params)
         return -jnp.linalg.pinv(C) @ jnp.asarray(params["emission_bias"])
+
+    def anchor_shifts(self, params):
+        """((D,) a, (K, D) (I - A_k) a) with the anchor a = :meth:`path_anchor`: the anchored coordinates'
+        shifts, m0 = m~0 + a and b_k = b~_k + (I - A_k) a."""
+        a = self.path_anchor(params)
+        return a, a - jnp.asarray(params["dynamics_matrix"]) @ a
 
     def path_with_relative_parameters(self, params, data: SequenceData) -> "PathWithRelativeParameters":
         """The joint (path, scales, initial mean) site of ``dynamics_scale_coordinates="path_relative"``;
@@ -519,10 +524,10 @@ class SLDS(Model):
             coords = self.path_coordinates(self.path_distribution(p, data), p)
             out[self.path_site] = np.asarray(coords.to_site(p["x"]))
         if self.path_parameterisation == "anchored":
-            a = self.path_anchor(p)  # as in sample_dynamics_and_emission_params
+            a, b_shift = self.anchor_shifts(p)  # the sampling's shifts, inverted
             if self.dynamics_scale_coordinates == "direct":  # path_relative: m0 is in the joint site
                 out["initial_mean_anchored"] = np.asarray(p["initial_mean"] - a)
-            out["dynamics_bias_anchored"] = np.asarray(p["dynamics_bias"] - (a - p["dynamics_matrix"] @ a))
+            out["dynamics_bias_anchored"] = np.asarray(p["dynamics_bias"] - b_shift)
         return out
 
     def latent_site_values(self, params, data) -> dict[str, np.ndarray]:
